@@ -1,0 +1,31 @@
+# LoRA Lab developer commands. Every target sets itself up first (idempotent, fast when done).
+# With COMFYUI_DIR (and COMFYUI_PYTHON) set, your own ComfyUI is used instead of the managed one.
+SETUP := python3 scripts/setup_env.py
+PORT ?= 8188
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-unit demo bench serve python comfyui-dir
+
+setup:
+	@$(SETUP)
+
+test:
+	@$(SETUP) run -- -m pytest -q -rs $(PYTEST_ARGS)
+
+test-unit:
+	@$(SETUP) run -- -m pytest -q tests/unit $(PYTEST_ARGS)
+
+demo:
+	@$(SETUP) run -- scripts/demo.py $(if $(CKPT),--checkpoint "$(CKPT)") $(if $(DATA),--data "$(DATA)")
+
+bench:
+	@$(SETUP) run -- scripts/bench.py
+
+serve:
+	@$(SETUP) run -- scripts/serve.py --port $(PORT)
+
+python:
+	@$(SETUP) print python
+
+comfyui-dir:
+	@$(SETUP) print comfyui-dir

@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Generate a tiny, random-weight checkpoint that ComfyUI's CheckpointLoaderSimple detects as SD1.5.
+
+Never committed: generated on demand and cached in ``$LORA_LAB_CACHE/fixtures/`` (default
+``~/.cache/lora_lab/fixtures/``); an existing file is reused.
+
+Layout (see shared/COMFYUI_NOTES.md, "Small models for tests"):
+* UNet: model_channels 320, context_dim 768, conv (non-linear) proj_in, channel_mult [1], one res
+  block per level, one transformer block per level (~26M parameters). Detection keys on
+  model_channels / context_dim / use_linear_in_transformer only.
+* Text encoder: the full CLIP-L config (its shape is fixed), every weight written.
+* VAE: TAESD layout, so VAE encode/decode is cheap.
+
+ComfyUI's ops skip weight initialisation, so every tensor is initialised here from one seeded
+generator: the file is bit-identical on every machine for a given ``FIXTURE_VERSION``.
+
+Usage as a CLI: ``make_tiny_checkpoint.py [PATH]`` (prints the path); needs ComfyUI (set
+``LORA_LAB_COMFYUI_DIR`` or let scripts/setup_env.py find it). From tests (ComfyUI already
+imported): ``ensure_tiny_sd15(path=None) -> Path``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+FIXTURE_VERSION = 1
+FIXTURE_NAME = f"lora_lab_tiny_sd15_v{FIXTURE_VERSION}.safetensors"
+GENERATOR_SEED = 20240607
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+TINY_SD15_UNET = {
+    "image_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [1],
+    "channel_mult": [1],
+    "transformer_depth": [1],
+    "transformer_depth_middle": 1,
+    "transformer_depth_output": [1, 1],
+    "use_spatial_transformer": True,
+    "use_linear_in_transformer": False,
+    "context_dim": 768,
+    "num_heads": 8,
+    "num_head_channels": -1,
+    "legacy": False,
+    "adm_in_channels": None,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+
+def fixtures_dir() -> Path:
+    cache = Path(os.environ.get("LORA_LAB_CACHE", Path.home() / ".cache" / "lora_lab")).expanduser()
+    return cache / "fixtures"
+
+
+def _comfyui_dir() -> Path:
+    configured = os.environ.get("LORA_LAB_COMFYUI_DIR") or os.environ.get("COMFYUI_DIR")
+    if configured:
+        return Path(configured)
+    printed = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "setup_env.py"), "print", "comfyui-dir"],
+                             check=True, capture_output=True, text=True)
+    return Path(printed.stdout.strip())
+
+
+def _import_comfy() -> None:
+    """Make `comfy` importable; when ComfyUI is not loaded yet, load it CPU-only (no GPU needed)."""
+    if "comfy.model_management" in sys.modules:
+        return
+    comfyui_dir = _comfyui_dir()
+    if str(comfyui_dir) not in sys.path:
+        sys.path.insert(0, str(comfyui_dir))
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0], "--cpu"]
+    try:
+        import comfy.options
+        comfy.options.enable_args_parsing()
+        import comfy.model_management  # noqa: F401  (parses --cpu now)
+    finally:
+        sys.argv = saved_argv
+
+
+def _initialise(module, generator) -> None:
+    """Small, sane random values: finite outputs that still depend on every weight.
+
+    Norm layers get weight ~1 and bias ~0; every other matrix/kernel gets N(0, 1/fan_in) (so
+    activations keep their scale), and every other vector small noise.
+    """
+    import torch
+
+    norm_types = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    with torch.no_grad():
+        for submodule in module.modules():
+            is_norm = isinstance(submodule, norm_types)
+            for name, parameter in submodule.named_parameters(recurse=False):
+                noise = torch.randn(parameter.shape, generator=generator)
+                if is_norm:
+                    parameter.copy_((1.0 if name == "weight" else 0.0) + 0.02 * noise)
+                elif parameter.ndim >= 2:
+                    parameter.copy_(noise / math.sqrt(math.prod(parameter.shape[1:])))
+                else:
+                    parameter.copy_(0.02 * noise)
+
+
+def build_tiny_sd15_state_dict():
+    """The full checkpoint state dict (fp16), built with ComfyUI's own module classes."""
+    _import_comfy()
+    import torch
+    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+    import comfy.sd1_clip
+    import comfy.taesd.taesd
+
+    generator = torch.Generator().manual_seed(GENERATOR_SEED)
+    state_dict: dict[str, torch.Tensor] = {}
+
+    unet = openaimodel.UNetModel(**TINY_SD15_UNET, dtype=torch.float32)
+    _initialise(unet, generator)
+    state_dict.update({f"model.diffusion_model.{key}": value for key, value in unet.state_dict().items()})
+
+    clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
+    _initialise(clip.transformer, generator)
+    for key, value in clip.transformer.state_dict().items():
+        if key.startswith("text_model."):
+            if key.endswith("position_ids"):
+                continue
+            state_dict[f"cond_stage_model.transformer.{key}"] = value
+
+    taesd = comfy.taesd.taesd.TAESD()
+    _initialise(taesd, generator)
+    with torch.no_grad():
+        taesd.vae_scale.fill_(1.0)
+        taesd.vae_shift.fill_(0.0)
+    state_dict.update({f"first_stage_model.{key}": value for key, value in taesd.state_dict().items()})
+
+    return {key: value.detach().to(torch.float16).contiguous() for key, value in state_dict.items()}
+
+
+def ensure_tiny_sd15(path: Path | str | None = None) -> Path:
+    """Return the tiny SD1.5 checkpoint, generating it (atomically) when it is not there yet."""
+    target = Path(path) if path is not None else fixtures_dir() / FIXTURE_NAME
+    if target.is_file():
+        return target
+    import safetensors.torch
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    state_dict = build_tiny_sd15_state_dict()
+    handle, temporary_name = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    os.close(handle)
+    try:
+        safetensors.torch.save_file(state_dict, temporary_name, metadata={"lora_lab_fixture": FIXTURE_NAME})
+        os.replace(temporary_name, target)
+    finally:
+        if os.path.exists(temporary_name):
+            os.unlink(temporary_name)
+    return target
+
+
+def main(argv: list[str]) -> int:
+    path = ensure_tiny_sd15(argv[0] if argv else None)
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

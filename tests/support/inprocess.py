@@ -1,0 +1,128 @@
+"""A real ComfyUI booted inside the test process (no HTTP): stock loaders, stock executor.
+
+Only one ComfyUI can live in a process (it owns module names like `nodes`), so `boot()` is
+idempotent and every test shares the instance. Each test session uses its own base directory
+(models/, input/, output/, custom_nodes/ with a link to this checkout), so nothing the user has
+is touched.
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServerStub:
+    """What PromptExecutor needs from PromptServer; it also records the messages sent."""
+
+    def __init__(self) -> None:
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata: dict = {}
+        self.messages: list[tuple[str, Any]] = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+class PromptFailed(AssertionError):
+    """A prompt did not validate or its execution failed; carries ComfyUI's own messages."""
+
+    def __init__(self, message: str, details: Any) -> None:
+        super().__init__(message)
+        self.details = details
+
+
+@dataclass
+class ComfyInProcess:
+    comfyui_dir: Path
+    base_dir: Path
+    pack: Any = None
+    server: ServerStub = field(default_factory=ServerStub)
+    executor: Any = None
+
+    @property
+    def models_dir(self) -> Path:
+        return self.base_dir / "models"
+
+    @property
+    def input_dir(self) -> Path:
+        return self.base_dir / "input"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.base_dir / "output"
+
+    def node_class(self, class_type: str):
+        import nodes  # ComfyUI's nodes.py
+        return nodes.NODE_CLASS_MAPPINGS[class_type]
+
+    def validate(self, prompt: dict) -> tuple[bool, Any, list, dict]:
+        import execution
+        return asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+
+    def run(self, prompt: dict) -> dict:
+        """Validate and execute an API-format prompt; returns {node_id: {"outputs": ..., "ui": ...}}.
+
+        Raises PromptFailed with ComfyUI's validation errors or the execution error message.
+        """
+        valid, error, outputs, node_errors = self.validate(prompt)
+        if not valid:
+            raise PromptFailed(f"prompt invalid: {error} {node_errors}", (error, node_errors))
+        prompt_id = str(uuid.uuid4())
+        self.server.messages.clear()
+        self.executor.execute(prompt, prompt_id, {"client_id": None}, outputs)
+        if not self.executor.success:
+            failures = [data for event, data in self.executor.status_messages
+                        if event in ("execution_error", "execution_interrupted")]
+            message = failures[0].get("exception_message", failures[0]) if failures else "unknown failure"
+            raise PromptFailed(str(message), failures)
+        results = {}
+        for node_id in prompt:
+            entry = self.executor.caches.outputs.get(node_id)
+            if entry is not None:
+                results[node_id] = {"outputs": entry.outputs, "ui": entry.ui}
+        return results
+
+
+_INSTANCE: ComfyInProcess | None = None
+
+
+def boot(comfyui_dir: Path, base_dir: Path) -> ComfyInProcess:
+    global _INSTANCE
+    if _INSTANCE is not None:
+        return _INSTANCE
+    for name in ("models/checkpoints", "models/loras", "input", "output", "temp", "custom_nodes", "user"):
+        (base_dir / name).mkdir(parents=True, exist_ok=True)
+    link = base_dir / "custom_nodes" / "lora_lab"
+    if not link.exists():
+        link.symlink_to(REPO_ROOT, target_is_directory=True)
+    sys.argv = [sys.argv[0], "--cpu", "--base-directory", str(base_dir), "--disable-api-nodes",
+                "--front-end-root", str(base_dir / "user")]
+    sys.path.insert(0, str(comfyui_dir))
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    import folder_paths  # noqa: F401  (reads --base-directory)
+    import utils.install_util  # noqa: F401  (must be ComfyUI's utils package, imported before execution)
+    import execution
+    import nodes
+    from comfy_execution.caching import CacheType
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    pack_module = next((module for name, module in sys.modules.items()
+                        if name.endswith("custom_nodes/lora_lab") or name.endswith("custom_nodes\\lora_lab")),
+                       None)
+    if pack_module is None or "LoRALabLRSchedule" not in nodes.NODE_CLASS_MAPPINGS:
+        raise RuntimeError("ComfyUI did not load the LoRA Lab pack; see the import error above")
+    instance = ComfyInProcess(comfyui_dir=comfyui_dir, base_dir=base_dir, pack=pack_module)
+    instance.executor = execution.PromptExecutor(instance.server, CacheType.CLASSIC, {"lru": 0, "ram": 0})
+    _INSTANCE = instance
+    return instance

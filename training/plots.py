@@ -1,0 +1,93 @@
+"""Charts (matplotlib, headless) returned as PIL images: the schedule and per-part rate curves."""
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+from .rates import PART_LABELS, LearningRates
+from .schedules import ScheduleSettings
+
+CHART_SIZE_INCHES = (8.0, 4.5)
+CHART_DPI = 100
+PART_COLORS = {"unet": "#1f77b4", "text_encoder": "#d62728", "text_encoder_2": "#2ca02c"}
+WARMUP_COLOR = "#ffb347"
+
+
+def new_figure():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    # A bare Figure (no pyplot): no global state, safe in ComfyUI's worker thread.
+    figure = Figure(figsize=CHART_SIZE_INCHES, dpi=CHART_DPI)
+    return figure, figure.add_subplot(1, 1, 1)
+
+
+def figure_to_image(figure) -> Image.Image:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=CHART_DPI)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def mark_warmup(axes, warmup_steps: int) -> None:
+    if warmup_steps > 0:
+        axes.axvspan(0, warmup_steps, color=WARMUP_COLOR, alpha=0.25, label=f"warmup ({warmup_steps} steps)")
+
+
+def schedule_chart(settings: ScheduleSettings, total_steps: int) -> Image.Image:
+    """Multiplier of the base rate vs optimizer step, warmup shaded, settings in the title."""
+    multipliers = settings.multipliers(total_steps)
+    figure, axes = new_figure()
+    warmup = settings.warmup_steps(total_steps)
+    mark_warmup(axes, warmup)
+    axes.plot(range(total_steps), multipliers, color="#1f77b4", linewidth=2, label="LR multiplier")
+    axes.set_xlim(0, max(1, total_steps - 1))
+    axes.set_ylim(0, max(1.05, max(multipliers) * 1.05))
+    axes.set_xlabel(f"optimizer step (of {total_steps})")
+    axes.set_ylabel("x base learning rate")
+    axes.set_title(f"LR schedule: {settings.describe()}", fontsize=11)
+    axes.grid(True, alpha=0.3)
+    note = settings.ignored_note()
+    if note:
+        axes.text(0.5, 0.5, note, transform=axes.transAxes, ha="center", va="center", fontsize=10,
+                  color="#b00020", bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "#b00020"})
+    axes.legend(loc="lower left", fontsize=9)
+    figure.tight_layout()
+    return figure_to_image(figure)
+
+
+def rates_chart(rates: LearningRates, settings: ScheduleSettings, total_steps: int) -> Image.Image:
+    """Absolute learning rate per trained part over the steps (one line per part)."""
+    curves = rates.part_curves(settings, total_steps)
+    figure, axes = new_figure()
+    mark_warmup(axes, settings.warmup_steps(total_steps))
+    weights = rates.block_weights()
+    weighted = any(weight != 1.0 for weight in weights.values())
+    for part, curve in curves.items():
+        label = f"{PART_LABELS[part]} (base {rates.resolved()[part]:.3g})"
+        if part == "unet" and weighted:
+            label += ", blocks " + " ".join(f"{block} x{weight:g}" for block, weight in weights.items())
+        axes.plot(range(total_steps), curve, color=PART_COLORS[part], linewidth=2, label=label)
+        if rates.lora_plus_ratio != 1.0:
+            axes.plot(range(total_steps), [value * rates.lora_plus_ratio for value in curve], color=PART_COLORS[part],
+                      linewidth=1, linestyle="--", label=f"{PART_LABELS[part]} B matrices (LoRA+ x{rates.lora_plus_ratio:g})")
+    frozen = [PART_LABELS[part] for part, rate in rates.resolved().items() if rate == 0]
+    title = f"Learning rate per part: {settings.describe()}"
+    if frozen:
+        title += f"\nfrozen: {', '.join(frozen)}"
+    axes.set_title(title, fontsize=11)
+    axes.set_xlim(0, max(1, total_steps - 1))
+    axes.set_ylim(bottom=0)
+    axes.set_xlabel(f"optimizer step (of {total_steps})")
+    axes.set_ylabel("learning rate")
+    axes.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    axes.grid(True, alpha=0.3)
+    if not curves:
+        axes.text(0.5, 0.5, "nothing is trained: every rate is 0", transform=axes.transAxes, ha="center",
+                  va="center", color="#b00020")
+    axes.legend(loc="upper right", fontsize=8)
+    figure.tight_layout()
+    return figure_to_image(figure)
