@@ -11,6 +11,8 @@ from .schedules import ScheduleSettings
 CHART_SIZE_INCHES = (8.0, 4.5)
 CHART_DPI = 100
 PART_COLORS = {"unet": "#1f77b4", "text_encoder": "#d62728", "text_encoder_2": "#2ca02c"}
+# TE2 often equals TE (it inherits it): dashed and drawn on top, so both stay visible.
+PART_STYLES = {"unet": "-", "text_encoder": "-", "text_encoder_2": (0, (6, 4))}
 WARMUP_COLOR = "#ffb347"
 
 
@@ -70,10 +72,11 @@ def rates_chart(rates: LearningRates, settings: ScheduleSettings, total_steps: i
         label = f"{PART_LABELS[part]} (base {rates.resolved()[part]:.3g})"
         if part == "unet" and weighted:
             label += ", blocks " + " ".join(f"{block} x{weight:g}" for block, weight in weights.items())
-        axes.plot(range(total_steps), curve, color=PART_COLORS[part], linewidth=2, label=label)
+        axes.plot(range(total_steps), curve, color=PART_COLORS[part], linestyle=PART_STYLES[part], linewidth=2,
+                  label=label)
         if rates.lora_plus_ratio != 1.0:
             axes.plot(range(total_steps), [value * rates.lora_plus_ratio for value in curve], color=PART_COLORS[part],
-                      linewidth=1, linestyle="--", label=f"{PART_LABELS[part]} B matrices (LoRA+ x{rates.lora_plus_ratio:g})")
+                      linewidth=1, linestyle=":", label=f"{PART_LABELS[part]} B matrices (LoRA+ x{rates.lora_plus_ratio:g})")
     frozen = [PART_LABELS[part] for part, rate in rates.resolved().items() if rate == 0]
     title = f"Learning rate per part: {settings.describe()}"
     if frozen:

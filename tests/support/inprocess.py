@@ -76,7 +76,7 @@ class ComfyInProcess:
         Raises PromptFailed with ComfyUI's validation errors or the execution error message.
         """
         valid, error, outputs, node_errors = self.validate(prompt)
-        if not valid:
+        if not valid or node_errors:  # ComfyUI runs the valid outputs and drops the rest: tests want all
             raise PromptFailed(f"prompt invalid: {error} {node_errors}", (error, node_errors))
         prompt_id = str(uuid.uuid4())
         self.server.messages.clear()
@@ -90,7 +90,9 @@ class ComfyInProcess:
         for node_id in prompt:
             entry = self.executor.caches.outputs.get(node_id)
             if entry is not None:
-                results[node_id] = {"outputs": entry.outputs, "ui": entry.ui}
+                ui = entry.ui or {}
+                # ComfyUI stores {"output": <the node's ui dict>, "meta": ...} for output nodes.
+                results[node_id] = {"outputs": entry.outputs, "ui": ui.get("output", ui) or {}}
         return results
 
 
@@ -115,7 +117,6 @@ def boot(comfyui_dir: Path, base_dir: Path) -> ComfyInProcess:
     import utils.install_util  # noqa: F401  (must be ComfyUI's utils package, imported before execution)
     import execution
     import nodes
-    from comfy_execution.caching import CacheType
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     pack_module = next((module for name, module in sys.modules.items()
                         if name.endswith("custom_nodes/lora_lab") or name.endswith("custom_nodes\\lora_lab")),
@@ -123,6 +124,6 @@ def boot(comfyui_dir: Path, base_dir: Path) -> ComfyInProcess:
     if pack_module is None or "LoRALabLRSchedule" not in nodes.NODE_CLASS_MAPPINGS:
         raise RuntimeError("ComfyUI did not load the LoRA Lab pack; see the import error above")
     instance = ComfyInProcess(comfyui_dir=comfyui_dir, base_dir=base_dir, pack=pack_module)
-    instance.executor = execution.PromptExecutor(instance.server, CacheType.CLASSIC, {"lru": 0, "ram": 0})
+    instance.executor = execution.PromptExecutor(instance.server, execution.CacheType.CLASSIC, {"lru": 0, "ram": 0})
     _INSTANCE = instance
     return instance
