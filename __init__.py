@@ -9,6 +9,6 @@ from .nodes import routes as _routes
 
 _routes.register_routes()
 
-WEB_DIRECTORY = "./web"
+WEB_DIRECTORY = "./web/js"
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -33,7 +33,9 @@ def prepare_base_dir(base_dir: Path) -> None:
 
 class ComfyServer:
     def __init__(self, comfyui_dir: Path, base_dir: Path, front_end_root: Path | None = None,
-                 python: str | None = None, extra_args: list[str] | None = None) -> None:
+                 python: str | None = None, extra_args: list[str] | None = None, with_frontend: bool = False) -> None:
+        """with_frontend: serve the installed comfyui-frontend-package (browser tests); otherwise an
+        empty front-end root (API only, no frontend package needed)."""
         self.comfyui_dir = Path(comfyui_dir)
         self.base_dir = Path(base_dir)
         prepare_base_dir(self.base_dir)
@@ -43,6 +45,7 @@ class ComfyServer:
         self.front_end_root = front_end_root
         self.python = python or sys.executable
         self.extra_args = extra_args or []
+        self.with_frontend = with_frontend
         self.process: subprocess.Popen | None = None
         self.client_id = str(uuid.uuid4())
 
@@ -60,9 +63,9 @@ class ComfyServer:
 
     def start(self, timeout: float = 180.0) -> "ComfyServer":
         command = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-                   "--base-directory", str(self.base_dir), "--disable-api-nodes",
-                   "--front-end-root", str(self.front_end_root or self.base_dir / "frontend"),
-                   *self.extra_args]
+                   "--base-directory", str(self.base_dir), "--disable-api-nodes", *self.extra_args]
+        if not self.with_frontend:
+            command += ["--front-end-root", str(self.front_end_root or self.base_dir / "frontend")]
         environment = dict(os.environ)
         environment.setdefault("OMP_NUM_THREADS", "1")
         self.log_file = open(self.log_path, "wb")

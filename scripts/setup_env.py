@@ -47,6 +47,8 @@ COMFYUI_PACKAGES = [
     "safetensors>=0.4.2", "aiohttp>=3.11.8", "yarl>=1.18.0", "pyyaml", "Pillow", "scipy", "tqdm",
     "psutil", "av>=14.2.0", "pydantic~=2.0", "pydantic-settings~=2.0", "requests",
 ]
+# The graph editor ComfyUI 0.3.75 asks for (its requirements.txt); browser tests drive it.
+FRONTEND_PACKAGES = ["comfyui-frontend-package==1.32.9"]
 TEST_REQUIREMENTS = REPO_ROOT / "tests" / "requirements.txt"
 PACK_REQUIREMENTS = REPO_ROOT / "requirements.txt"
 
@@ -84,16 +86,21 @@ def fingerprint(items: list[str]) -> str:
     return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
 
 
-def ensure_packages(python: Path, packages: list[str], stamp: Path, target: Path | None = None) -> None:
-    """pip-install `packages` unless the stamp says this exact list is already installed."""
-    wanted = fingerprint([str(python)] + packages)
+def ensure_packages(python: Path, packages: list[str], stamp: Path, target: Path | None = None) -> bool:
+    """pip-install `packages` unless the stamp says this exact list is already installed.
+
+    Returns True when pip ran. A `-r FILE` argument is fingerprinted by the file's content.
+    """
+    contents = [Path(item).read_text() if Path(item).is_file() else item for item in packages]
+    wanted = fingerprint([str(python)] + contents)
     if stamp.exists() and stamp.read_text().strip() == wanted:
-        return
+        return False
     command = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     if target is not None:
         command += ["--target", str(target), "--upgrade"]
     run_quiet(command + packages)
     stamp.write_text(wanted)
+    return True
 
 
 def ensure_comfyui(python: Path, root: Path) -> Path:
@@ -148,6 +155,22 @@ def link_pack(comfyui_dir: Path) -> None:
         say(f"could not link the pack into {custom_nodes} ({error}); clone it there instead")
 
 
+def ensure_chromium() -> None:
+    """Browser tests drive Debian's Chromium (no browser downloads); install it where we may."""
+    if shutil.which("chromium") or shutil.which("chromium-browser"):
+        return
+    if os.name != "posix" or not shutil.which("apt-get") or os.geteuid() != 0:
+        say("chromium not found and cannot be installed here: the browser tests will be skipped")
+        return
+    say("installing Debian's chromium for the browser tests")
+    environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        run_quiet(["apt-get", "update", "-qq"], env=environment)
+        run_quiet(["apt-get", "install", "-y", "-q", "chromium"], env=environment)
+    except subprocess.CalledProcessError as error:
+        say(f"could not install chromium ({error}): the browser tests will be skipped")
+
+
 def managed_setup() -> dict:
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
@@ -155,10 +178,12 @@ def managed_setup() -> dict:
     python = venv_python(venv)
     if not python.exists():
         run_quiet([sys.executable, "-m", "venv", str(venv)])
-    packages = TORCH_PACKAGES + COMFYUI_PACKAGES + read_lines(PACK_REQUIREMENTS) + read_lines(TEST_REQUIREMENTS)
+    packages = (TORCH_PACKAGES + COMFYUI_PACKAGES + FRONTEND_PACKAGES + read_lines(PACK_REQUIREMENTS)
+                + read_lines(TEST_REQUIREMENTS))
     ensure_packages(python, packages, root / "venv.stamp")
     comfyui_dir = ensure_comfyui(python, root)
     link_pack(comfyui_dir)
+    ensure_chromium()
     return {"python": str(python), "comfyui_dir": str(comfyui_dir), "pythonpath": ""}
 
 
@@ -184,9 +209,8 @@ def user_setup() -> dict:
     root.mkdir(parents=True, exist_ok=True)
     key = fingerprint([str(python)])
     # What ComfyUI Manager would do: pip install -r requirements.txt into ComfyUI's Python.
-    ensure_packages(python, ["-r", str(PACK_REQUIREMENTS)] + read_lines(PACK_REQUIREMENTS),
-                    root / f"user-{key}.stamp")
-    say(f"installed the pack's requirements.txt into {python}")
+    if ensure_packages(python, ["-r", str(PACK_REQUIREMENTS)], root / f"user-{key}.stamp"):
+        say(f"installed the pack's requirements.txt into {python} (as ComfyUI Manager does)")
     # Test-only packages: a separate folder on PYTHONPATH, never the user's site-packages.
     test_target = root / f"testdeps-{key}"
     ensure_packages(python, read_lines(TEST_REQUIREMENTS), root / f"testdeps-{key}.stamp", target=test_target)

@@ -99,7 +99,7 @@ function drawChart(canvas, state) {
   }
   if (state.note) {
     context.fillStyle = "#ffb347";
-    context.fillText(state.note, left + 4, top + 14);
+    wrapText(context, state.note, left + 4, top + 14, plotWidth - 8, 13);
   }
 }
 
