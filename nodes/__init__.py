@@ -1,13 +1,16 @@
 """The pack's ComfyUI nodes (V1 API). Node ids are a public API: never rename them."""
 from .schedule_node import LRScheduleNode
 from .rates_node import LearningRatesNode
+from .dataset_node import DatasetNode
 
 NODE_CLASS_MAPPINGS = {
     "LoRALabLRSchedule": LRScheduleNode,
     "LoRALabLearningRates": LearningRatesNode,
+    "LoRALabDataset": DatasetNode,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoRALabLRSchedule": "LR Schedule",
     "LoRALabLearningRates": "UNet/TE Learning Rates",
+    "LoRALabDataset": "LoRA Dataset",
 }

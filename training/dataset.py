@@ -16,6 +16,8 @@ What the trainer can rely on
   deterministic view (centre crop, no flip), the one to encode when caching latents, which is
   allowed only when ``dataset.caching_possible`` (crop is not random). With an rng the random crop
   offset is drawn first (``crop == "random"``), then the flip (``flip``: ``rng.random() < 0.5``).
+  ``dataset.augmentation(i, rng)`` makes the same draws without loading pixels and
+  ``dataset.render(i, offset, flipped)`` draws the image, so a latent cache can be checked first.
 * ``dataset.caption_for_step(i, rng)`` applies the caption rules for one step (see
   :func:`caption_for_step`); when ``dataset.static_captions`` it never draws from ``rng`` and always
   returns ``dataset.base_caption(i)``, so text-encoder outputs can be cached.
@@ -33,7 +35,6 @@ Kohya conventions followed (sd-scripts ``library/train_util.py`` and ``library/m
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -120,6 +121,12 @@ class DatasetOptions:
         positive_int("bucket_step", self.bucket_step, 8)
         positive_int("min_bucket_resolution", self.min_bucket_resolution, self.bucket_step)
         positive_int("max_bucket_resolution", self.max_bucket_resolution, self.bucket_step)
+        if self.bucket_step % 8:
+            raise DatasetError(f"bucket_step must be a multiple of 8 (the VAE downscales by 8), got "
+                               f"{self.bucket_step}: use {max(8, self.bucket_step // 8 * 8)}")
+        if not self.bucketing and self.resolution % 8:
+            raise DatasetError(f"resolution must be a multiple of 8 (the VAE downscales by 8), got "
+                               f"{self.resolution}: use {self.resolution // 8 * 8}")
         if not 0.0 <= float(self.caption_dropout) <= 1.0:
             raise DatasetError(f"caption_dropout is a probability: it must be between 0 and 1, "
                                f"got {self.caption_dropout!r}")
@@ -477,16 +484,12 @@ def resize_and_crop(image: Image.Image, resized_size: tuple[int, int], bucket: t
 
 def tensor_image_to_pil(image: "torch.Tensor") -> Image.Image:
     """One ComfyUI IMAGE ([H, W, C] float 0..1) as an RGB PIL image."""
-    array = image.detach().float().cpu().clamp(0.0, 1.0).mul(255.0).round().to(dtype=_uint8()).numpy()
+    import torch
+    array = image.detach().float().cpu().clamp(0.0, 1.0).mul(255.0).round().to(dtype=torch.uint8).numpy()
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     pil = Image.fromarray(array)
     return to_rgb(pil)
-
-
-def _uint8():
-    import torch
-    return torch.uint8
 
 
 # --------------------------------------------------------------------------------------------
@@ -552,17 +555,27 @@ class LoraDataset:
         then a flip with probability 0.5 when ``flip`` (``rng.random() < 0.5``). The offset is in the
         unflipped image.
         """
+        offset, flipped = self.augmentation(index, rng)
+        return self.render(index, offset, flipped), offset, flipped
+
+    def augmentation(self, index: int, rng: random.Random | None = None) -> tuple[tuple[int, int], bool]:
+        """(crop offset, flipped) for one step without loading pixels: the same rng draws, in the same
+        order, as :meth:`load_image`, so a trainer can look up a cached latent before decoding."""
         sample = self.samples[index]
-        image = self.source_image(index)
         offset = sample.crop_offset
         if rng is not None and self.crop == "random":
             offset = (rng.randint(0, sample.resized_size[0] - sample.bucket[0]),
                       rng.randint(0, sample.resized_size[1] - sample.bucket[1]))
-        cropped = resize_and_crop(image, sample.resized_size, sample.bucket, offset)
         flipped = bool(rng is not None and self.flip and rng.random() < 0.5)
+        return offset, flipped
+
+    def render(self, index: int, offset: tuple[int, int], flipped: bool) -> Image.Image:
+        """The RGB image at bucket size for a given crop offset and flip."""
+        sample = self.samples[index]
+        cropped = resize_and_crop(self.source_image(index), sample.resized_size, sample.bucket, offset)
         if flipped:
             cropped = cropped.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return cropped, offset, flipped
+        return cropped
 
     def source_image(self, index: int) -> Image.Image:
         """The full RGB image of a sample, EXIF orientation applied, before resize and crop."""
@@ -624,15 +637,21 @@ def _repeats_of(folder_name: str) -> int | None:
 def list_image_files(root: Path, default_repeats: int) -> tuple[list[ScannedFile], int]:
     """Supported image files under ``root`` (recursive, sorted), and the count of other files.
 
-    Hidden files and folders (name starting with ".") are ignored.
+    Hidden files and folders (name starting with ".") are ignored; linked folders are followed once
+    (a link cycle does not loop).
     """
     found: list[ScannedFile] = []
     other_files = 0
     root_repeats = _repeats_of(root.name)
     root_group = root.name or str(root)
+    visited: set[str] = set()
 
     def walk(folder: Path, repeats: int, group: str) -> None:
         nonlocal other_files
+        real = os.path.realpath(folder)
+        if real in visited:
+            return
+        visited.add(real)
         try:
             entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
         except OSError as error:
@@ -767,7 +786,11 @@ def build_image_dataset(images: "torch.Tensor", captions: str | Sequence[str] | 
                                      original_size=(width, height), bucket=choice.bucket,
                                      resized_size=choice.resized_size, crop_offset=choice.crop_offset))
         groups.append((IN_MEMORY_TAG_GROUP, place_trigger_word(caption, options.trigger_word)))
-    pixels = images.detach().float().cpu().contiguous()
+    import torch
+    # ComfyUI runs nodes under inference_mode; a copy made outside it is an ordinary tensor the
+    # trainer can use freely.
+    with torch.inference_mode(False):
+        pixels = images.detach().float().cpu().clone().contiguous()
     content = hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
     missing = count if not lines else 0
     return _make_dataset(samples, options, tag_frequency(groups), source=IN_MEMORY_SOURCE,
@@ -806,8 +829,13 @@ def folder_fingerprint(folder: str | Path) -> str:
         return "missing:" + str(root)
     rows: list[tuple[str, int, int]] = []
     pending = [root]
+    visited: set[str] = set()
     while pending:
         current = pending.pop()
+        real = os.path.realpath(current)
+        if real in visited:  # a link cycle
+            continue
+        visited.add(real)
         try:
             entries = list(os.scandir(current))
         except OSError:
@@ -862,8 +890,8 @@ def summarize(dataset: LoraDataset) -> str:
     if dataset.flip:
         lines.append("augmentation: random horizontal flip per step")
     if dataset.caching_possible:
-        lines.append("caching: latents can be cached once (center crop)"
-                     + ("; flipped latents are encoded per step" if dataset.flip else ""))
+        lines.append("caching: latents can be cached once (center crop is fixed"
+                     + ("; with flip, both orientations" if dataset.flip else "") + ")")
     else:
         lines.append("caching: not possible, crop is random (a new crop each epoch): "
                      "latents are encoded every step")

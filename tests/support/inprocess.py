@@ -8,6 +8,7 @@ is touched.
 from __future__ import annotations
 
 import asyncio
+import copy
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -75,6 +76,9 @@ class ComfyInProcess:
 
         Raises PromptFailed with ComfyUI's validation errors or the execution error message.
         """
+        # ComfyUI writes its IS_CHANGED results into the prompt it is given: work on a copy so a
+        # test can run the same dict twice.
+        prompt = copy.deepcopy(prompt)
         valid, error, outputs, node_errors = self.validate(prompt)
         if not valid or node_errors:  # ComfyUI runs the valid outputs and drops the rest: tests want all
             raise PromptFailed(f"prompt invalid: {error} {node_errors}", (error, node_errors))

@@ -173,7 +173,8 @@ async function refresh(node) {
         const answer = await fetchPreview({ ...scheduleValues, total_steps: scheduleValues.preview_steps, rates: widgetValues(node) });
         const series = [];
         for (const [part, values] of Object.entries(answer.parts ?? {})) {
-          series.push({ values, color: PART_COLORS[part], label: PART_LABELS[part] });
+          // TE2 usually equals TE (it inherits it): dashed, so both stay visible.
+          series.push({ values, color: PART_COLORS[part], label: PART_LABELS[part], dashed: part === "text_encoder_2" });
           if (answer.lora_plus_ratio !== 1) {
             series.push({ values: values.map((value) => value * answer.lora_plus_ratio), color: PART_COLORS[part],
                           dashed: true, label: `${PART_LABELS[part]} B x${answer.lora_plus_ratio}` });
