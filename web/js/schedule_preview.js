@@ -143,6 +143,8 @@ function addChart(node) {
     getMinHeight: () => CHART_HEIGHT + 6,
     getHeight: () => CHART_HEIGHT + 6,
   });
+  // Not a value: keep it out of saved workflows (widgets_values) and of the prompt.
+  widget.serialize = false;
   widget.serializeValue = () => undefined;
   node.loraLabCanvas = canvas;
   node.loraLabState = { message: "loading..." };
