@@ -2,15 +2,18 @@
 from .schedule_node import LRScheduleNode
 from .rates_node import LearningRatesNode
 from .dataset_node import DatasetNode
+from .train_node import TrainNode
 
 NODE_CLASS_MAPPINGS = {
     "LoRALabLRSchedule": LRScheduleNode,
     "LoRALabLearningRates": LearningRatesNode,
     "LoRALabDataset": DatasetNode,
+    "LoRALabTrain": TrainNode,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoRALabLRSchedule": "LR Schedule",
     "LoRALabLearningRates": "UNet/TE Learning Rates",
     "LoRALabDataset": "LoRA Dataset",
+    "LoRALabTrain": "Train LoRA",
 }

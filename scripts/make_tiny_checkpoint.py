@@ -153,6 +153,66 @@ def ensure_tiny_sd15(path: Path | str | None = None) -> Path:
     os.close(handle)
     try:
         safetensors.torch.save_file(state_dict, temporary_name, metadata={"lora_lab_fixture": FIXTURE_NAME})
+        os.chmod(temporary_name, 0o644)
+        os.replace(temporary_name, target)
+    finally:
+        if os.path.exists(temporary_name):
+            os.unlink(temporary_name)
+    return target
+
+
+VEGA_FIXTURE_NAME = f"lora_lab_vega_sdxl_v{FIXTURE_VERSION}.safetensors"
+# Segmind-Vega-shaped SDXL UNet: the smallest layout ComfyUI 0.3.75 detects as SDXL-family
+# (supported_models.Segmind_Vega keys on transformer_depth [0, 0, 1, 1, 2, 2]); ~745M parameters.
+VEGA_SDXL_UNET = {
+    "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 1, 1, 2, 2],
+    "transformer_depth_middle": 1, "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2],
+    "use_linear_in_transformer": True, "context_dim": 2048, "adm_in_channels": 2816,
+    "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential",
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+def ensure_vega_sdxl(path: Path | str | None = None) -> Path:
+    """A random-weight, Segmind-Vega-shaped SDXL checkpoint (full CLIP-L + CLIP-G, TAESD VAE, fp16,
+    ~3 GB), written by ComfyUI's own ``save_checkpoint`` so its key layout is what real SDXL files use."""
+    target = Path(path) if path is not None else fixtures_dir() / VEGA_FIXTURE_NAME
+    if target.is_file():
+        return target
+    _import_comfy()
+    import torch
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+    import comfy.taesd.taesd
+
+    generator = torch.Generator().manual_seed(GENERATOR_SEED + 1)
+    config = comfy.supported_models.Segmind_Vega(VEGA_SDXL_UNET)
+    config.set_inference_dtype(torch.float16, None)
+    base_model = config.get_model({})
+    _initialise(base_model, generator)
+    model = comfy.model_patcher.ModelPatcher(base_model, load_device=torch.device("cpu"),
+                                             offload_device=torch.device("cpu"))
+    clip_target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    clip = comfy.sd.CLIP(clip_target, model_options={"dtype": torch.float16})
+    _initialise(clip.cond_stage_model, generator)
+    taesd = comfy.taesd.taesd.TAESD()
+    _initialise(taesd, generator)
+    with torch.no_grad():
+        taesd.vae_scale.fill_(1.0)
+        taesd.vae_shift.fill_(0.0)
+    vae = comfy.sd.VAE(sd={key: value.half() for key, value in taesd.state_dict().items()})
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary_name = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    os.close(handle)
+    try:
+        comfy.sd.save_checkpoint(temporary_name, model, clip=clip, vae=vae,
+                                 metadata={"lora_lab_fixture": VEGA_FIXTURE_NAME})
+        os.chmod(temporary_name, 0o644)
         os.replace(temporary_name, target)
     finally:
         if os.path.exists(temporary_name):
@@ -161,7 +221,10 @@ def ensure_tiny_sd15(path: Path | str | None = None) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    path = ensure_tiny_sd15(argv[0] if argv else None)
+    """make_tiny_checkpoint.py [--vega] [PATH]"""
+    vega = "--vega" in argv
+    rest = [argument for argument in argv if argument != "--vega"]
+    path = (ensure_vega_sdxl if vega else ensure_tiny_sd15)(rest[0] if rest else None)
     sys.stdout.write(f"{path}\n")
     return 0
 

@@ -8,6 +8,7 @@ is touched.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import sys
 import uuid
@@ -69,7 +70,8 @@ class ComfyInProcess:
 
     def validate(self, prompt: dict) -> tuple[bool, Any, list, dict]:
         import execution
-        return asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+        return _call_outside_event_loop(
+            lambda: asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None)))
 
     def run(self, prompt: dict) -> dict:
         """Validate and execute an API-format prompt; returns {node_id: {"outputs": ..., "ui": ...}}.
@@ -84,7 +86,7 @@ class ComfyInProcess:
             raise PromptFailed(f"prompt invalid: {error} {node_errors}", (error, node_errors))
         prompt_id = str(uuid.uuid4())
         self.server.messages.clear()
-        self.executor.execute(prompt, prompt_id, {"client_id": None}, outputs)
+        _call_outside_event_loop(self.executor.execute, prompt, prompt_id, {"client_id": None}, outputs)
         if not self.executor.success:
             failures = [data for event, data in self.executor.status_messages
                         if event in ("execution_error", "execution_interrupted")]
@@ -101,6 +103,21 @@ class ComfyInProcess:
 
 
 _INSTANCE: ComfyInProcess | None = None
+
+
+def _call_outside_event_loop(function, *arguments):
+    """Call `function` (which may use asyncio.run) where no event loop runs in the thread.
+
+    A session fixture such as playwright's sync API keeps an event loop running in the main thread
+    for the whole session, and asyncio.run() refuses to start inside it; then the call runs in a
+    worker thread, as ComfyUI's own server runs prompts in its prompt-worker thread.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return function(*arguments)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(function, *arguments).result()
 
 
 def boot(comfyui_dir: Path, base_dir: Path) -> ComfyInProcess:
@@ -121,7 +138,8 @@ def boot(comfyui_dir: Path, base_dir: Path) -> ComfyInProcess:
     import utils.install_util  # noqa: F401  (must be ComfyUI's utils package, imported before execution)
     import execution
     import nodes
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    _call_outside_event_loop(
+        lambda: asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False)))
     pack_module = next((module for name, module in sys.modules.items()
                         if name.endswith("custom_nodes/lora_lab") or name.endswith("custom_nodes\\lora_lab")),
                        None)

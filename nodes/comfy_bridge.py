@@ -1,0 +1,245 @@
+"""The only module of the pack that imports ComfyUI (comfy.*, folder_paths, server).
+
+It adapts ComfyUI's objects (ModelPatcher, model_sampling, CLIP, VAE, ProgressBar, interrupt,
+folder paths, LoRA loading) to the plain torch modules and callables that training/ works with.
+ComfyUI is imported inside the functions: the pack always runs inside ComfyUI, and this keeps the
+module importable by tools that only inspect the pack.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..training import kohya
+from ..training.loop import DiffusionObjective, StepRecord
+from ..training.trainer import ModelAccess, concat_conditioning
+
+logger = logging.getLogger("lora_lab")
+
+PREVIEW_SECONDS = 3.0
+PREDICTION_TYPES = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}
+FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+# Text-encoder roots inside ComfyUI's cond_stage_model, per family: part -> attribute.
+TEXT_ENCODER_ROOTS = {
+    "sd1": {"text_encoder": "clip_l"},
+    "sd2": {"text_encoder": "clip_h"},
+    "sdxl": {"text_encoder": "clip_l", "text_encoder_2": "clip_g"},
+}
+
+
+def model_family(model) -> str:
+    """"sd1" | "sd2" | "sdxl" for a MODEL, or ValueError for anything this trainer does not support."""
+    import comfy.model_base
+
+    base_model = model.model
+    unet_config = base_model.model_config.unet_config
+    name = type(base_model.model_config).__name__
+    if isinstance(base_model, comfy.model_base.SDXL):
+        return "sdxl"
+    if type(base_model) in (comfy.model_base.BaseModel, comfy.model_base.SD21UNCLIP):
+        context = unet_config.get("context_dim")
+        if context == 768:
+            return "sd1"
+        if context == 1024:
+            return "sd2"
+    raise ValueError(f"Train LoRA: model is {name}, which this trainer does not support. Load an SD1.x, "
+                     "SD2.x or SDXL checkpoint.")
+
+
+def _text_roots(clip, family: str) -> dict[str, tuple[str, torch.nn.Module]]:
+    stage = clip.cond_stage_model
+    return {part: (attribute, getattr(stage, attribute))
+            for part, attribute in TEXT_ENCODER_ROOTS[family].items() if hasattr(stage, attribute)}
+
+
+def check_compatible(model, clip, vae) -> str:
+    """Cheap checks that MODEL, CLIP and VAE belong together; returns the family."""
+    if model is None or clip is None or vae is None:
+        raise ValueError("Train LoRA: model, clip and vae must all be connected (from Load Checkpoint).")
+    family = model_family(model)
+    expected = TEXT_ENCODER_ROOTS[family]
+    stage = clip.cond_stage_model
+    present = [attribute for attribute in ("clip_l", "clip_h", "clip_g") if hasattr(stage, attribute)]
+    if sorted(present) != sorted(expected.values()):
+        raise ValueError(f"Train LoRA: clip has text encoder(s) {present or type(stage).__name__} but model is "
+                         f"{FAMILY_LABELS[family]}, which needs {sorted(expected.values())}. Connect the CLIP "
+                         "output of the same Load Checkpoint node as the MODEL.")
+    widths = sum(getattr(stage, attribute).transformer.text_model.final_layer_norm.weight.shape[0]
+                 for attribute in present)
+    context = model.model.model_config.unet_config.get("context_dim")
+    if widths != context:
+        raise ValueError(f"Train LoRA: clip produces {widths}-wide text embeddings but model expects "
+                         f"{context}. Connect the CLIP of the same checkpoint as the MODEL.")
+    latent_channels = getattr(vae, "latent_channels", 4)
+    if latent_channels != model.model.model_config.unet_config.get("in_channels", 4):
+        raise ValueError(f"Train LoRA: vae makes {latent_channels}-channel latents but model takes "
+                         f"{model.model.model_config.unet_config.get('in_channels')}. Connect the VAE of the "
+                         "same checkpoint.")
+    prediction = model.model.model_type.name
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(f"Train LoRA: model predicts {prediction}; only epsilon and v-prediction models "
+                         "can be trained.")
+    return family
+
+
+def model_access(model, clip, vae, family: str) -> ModelAccess:
+    """Load MODEL and CLIP fully onto the compute device and describe them for training/."""
+    import comfy.lora
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model, clip.patcher], force_full_load=True)
+    base_model = model.model
+    device = model.load_device
+    model_sampling = model.get_model_object("model_sampling")
+    sigmas = model_sampling.sigmas.detach().clone().float()
+    transformer_options = dict(model.model_options.get("transformer_options", {}))
+    roots = _text_roots(clip, family)
+    unet = base_model.diffusion_model
+
+    def denoise(xt: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        extra = {"y": cond["y"]} if "y" in cond else {}
+        return base_model.apply_model(xt, sigma, c_crossattn=cond["c_crossattn"],
+                                      transformer_options=transformer_options, **extra)
+
+    def noise_scaling(sigma, noise, x0):
+        return model_sampling.noise_scaling(sigma, noise, x0)
+
+    def encode_pixels(pixels: torch.Tensor) -> torch.Tensor:
+        latent = vae.encode(pixels[:, :, :, :3])
+        return base_model.process_latent_in(latent.clone()).to(device, torch.float32)
+
+    def encode_captions(captions: list[str]) -> dict:
+        encoded = []
+        for caption in captions:
+            cond, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
+            encoded.append({"c_crossattn": cond.to(device),
+                            "pooled": pooled.to(device) if pooled is not None else None})
+        return concat_conditioning(encoded)
+
+    def extra_conditioning(cond: dict, sizes: list[dict]) -> dict:
+        result = {"c_crossattn": cond["c_crossattn"].to(device)}
+        if family == "sdxl":
+            rows = []
+            for index, size in enumerate(sizes):
+                width, height = size["original_size"]
+                left, top = size["crop_offset"]
+                target_width, target_height = size["target_size"]
+                rows.append(base_model.encode_adm(pooled_output=cond["pooled"][index:index + 1], width=width,
+                                                  height=height, crop_w=left, crop_h=top, target_width=target_width,
+                                                  target_height=target_height))
+            result["y"] = torch.cat(rows).to(device)
+        return result
+
+    unet_key_map = comfy.lora.model_lora_keys_unet(base_model, {})
+    clip_key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+
+    def unet_kohya_names(paths: list[str]) -> dict[str, str]:
+        return kohya.kohya_unet_names(unet_key_map, paths, family)
+
+    def text_kohya_names(part: str, paths: list[str]) -> dict[str, str]:
+        return kohya.kohya_text_names(clip_key_map, roots[part][0], paths, family, part)
+
+    blocks = list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks)
+    latent_key = f"{type(base_model.latent_format).__name__}:{vae_fingerprint(vae)}"
+    return ModelAccess(
+        family=family, device=torch.device(device), unet=unet, unet_blocks=blocks,
+        text_encoders={part: module for part, (_, module) in roots.items()},
+        text_layers={part: list(module.transformer.text_model.encoder.layers) for part, (_, module) in roots.items()},
+        objective=DiffusionObjective(sigmas=sigmas.to(device), prediction_type=PREDICTION_TYPES[base_model.model_type.name],
+                                     denoise=denoise, noise_scaling=noise_scaling),
+        encode_pixels=encode_pixels, encode_captions=encode_captions, extra_conditioning=extra_conditioning,
+        unet_kohya_names=unet_kohya_names, text_kohya_names=text_kohya_names, latent_key=latent_key,
+    )
+
+
+def vae_fingerprint(vae) -> str:
+    """A cheap content key of the VAE weights (sum and norm of every tensor, in order)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in vae.first_stage_model.state_dict().items():
+            values = tensor.detach().float()
+            digest.update(f"{name}:{tuple(values.shape)}:{float(values.sum()):.6e}:{float(values.norm()):.6e};".encode())
+    return digest.hexdigest()[:24]
+
+
+def device_type(model) -> str:
+    return torch.device(model.load_device).type
+
+
+def loras_dir() -> Path:
+    import folder_paths
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+def output_dir() -> Path:
+    import folder_paths
+    return Path(folder_paths.get_output_directory())
+
+
+def apply_lora_file(model, clip, path: Path) -> tuple[Any, Any]:
+    """MODEL and CLIP with the saved file applied through ComfyUI's own LoRA loading."""
+    import comfy.sd
+    import comfy.utils
+
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    return comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+
+
+def check_cancel() -> None:
+    import comfy.model_management
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def is_cancel(error: BaseException) -> bool:
+    import comfy.model_management
+    return isinstance(error, comfy.model_management.InterruptProcessingException)
+
+
+def progress_reporter(total: int, node_id: str | None, chart: Callable[[list[StepRecord]], Any]
+                      ) -> Callable[[StepRecord, int], None]:
+    """ComfyUI progress bar (with a chart preview now and then), a websocket event, a console bar."""
+    import comfy.utils
+    from tqdm import tqdm
+
+    bar = comfy.utils.ProgressBar(total)
+    console = tqdm(total=total, desc="Train LoRA", unit="step", leave=False)
+    records: list[StepRecord] = []
+    last_preview = [time.monotonic()]
+
+    def report(record: StepRecord, steps: int) -> None:
+        records.append(record)
+        done = record.step + 1
+        console.update(1)
+        console.set_postfix(loss=f"{record.loss:.4f}")
+        preview = None
+        # A chart costs ~0.1 s to draw: at most one every PREVIEW_SECONDS (and the last step).
+        if time.monotonic() - last_preview[0] >= PREVIEW_SECONDS or done == steps:
+            last_preview[0] = time.monotonic()
+            try:
+                preview = ("PNG", chart(records), 512)
+            except Exception as error:  # a chart failure must not stop training
+                logger.debug("LoRA Lab: chart preview failed: %s", error)
+        bar.update_absolute(done, steps, preview)
+        send_event("lora_lab.train_progress", {"node": node_id, "step": record.step, "total": steps,
+                                               "loss": record.loss, "lr": record.lr})
+        if done == steps:
+            console.close()
+
+    return report
+
+
+def send_event(event: str, data: dict) -> None:
+    """A custom websocket event, when a PromptServer runs (not in in-process tests)."""
+    try:
+        import server
+        instance = getattr(server.PromptServer, "instance", None)
+    except ImportError:
+        return
+    if instance is not None:
+        instance.send_sync(event, data, getattr(instance, "client_id", None))

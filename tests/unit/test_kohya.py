@@ -1,0 +1,68 @@
+"""kohya file naming, saving and metadata (no ComfyUI)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lora_lab.training import kohya
+
+
+@pytest.mark.parametrize("name, expected", [("my_style", "my_style"), ("styles/alice", "styles/alice"),
+                                            ("styles\\alice.safetensors", "styles/alice"), (" spaced ", "spaced")])
+def test_sanitize_accepts_names_and_sub_folders(name, expected):
+    assert kohya.sanitize_lora_name(name) == expected
+
+
+@pytest.mark.parametrize("name", ["", "../escape", "a/../../b", "/etc/passwd", "C:\\loras\\x", "a//b", "bad|name",
+                                  "./here", ".hidden", "a/.latent_cache"])
+def test_sanitize_refuses_names_that_escape_or_are_invalid(name):
+    with pytest.raises(ValueError, match="lora_name"):
+        kohya.sanitize_lora_name(name)
+
+
+def test_save_never_overwrites_and_numbers_taken_names(tmp_path):
+    tensors = {"lora_unet_x.lora_down.weight": torch.ones(2, 3), "lora_unet_x.lora_up.weight": torch.zeros(3, 2),
+               "lora_unet_x.alpha": torch.tensor(2.0)}
+    first = kohya.save_lora(tensors, {"ss_network_dim": "2"}, tmp_path, "style")
+    second = kohya.save_lora(tensors, {"ss_network_dim": "2"}, tmp_path, "style")
+    third = kohya.save_lora(tensors, {}, tmp_path, "sub/style")
+    assert [first.name, second.name] == ["style.safetensors", "style_2.safetensors"]
+    assert third == tmp_path / "sub" / "style.safetensors"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["style.safetensors", "style_2.safetensors", "sub"]
+    with safe_open(str(first), "pt") as handle:
+        assert handle.metadata() == {"ss_network_dim": "2"}
+        assert torch.equal(handle.get_tensor("lora_unet_x.lora_down.weight"), torch.ones(2, 3))
+    assert kohya.lora_name_for(third, tmp_path) == "sub/style.safetensors"
+
+
+def test_state_dict_names_shapes_and_dora_scale_layout():
+    entries = [("lora_unet_a", {"down": torch.ones(4, 8), "up": torch.ones(16, 4), "magnitude": torch.ones(16)}),
+               ("lora_te_b", {"down": torch.ones(4, 8, 3, 3), "up": torch.ones(6, 4, 1, 1)})]
+    tensors = kohya.kohya_state_dict(entries, alpha=8.0, dtype=torch.float16)
+    assert set(tensors) == {"lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight", "lora_unet_a.alpha",
+                            "lora_unet_a.dora_scale", "lora_te_b.lora_down.weight", "lora_te_b.lora_up.weight",
+                            "lora_te_b.alpha"}
+    assert tensors["lora_unet_a.dora_scale"].shape == (16, 1)
+    assert tensors["lora_te_b.alpha"].item() == 8.0 and tensors["lora_te_b.alpha"].dtype == torch.float16
+
+
+def test_metadata_values_are_strings_with_kohya_conventions():
+    metadata = kohya.kohya_metadata({"ss_network_dim": 16, "ss_unet_lr": 1e-4, "ss_tag_frequency": {"a": {"cat": 2}},
+                                     "ss_v2": False, "ss_unused": None}, {"rank": 16})
+    assert metadata["ss_network_dim"] == "16" and float(metadata["ss_unet_lr"]) == 1e-4
+    assert json.loads(metadata["ss_tag_frequency"]) == {"a": {"cat": 2}} and metadata["ss_v2"] == "False"
+    assert "ss_unused" not in metadata and json.loads(metadata["lora_lab_settings"]) == {"rank": 16}
+
+
+def test_unet_names_follow_kohya_per_family():
+    key_map = {"lora_unet_input_blocks_1_1_proj_in": "diffusion_model.input_blocks.1.1.proj_in.weight",
+               "lora_unet_down_blocks_0_attentions_0_proj_in": "diffusion_model.input_blocks.1.1.proj_in.weight"}
+    assert kohya.kohya_unet_names(key_map, ["input_blocks.1.1.proj_in"], "sd1") == {
+        "input_blocks.1.1.proj_in": "lora_unet_down_blocks_0_attentions_0_proj_in"}
+    assert kohya.kohya_unet_names(key_map, ["input_blocks.1.1.proj_in"], "sdxl") == {
+        "input_blocks.1.1.proj_in": "lora_unet_input_blocks_1_1_proj_in"}
+    with pytest.raises(ValueError, match="no kohya name"):
+        kohya.kohya_unet_names(key_map, ["output_blocks.0.0"], "sd1")

@@ -1,0 +1,197 @@
+"""kohya-format LoRA files: key names, ss_* metadata, and safe atomic saving into models/loras.
+
+Key names are the ones kohya sd-scripts writes and ComfyUI / A1111 / Forge / diffusers read:
+    SD1.x/2.x UNet  lora_unet_<diffusers path>   e.g. lora_unet_down_blocks_0_attentions_0_..._to_q
+    SDXL UNet       lora_unet_<ldm path>         e.g. lora_unet_input_blocks_4_1_..._to_q
+    text encoders   lora_te_ (SD1/2), lora_te1_ / lora_te2_ (SDXL)
+each with ``.lora_down.weight`` (peft's A), ``.lora_up.weight`` (B), ``.alpha`` (scale =
+alpha / rank) and, with DoRA, ``.dora_scale``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+logger = logging.getLogger("lora_lab")
+
+LORA_EXTENSION = ".safetensors"
+
+# kohya's ss_base_model_version values.
+BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+# Text-encoder key prefix per (model family, part).
+TEXT_ENCODER_PREFIXES = {
+    ("sd1", "text_encoder"): "lora_te_", ("sd2", "text_encoder"): "lora_te_",
+    ("sdxl", "text_encoder"): "lora_te1_", ("sdxl", "text_encoder_2"): "lora_te2_",
+}
+
+
+def kohya_unet_names(weight_key_map: Mapping[str, str], module_paths: list[str], family: str) -> dict[str, str]:
+    """UNet module path (relative to diffusion_model) -> kohya key stem.
+
+    `weight_key_map` is ComfyUI's own LoRA key map (``comfy.lora.model_lora_keys_unet``: kohya stem ->
+    ``diffusion_model.<path>.weight``), so every name we write is one ComfyUI's loader matches. For
+    SD1.x/2.x kohya writes diffusers-style names (``lora_unet_down_blocks_...``); for SDXL, ldm-style
+    names (``lora_unet_input_blocks_...``).
+    """
+    by_weight: dict[str, list[str]] = {}
+    for stem, weight in weight_key_map.items():
+        if stem.startswith("lora_unet_"):
+            by_weight.setdefault(weight, []).append(stem)
+    names = {}
+    for path in module_paths:
+        ldm_stem = "lora_unet_" + path.replace(".", "_")
+        candidates = by_weight.get(f"diffusion_model.{path}.weight", [])
+        if family == "sdxl":
+            chosen = ldm_stem if ldm_stem in candidates else None
+        else:
+            diffusers_style = [stem for stem in candidates if stem != ldm_stem]
+            chosen = diffusers_style[0] if diffusers_style else None
+        if chosen is None:
+            raise ValueError(f"ComfyUI's LoRA key map has no kohya name for UNet layer {path}")
+        names[path] = chosen
+    return names
+
+
+def kohya_text_names(weight_key_map: Mapping[str, str], root_prefix: str, module_paths: list[str],
+                     family: str, part: str) -> dict[str, str]:
+    """Text-encoder module path (relative to the encoder root, e.g. ``clip_l``) -> kohya key stem.
+
+    `weight_key_map` is ``comfy.lora.model_lora_keys_clip``'s map (stem -> ``clip_l.<path>.weight``).
+    """
+    prefix = TEXT_ENCODER_PREFIXES[(family, part)]
+    by_weight: dict[str, str] = {}
+    for stem, weight in weight_key_map.items():
+        if stem.startswith(prefix):
+            by_weight[weight] = stem
+    names = {}
+    for path in module_paths:
+        stem = by_weight.get(f"{root_prefix}.{path}.weight")
+        if stem is None:
+            raise ValueError(f"ComfyUI's LoRA key map has no {prefix}* name for text-encoder layer {path}")
+        names[path] = stem
+    return names
+
+
+def kohya_state_dict(entries: list[tuple[str, dict[str, torch.Tensor]]], alpha: float,
+                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """[(kohya stem, {"down", "up"[, "magnitude"]})] -> the file's tensors.
+
+    DoRA: peft's magnitude vector (one value per output feature) is written as ``dora_scale``
+    shaped [out, 1] (ComfyUI's `weight_decompose` normalises per output row in that layout).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for stem, weights in entries:
+        tensors[f"{stem}.lora_down.weight"] = weights["down"].to(dtype).contiguous()
+        tensors[f"{stem}.lora_up.weight"] = weights["up"].to(dtype).contiguous()
+        tensors[f"{stem}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+        if "magnitude" in weights:
+            magnitude = weights["magnitude"].to(dtype)
+            tensors[f"{stem}.dora_scale"] = magnitude.reshape(-1, *([1] * (weights["up"].ndim - 1))).contiguous()
+    return tensors
+
+
+def kohya_metadata(fields: Mapping[str, object], settings: Mapping[str, object]) -> dict[str, str]:
+    """ss_* metadata with kohya's value conventions (every value a string; dicts as JSON) plus our
+    full settings as JSON under ``lora_lab_settings``."""
+    metadata: dict[str, str] = {}
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if isinstance(value, (dict, list)):
+            metadata[key] = json.dumps(value)
+        elif isinstance(value, bool):
+            metadata[key] = "True" if value else "False"
+        else:
+            metadata[key] = str(value)
+    metadata["lora_lab_settings"] = json.dumps(dict(settings), sort_keys=True, default=str)
+    return metadata
+
+
+_UNSAFE_CHARACTERS = re.compile(r'[<>:"|?*\x00-\x1f]')
+
+
+def sanitize_lora_name(lora_name: str) -> str:
+    """A relative path (forward slashes) without extension that cannot leave the loras folder.
+
+    Sub-folders are allowed ("characters/alice"); "..", absolute paths, drive letters and
+    characters Windows forbids are not. Raises ValueError naming the value and the fix.
+    """
+    text = lora_name.strip().replace("\\", "/")
+    if text.lower().endswith(LORA_EXTENSION):
+        text = text[: -len(LORA_EXTENSION)]
+    parts = [part.strip() for part in text.split("/")]
+    fix = 'Use a plain name such as "my_style" or a sub-folder such as "styles/my_style".'
+    if not text or text.startswith("/") or re.match(r"^[A-Za-z]:", text):
+        raise ValueError(f"Train LoRA: lora_name = {lora_name!r} is empty or absolute. {fix}")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"Train LoRA: lora_name = {lora_name!r} may not contain '..', '.' or empty "
+                         f"folder names (it must stay inside models/loras). {fix}")
+    if any(part.startswith(".") for part in parts):
+        raise ValueError(f"Train LoRA: lora_name = {lora_name!r}: names starting with '.' are hidden files "
+                         f"(and LoRA Lab's own cache folders). {fix}")
+    if any(_UNSAFE_CHARACTERS.search(part) for part in parts):
+        raise ValueError(f"Train LoRA: lora_name = {lora_name!r} contains a character file systems "
+                         f"forbid (<>:\"|?* or control characters). {fix}")
+    return "/".join(parts)
+
+
+def free_lora_path(loras_dir: Path, lora_name: str) -> Path:
+    """models/loras/<name>.safetensors, or <name>_2, _3, ... when taken. Never an existing file."""
+    relative = sanitize_lora_name(lora_name)
+    base = (loras_dir / relative).resolve()
+    root = loras_dir.resolve()
+    if root not in base.parents:
+        raise ValueError(f"Train LoRA: lora_name = {lora_name!r} resolves outside {root}.")
+    candidate = base.with_name(base.name + LORA_EXTENSION)
+    counter = 2
+    while candidate.exists():
+        candidate = base.with_name(f"{base.name}_{counter}{LORA_EXTENSION}")
+        counter += 1
+    return candidate
+
+
+def save_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], loras_dir: Path,
+              lora_name: str) -> Path:
+    """Write atomically (temp file in the same folder + rename) to a free name; returns the path.
+
+    The rename uses ``os.link`` where possible so that a file created meanwhile by someone else is
+    never replaced; otherwise ``os.replace`` right after re-checking the name.
+    """
+    import safetensors.torch
+
+    target = free_lora_path(loras_dir, lora_name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".lora_lab_", suffix=".tmp")
+    os.close(handle)
+    try:
+        safetensors.torch.save_file(dict(tensors), temporary, metadata=dict(metadata))
+        os.chmod(temporary, 0o644)
+        for _ in range(1000):
+            try:
+                os.link(temporary, target)
+                break
+            except FileExistsError:
+                target = free_lora_path(loras_dir, lora_name)
+            except OSError:
+                # File systems without hard links: replace right after the free-name check.
+                target = free_lora_path(loras_dir, lora_name)
+                os.replace(temporary, target)
+                break
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    logger.info("LoRA Lab: saved %s", target)
+    return target
+
+
+def lora_name_for(path: Path, loras_dir: Path) -> str:
+    """The name LoraLoader lists for a file (relative path with forward slashes)."""
+    return path.resolve().relative_to(loras_dir.resolve()).as_posix()

@@ -1,0 +1,276 @@
+"""peft LoRA layers injected into plain torch modules (ComfyUI's own UNet / CLIP text model),
+trained in place, extracted as A/B matrices, and removed again so the module tree is exactly as before.
+
+Why not a PeftModel: ``ModelPatcher.clone()`` shares the torch module with every clone and with
+ComfyUI's cache, and a PeftModel wrapper would change module paths. peft's
+``inject_adapter_in_model`` swaps each target layer for a ``lora.Linear``/``lora.Conv2d`` whose
+``base_layer`` is the original module object; :class:`InjectedLora.remove` puts those original
+objects back, restores ``requires_grad`` flags and deletes anything peft added to the root.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+logger = logging.getLogger("lora_lab")
+
+ADAPTER_NAME = "default"
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Which layers a `target` option trains. Suffixes match the end of ComfyUI module paths."""
+
+    unet_suffixes: tuple[str, ...]
+    text_suffixes: tuple[str, ...]
+    unet_all_linear_conv: bool = False  # every Linear/Conv2d inside the UNet's blocks (LoCon-like)
+
+
+_ATTENTION_UNET = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                   "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+_FEED_FORWARD_UNET = ("ff.net.0.proj", "ff.net.2")
+_ATTENTION_TEXT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+_MLP_TEXT = ("mlp.fc1", "mlp.fc2")
+
+TARGETS: dict[str, TargetSpec] = {
+    "attention": TargetSpec(_ATTENTION_UNET, _ATTENTION_TEXT),
+    "attention_ff": TargetSpec(_ATTENTION_UNET + _FEED_FORWARD_UNET, _ATTENTION_TEXT + _MLP_TEXT),
+    "all_linear_conv": TargetSpec(_ATTENTION_UNET + _FEED_FORWARD_UNET, _ATTENTION_TEXT + _MLP_TEXT,
+                                  unet_all_linear_conv=True),
+}
+
+# UNet containers whose layers all_linear_conv trains; conv_in (input_blocks.0), the time embedding
+# and the output head are left out, as kohya's LoCon does.
+_UNET_BLOCK_PREFIXES = ("input_blocks.", "middle_block.", "output_blocks.")
+_UNET_EXCLUDED_PREFIXES = ("input_blocks.0.",)
+
+
+def unet_target_paths(unet: torch.nn.Module, target: str) -> list[str]:
+    """Module paths (relative to ComfyUI's ``diffusion_model``) that get LoRA layers."""
+    spec = TARGETS[target]
+    paths = []
+    for path, module in unet.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        if path.endswith(spec.unet_suffixes):
+            paths.append(path)
+        elif (spec.unet_all_linear_conv and path.startswith(_UNET_BLOCK_PREFIXES)
+              and not path.startswith(_UNET_EXCLUDED_PREFIXES)):
+            paths.append(path)
+    return paths
+
+
+def text_target_paths(text_model: torch.nn.Module, target: str) -> list[str]:
+    """Module paths (relative to a ComfyUI CLIP text model, e.g. ``clip_l``) that get LoRA layers."""
+    spec = TARGETS[target]
+    return [path for path, module in text_model.named_modules()
+            if isinstance(module, torch.nn.Linear) and ".encoder.layers." in f".{path}"
+            and path.endswith(spec.text_suffixes)]
+
+
+def unet_block_of(path: str) -> str:
+    """"down" | "mid" | "up": which UNet block group a module path belongs to (for block weights)."""
+    if path.startswith("middle_block."):
+        return "mid"
+    if path.startswith("output_blocks."):
+        return "up"
+    return "down"
+
+
+@dataclass
+class LoraModule:
+    """One injected layer: where it is, its peft layer, and what to export."""
+
+    part: str                   # "unet" | "text_encoder" | "text_encoder_2"
+    path: str                   # module path inside the part's root module
+    layer: torch.nn.Module      # the peft LoRA layer now sitting at `path`
+
+    @property
+    def down(self) -> torch.nn.Parameter:   # A
+        return self.layer.lora_A[ADAPTER_NAME].weight
+
+    @property
+    def up(self) -> torch.nn.Parameter:     # B
+        return self.layer.lora_B[ADAPTER_NAME].weight
+
+    @property
+    def magnitude(self) -> torch.nn.Parameter | None:
+        vectors = getattr(self.layer, "lora_magnitude_vector", None)
+        if vectors is None or ADAPTER_NAME not in vectors:
+            return None
+        return vectors[ADAPTER_NAME].weight
+
+
+@dataclass
+class InjectedLora:
+    """LoRA layers living in one root module; `remove()` restores the root exactly."""
+
+    part: str
+    root: torch.nn.Module
+    modules: list[LoraModule]
+    _originals: list[tuple[torch.nn.Module, str, torch.nn.Module]] = field(default_factory=list)
+    _requires_grad: dict[int, bool] = field(default_factory=dict)
+    _root_attributes: set[str] = field(default_factory=set)
+    _removed: bool = False
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        for module in self.modules:
+            yield module.down
+            yield module.up
+            if module.magnitude is not None:
+                yield module.magnitude
+
+    def remove(self) -> None:
+        """Put every original layer back and undo peft's side effects (idempotent)."""
+        if self._removed:
+            return
+        for parent, name, original in self._originals:
+            setattr(parent, name, original)
+        for parameter in self.root.parameters():
+            if id(parameter) in self._requires_grad:
+                parameter.requires_grad_(self._requires_grad[id(parameter)])
+        for attribute in set(vars(self.root)) - self._root_attributes:
+            delattr(self.root, attribute)
+        self._removed = True
+
+
+def _parent_of(root: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
+    parent_path, _, name = path.rpartition(".")
+    return (root.get_submodule(parent_path) if parent_path else root), name
+
+
+def inject_lora(root: torch.nn.Module, part: str, paths: list[str], rank: int, alpha: float,
+                use_dora: bool = False, init_seed: int = 0) -> InjectedLora:
+    """Inject peft LoRA layers at `paths` of `root` (in place). LoRA weights are fp32.
+
+    A is kaiming-uniform, B is zero (peft's default, as in the LoRA paper), drawn from `init_seed`
+    without touching the global RNG.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if not paths:
+        raise ValueError(f"no layers to train were found in the {part}")
+    originals = []
+    for path in paths:
+        parent, name = _parent_of(root, path)
+        originals.append((parent, name, getattr(parent, name)))
+    requires_grad = {id(parameter): parameter.requires_grad for parameter in root.parameters()}
+    root_attributes = set(vars(root))
+    injected = InjectedLora(part=part, root=root, modules=[], _originals=originals,
+                            _requires_grad=requires_grad, _root_attributes=root_attributes)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(paths), lora_dropout=0.0,
+                        use_dora=use_dora, init_lora_weights=True, bias="none")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            inject_adapter_in_model(config, root, adapter_name=ADAPTER_NAME)
+        for path in paths:
+            layer = root.get_submodule(path)
+            if not hasattr(layer, "lora_A"):
+                raise RuntimeError(f"peft did not inject a LoRA layer at {part}.{path}")
+            injected.modules.append(LoraModule(part=part, path=path, layer=layer))
+            for parameter in layer.lora_A.parameters():
+                parameter.data = parameter.data.float()
+            for parameter in layer.lora_B.parameters():
+                parameter.data = parameter.data.float()
+        for parameter in injected.parameters():
+            parameter.requires_grad_(True)
+    except BaseException:
+        injected.remove()
+        raise
+    return injected
+
+
+@contextlib.contextmanager
+def trainable_copies(*roots: torch.nn.Module) -> Iterator[None]:
+    """Swap inference-mode parameters/buffers for normal clones while training; restore the originals.
+
+    Tensors created under ``torch.inference_mode()`` (everything ComfyUI's loaders produce) cannot
+    be saved for backward. The clones are frozen (requires_grad False); the original objects are
+    put back in ``finally``, so the user's model keeps its exact tensors.
+    """
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    try:
+        with torch.inference_mode(False):
+            for root in roots:
+                for module in root.modules():
+                    for store in (module._parameters, module._buffers):
+                        for name, tensor in list(store.items()):
+                            if tensor is None or not tensor.is_inference():
+                                continue
+                            copy = tensor.detach().clone()
+                            if isinstance(tensor, torch.nn.Parameter):
+                                copy = torch.nn.Parameter(copy, requires_grad=False)
+                            swapped.append((store, name, tensor))
+                            store[name] = copy
+        yield
+    finally:
+        for store, name, original in reversed(swapped):
+            store[name] = original
+
+
+@contextlib.contextmanager
+def patched_forwards(patches: list[tuple[torch.nn.Module, Callable]]) -> Iterator[None]:
+    """Give modules an instance-level forward for the duration (restored by deleting it)."""
+    applied = []
+    try:
+        for module, forward in patches:
+            had_instance_forward = "forward" in vars(module)
+            previous = vars(module).get("forward")
+            module.forward = forward
+            applied.append((module, had_instance_forward, previous))
+        yield
+    finally:
+        for module, had_instance_forward, previous in reversed(applied):
+            if had_instance_forward:
+                module.forward = previous
+            else:
+                del module.forward
+
+
+def out_of_place_clip_layer_forward(layer: torch.nn.Module) -> Callable:
+    """ComfyUI's CLIPLayer.forward adds in place (``x += ...``), which breaks backward once LoRA
+    layers sit inside it; this is the same computation, out of place."""
+
+    def forward(x, mask=None, optimized_attention=None):
+        x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
+        return x + layer.mlp(layer.layer_norm2(x))
+
+    return forward
+
+
+def checkpointed_forward(module: torch.nn.Module) -> Callable:
+    """The module's forward under activation checkpointing (recomputed in backward)."""
+    original = type(module).forward
+
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return original(module, *args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(original, module, *args, use_reentrant=False, **kwargs)
+
+    return forward
+
+
+def lora_weights(module: LoraModule, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """{"down": A, "up": B[, "magnitude": dora_scale]} detached, on CPU, in `dtype`.
+
+    DoRA: peft normalises W + dW per output row by its own norm, ComfyUI's loader (weight_decompose,
+    output-axis case) divides by the norm of the *original* W. Exporting m * |W| / |W + dW| makes
+    ComfyUI's result equal peft's for this base weight (the model the LoRA was trained on).
+    """
+    down = module.down.detach().float()
+    up = module.up.detach().float()
+    weights = {"down": down.to("cpu", dtype).contiguous(), "up": up.to("cpu", dtype).contiguous()}
+    if module.magnitude is not None:
+        base = module.layer.get_base_layer().weight.detach().float()
+        scaling = module.layer.scaling[ADAPTER_NAME]
+        delta = (up.flatten(1) @ down.flatten(1)).reshape(base.shape) * scaling
+        base_norm = base.flatten(1).norm(dim=1)
+        trained_norm = (base + delta).flatten(1).norm(dim=1)
+        scale = module.magnitude.detach().float().reshape(-1) * base_norm / trained_norm
+        weights["magnitude"] = scale.to("cpu", dtype).contiguous()
+    return weights

@@ -1,0 +1,48 @@
+"""The Train LoRA node's chart: loss, smoothed loss and the rate each part actually trained at."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from PIL import Image
+
+from .plots import PART_COLORS, PART_STYLES, figure_to_image, new_figure
+from .rates import PART_LABELS
+
+SMOOTHING = 0.9  # exponential moving average factor, as TensorBoard's default-ish smoothing
+
+
+def smoothed(values: Sequence[float], factor: float = SMOOTHING) -> list[float]:
+    """Bias-corrected exponential moving average (TensorBoard's smoothing)."""
+    result, average = [], 0.0
+    for count, value in enumerate(values, start=1):
+        average = factor * average + (1.0 - factor) * value
+        result.append(average / (1.0 - factor ** count))
+    return result
+
+
+def training_chart(records: Sequence, title: str = "Train LoRA") -> Image.Image:
+    """Loss (raw + smoothed) on the left axis, applied rate per part  on the right.
+
+    `records` are loop.StepRecord-like objects with step, loss and lr ({part: rate}).
+    """
+    figure, loss_axes = new_figure()
+    steps = [record.step for record in records]
+    losses = [record.loss for record in records]
+    loss_axes.plot(steps, losses, color="#999999", linewidth=0.8, label="loss")
+    loss_axes.plot(steps, smoothed(losses), color="black", linewidth=1.6, label="loss (smoothed)")
+    loss_axes.set_xlabel("optimizer step")
+    loss_axes.set_ylabel("loss")
+    rate_axes = loss_axes.twinx()
+    parts = sorted({part for record in records for part in record.lr})
+    for part in parts:
+        rates = [record.lr.get(part, float("nan")) for record in records]
+        rate_axes.plot(steps, rates, color=PART_COLORS.get(part, "#444444"), linestyle=PART_STYLES.get(part, "-"),
+                       label=f"lr {PART_LABELS.get(part, part)}")
+    rate_axes.set_ylabel("learning rate (applied)")
+    rate_axes.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    handles, labels = loss_axes.get_legend_handles_labels()
+    more_handles, more_labels = rate_axes.get_legend_handles_labels()
+    loss_axes.legend(handles + more_handles, labels + more_labels, loc="upper right", fontsize=8)
+    loss_axes.set_title(title)
+    figure.tight_layout()
+    return figure_to_image(figure)
