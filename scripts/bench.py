@@ -90,19 +90,19 @@ def main() -> int:
     graph["4"] = {"class_type": "RebatchLatents", "inputs": {"latents": ["3", 0], "batch_size": 1}}
     graph["5"] = {"class_type": "PreviewImage", "inputs": {"images": previous}}
     graph["10"] = {"class_type": "LoRALabDataset", "inputs": {
-        **widget_defaults(comfy, "LoRALabDataset"), "folder": str(folder), "resolution": arguments.resolution,
+        **comfy.widget_defaults("LoRALabDataset"), "folder": str(folder), "resolution": arguments.resolution,
         "bucketing": False}}
     graph["11"] = {"class_type": "LoRALabLRSchedule", "inputs": {
-        **widget_defaults(comfy, "LoRALabLRSchedule"), "scheduler": "constant", "warmup": 0.0}}
+        **comfy.widget_defaults("LoRALabLRSchedule"), "scheduler": "constant", "warmup": 0.0}}
     graph["12"] = {"class_type": "LoRALabLearningRates", "inputs": {
-        **widget_defaults(comfy, "LoRALabLearningRates"), "learning_rate": arguments.learning_rate,
+        **comfy.widget_defaults("LoRALabLearningRates"), "learning_rate": arguments.learning_rate,
         "text_encoder_lr": 0.0}}
     graph["13"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}}
     comfy.run(graph)   # warm-up: checkpoint, images, latents, conditioning now cached
 
     ours = dict(graph)
     ours["20"] = {"class_type": "LoRALabTrain", "inputs": {
-        **widget_defaults(comfy, "LoRALabTrain"), "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+        **comfy.widget_defaults("LoRALabTrain"), "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
         "dataset": ["10", 0], "learning_rates": ["12", 0], "lr_schedule": ["11", 0], "steps": arguments.steps,
         "batch_size": arguments.batch, "rank": arguments.rank, "alpha": float(arguments.rank),
         "target": "all_linear_conv", "precision": "fp32", "gradient_checkpointing": False, "weight_decay": 0.01,
@@ -131,15 +131,6 @@ def main() -> int:
     return 0
 
 
-def widget_defaults(comfy, class_type: str) -> dict:
-    inputs = {}
-    for name, spec in comfy.node_class(class_type).INPUT_TYPES()["required"].items():
-        kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
-        if isinstance(kind, list):
-            inputs[name] = options.get("default", kind[0])
-        elif kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
-            inputs[name] = options.get("default", {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[kind])
-    return inputs
 
 
 if __name__ == "__main__":

@@ -31,7 +31,37 @@ def prepare_base_dir(base_dir: Path) -> None:
         link.symlink_to(REPO_ROOT, target_is_directory=True)
 
 
-class ComfyServer:
+class BaseDirectoryFolders:
+    """models/, input/, output/ of a ComfyUI started with --base-directory (server or in-process)."""
+
+    base_dir: Path
+
+    @property
+    def output_dir(self) -> Path:
+        return self.base_dir / "output"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.base_dir / "models"
+
+    @property
+    def input_dir(self) -> Path:
+        return self.base_dir / "input"
+
+
+def widget_defaults(input_types: dict) -> dict:
+    """Every required widget of a node (its INPUT_TYPES()) at its default value; sockets left out."""
+    inputs = {}
+    for name, spec in input_types["required"].items():
+        kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+        if isinstance(kind, list):
+            inputs[name] = options.get("default", kind[0])
+        elif kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+            inputs[name] = options.get("default", {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[kind])
+    return inputs
+
+
+class ComfyServer(BaseDirectoryFolders):
     def __init__(self, comfyui_dir: Path, base_dir: Path, front_end_root: Path | None = None,
                  python: str | None = None, extra_args: list[str] | None = None, with_frontend: bool = False) -> None:
         """with_frontend: serve the installed comfyui-frontend-package (browser tests); otherwise an
@@ -48,18 +78,6 @@ class ComfyServer:
         self.with_frontend = with_frontend
         self.process: subprocess.Popen | None = None
         self.client_id = str(uuid.uuid4())
-
-    @property
-    def output_dir(self) -> Path:
-        return self.base_dir / "output"
-
-    @property
-    def models_dir(self) -> Path:
-        return self.base_dir / "models"
-
-    @property
-    def input_dir(self) -> Path:
-        return self.base_dir / "input"
 
     def start(self, timeout: float = 180.0) -> "ComfyServer":
         command = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),

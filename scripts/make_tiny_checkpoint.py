@@ -149,16 +149,22 @@ def ensure_tiny_sd15(path: Path | str | None = None) -> Path:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     state_dict = build_tiny_sd15_state_dict()
+    write_atomically(target, lambda name: safetensors.torch.save_file(
+        state_dict, name, metadata={"lora_lab_fixture": FIXTURE_NAME}))
+    return target
+
+
+def write_atomically(target: Path, write) -> None:
+    """write(temporary_name) next to target, then rename into place: no half-written fixture."""
     handle, temporary_name = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
     os.close(handle)
     try:
-        safetensors.torch.save_file(state_dict, temporary_name, metadata={"lora_lab_fixture": FIXTURE_NAME})
+        write(temporary_name)
         os.chmod(temporary_name, 0o644)
         os.replace(temporary_name, target)
     finally:
         if os.path.exists(temporary_name):
             os.unlink(temporary_name)
-    return target
 
 
 VEGA_FIXTURE_NAME = f"lora_lab_vega_sdxl_v{FIXTURE_VERSION}.safetensors"
@@ -207,16 +213,8 @@ def ensure_vega_sdxl(path: Path | str | None = None) -> Path:
     vae = comfy.sd.VAE(sd={key: value.half() for key, value in taesd.state_dict().items()})
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary_name = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        comfy.sd.save_checkpoint(temporary_name, model, clip=clip, vae=vae,
-                                 metadata={"lora_lab_fixture": VEGA_FIXTURE_NAME})
-        os.chmod(temporary_name, 0o644)
-        os.replace(temporary_name, target)
-    finally:
-        if os.path.exists(temporary_name):
-            os.unlink(temporary_name)
+    write_atomically(target, lambda name: comfy.sd.save_checkpoint(
+        name, model, clip=clip, vae=vae, metadata={"lora_lab_fixture": VEGA_FIXTURE_NAME}))
     return target
 
 

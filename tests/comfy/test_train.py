@@ -338,16 +338,6 @@ def test_models_are_restored_when_training_fails_midway(comfy, loaded, dataset, 
     assert not any("forward" in vars(block) for block in unet.input_blocks)
 
 
-def widget_defaults(comfy, class_type: str) -> dict:
-    """Every required widget of a node at its default value (sockets left out)."""
-    inputs = {}
-    for name, spec in comfy.node_class(class_type).INPUT_TYPES()["required"].items():
-        kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
-        if isinstance(kind, list):
-            inputs[name] = options.get("default", kind[0])
-        elif kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
-            inputs[name] = options.get("default", {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[kind])
-    return inputs
 
 
 def test_full_graph_dataset_train_ksampler_save(comfy, checkpoint):
@@ -359,13 +349,13 @@ def test_full_graph_dataset_train_ksampler_save(comfy, checkpoint):
         Image.fromarray((image.numpy() * 255).astype("uint8")).save(folder / f"{index}.png")
         (folder / f"{index}.txt").write_text(CAPTIONS[index])
     graph = sampling_graph(checkpoint)
-    graph["10"] = {"class_type": "LoRALabDataset", "inputs": {**widget_defaults(comfy, "LoRALabDataset"),
+    graph["10"] = {"class_type": "LoRALabDataset", "inputs": {**comfy.widget_defaults("LoRALabDataset"),
                                                              "folder": str(folder), "resolution": 64,
                                                              "bucketing": False}}
-    graph["11"] = {"class_type": "LoRALabLRSchedule", "inputs": widget_defaults(comfy, "LoRALabLRSchedule")}
-    graph["12"] = {"class_type": "LoRALabLearningRates", "inputs": widget_defaults(comfy, "LoRALabLearningRates")}
+    graph["11"] = {"class_type": "LoRALabLRSchedule", "inputs": comfy.widget_defaults("LoRALabLRSchedule")}
+    graph["12"] = {"class_type": "LoRALabLearningRates", "inputs": comfy.widget_defaults("LoRALabLearningRates")}
     graph["13"] = {"class_type": "LoRALabTrain", "inputs": {
-        **widget_defaults(comfy, "LoRALabTrain"), "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+        **comfy.widget_defaults("LoRALabTrain"), "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
         "dataset": ["10", 0], "learning_rates": ["12", 0], "lr_schedule": ["11", 0],
         "steps": 3, "rank": 4, "alpha": 4.0, "precision": "fp32", "lora_name": "graph_lora"}}
     graph["2"]["inputs"]["clip"] = ["13", 1]

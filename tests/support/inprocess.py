@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from comfy_server import BaseDirectoryFolders, prepare_base_dir, widget_defaults  # noqa: E402
 
 
 class ServerStub:
@@ -45,24 +47,16 @@ class PromptFailed(AssertionError):
 
 
 @dataclass
-class ComfyInProcess:
+class ComfyInProcess(BaseDirectoryFolders):
     comfyui_dir: Path
     base_dir: Path
     pack: Any = None
     server: ServerStub = field(default_factory=ServerStub)
     executor: Any = None
 
-    @property
-    def models_dir(self) -> Path:
-        return self.base_dir / "models"
-
-    @property
-    def input_dir(self) -> Path:
-        return self.base_dir / "input"
-
-    @property
-    def output_dir(self) -> Path:
-        return self.base_dir / "output"
+    def widget_defaults(self, class_type: str) -> dict:
+        """Every required widget of a node at its default value (sockets left out)."""
+        return widget_defaults(self.node_class(class_type).INPUT_TYPES())
 
     def node_class(self, class_type: str):
         import nodes  # ComfyUI's nodes.py
@@ -124,11 +118,7 @@ def boot(comfyui_dir: Path, base_dir: Path) -> ComfyInProcess:
     global _INSTANCE
     if _INSTANCE is not None:
         return _INSTANCE
-    for name in ("models/checkpoints", "models/loras", "input", "output", "temp", "custom_nodes", "user"):
-        (base_dir / name).mkdir(parents=True, exist_ok=True)
-    link = base_dir / "custom_nodes" / "lora_lab"
-    if not link.exists():
-        link.symlink_to(REPO_ROOT, target_is_directory=True)
+    prepare_base_dir(base_dir)
     sys.argv = [sys.argv[0], "--cpu", "--base-directory", str(base_dir), "--disable-api-nodes",
                 "--front-end-root", str(base_dir / "user")]
     sys.path.insert(0, str(comfyui_dir))
