@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from PIL import Image
 
 from ..training import kohya
 from ..training.loop import DiffusionObjective, StepRecord
+from ..training.sampling import PreviewSampler, SamplePrompt
 from ..training.trainer import ModelAccess, concat_conditioning
 
 logger = logging.getLogger("lora_lab")
@@ -154,6 +156,45 @@ def model_access(model, clip, vae, family: str) -> ModelAccess:
         encode_pixels=encode_pixels, encode_captions=encode_captions, extra_conditioning=extra_conditioning,
         unet_kohya_names=unet_kohya_names, text_kohya_names=text_kohya_names, latent_key=latent_key,
     )
+
+
+def sample_previewer(model, vae, access: ModelAccess, prompts: list[SamplePrompt], every_n_steps: int,
+                     total_steps: int, node_id: str | None) -> Callable[[int, Path], None] | None:
+    """Every `every_n_steps` steps, draw the sample prompts with the model being trained, save them as
+    `<run folder>/samples/stepNNNNN_K.png` and show them as the node's progress preview."""
+    import comfy.utils
+
+    if not prompts or every_n_steps <= 0:
+        return None
+    base_model = model.model
+
+    def encode(text: str, width: int, height: int) -> dict:
+        cond = access.encode_captions([text])
+        size = {"original_size": (width, height), "crop_offset": (0, 0), "target_size": (width, height)}
+        return access.extra_conditioning(cond, [size])
+
+    def decode(latent: torch.Tensor) -> torch.Tensor:
+        return vae.decode(base_model.process_latent_out(latent.float()).cpu())
+
+    sampler = PreviewSampler(objective=access.objective, encode=encode, decode=decode, device=access.device,
+                             latent_channels=base_model.latent_format.latent_channels, check_cancel=check_cancel)
+
+    def on_sample(done: int, run_dir: Path) -> None:
+        if done % every_n_steps:
+            return
+        folder = run_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        for index, sample in enumerate(prompts):
+            image = sampler(sample)
+            picture = Image.fromarray((image[0].clamp(0, 1).numpy() * 255).round().astype("uint8"))
+            path = folder / f"step{done:05d}_{index}.png"
+            picture.save(path)
+            comfy.utils.ProgressBar(total_steps).update_absolute(done, total_steps, ("JPEG", picture, 512))
+            send_event("lora_lab.train_sample", {"node": node_id, "step": done, "index": index,
+                                                 "prompt": sample.prompt, "path": str(path)})
+            logger.info("LoRA Lab: sample at step %d: %s", done, path)
+
+    return on_sample
 
 
 def vae_fingerprint(vae) -> str:

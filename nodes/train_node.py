@@ -7,6 +7,7 @@ import logging
 from ..training.kohya import lora_name_for
 from ..training.loop import OPTIMIZERS
 from ..training.lora import TARGETS
+from ..training.sampling import parse_sample_prompts
 from ..training.train_plots import training_chart
 from ..training.trainer import TrainCallbacks, TrainSettings, check_inputs, train_lora
 from . import comfy_bridge
@@ -87,10 +88,12 @@ class TrainNode:
                                                       "so re-runs skip the VAE. Not possible with random crop."}),
             },
             "optional": {
-                "sample_prompt": ("STRING", {"default": "", "multiline": True, "tooltip":
-                                             "Prompt for preview images during training (not implemented yet)."}),
+                "sample_prompt": ("STRING", {"default": "", "multiline": True, "tooltip": (
+                    "Preview prompts drawn with the model being trained, one per line, kohya options allowed: "
+                    "'a photo of sks --n blurry --w 512 --h 512 --d 42 --l 7 --s 20' (negative, size, seed, cfg, "
+                    "steps; Euler sampler). Saved in output/lora_lab/<name>/samples/ and shown on this node.")}),
                 "sample_every_n_steps": ("INT", {"default": 0, "min": 0, "max": 1_000_000, "tooltip":
-                                                 "Preview image interval; 0 = off (not implemented yet)."}),
+                                                 "Draw the sample prompts every N optimizer steps; 0 = off."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -110,14 +113,16 @@ class TrainNode:
         if family != "sdxl":
             part_rates["text_encoder_2"] = 0.0
         check_inputs(settings, dataset, part_rates, lr_schedule, family, comfy_bridge.device_type(model))
-        if sample_prompt.strip() and sample_every_n_steps > 0:
-            logger.warning("LoRA Lab: sample previews during training are not implemented yet; ignoring "
-                           "sample_prompt / sample_every_n_steps.")
+        sample_prompts = parse_sample_prompts(sample_prompt or "", dataset.resolution, training_seed)
+        if sample_prompts and sample_every_n_steps <= 0:
+            logger.warning("LoRA Lab: sample_prompt is set but sample_every_n_steps is 0: no previews will be drawn.")
 
         access = comfy_bridge.model_access(model, clip, vae, family)
         callbacks = TrainCallbacks(
             on_step=comfy_bridge.progress_reporter(steps, unique_id, training_chart),
-            check_cancel=comfy_bridge.check_cancel, is_cancel=comfy_bridge.is_cancel)
+            check_cancel=comfy_bridge.check_cancel, is_cancel=comfy_bridge.is_cancel,
+            on_sample=comfy_bridge.sample_previewer(model, vae, access, sample_prompts, sample_every_n_steps, steps,
+                                                    unique_id))
         loras_dir = comfy_bridge.loras_dir()
         result = train_lora(settings, access, dataset, learning_rates, lr_schedule, loras_dir,
                             comfy_bridge.output_dir(), callbacks)

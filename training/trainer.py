@@ -104,6 +104,8 @@ class TrainCallbacks:
     on_step: Callable[[StepRecord, int], None] | None = None   # (record, total steps)
     check_cancel: Callable[[], None] | None = None
     is_cancel: Callable[[BaseException], bool] = lambda error: False
+    # Preview images: called after every optimizer step with (steps done, run folder), the LoRA in place.
+    on_sample: Callable[[int, Path], None] | None = None
 
 
 def check_inputs(settings: TrainSettings, dataset, part_rates: dict[str, float], schedule, access_family: str,
@@ -327,6 +329,8 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
                     export(f"{base_name}_step{done:05d}")
                 if callbacks.on_step is not None:
                     callbacks.on_step(record, settings.steps)
+                if callbacks.on_sample is not None:
+                    callbacks.on_sample(done, run_dir)
 
             try:
                 records = run_loop(loop_settings, optimizer, access.objective, feeder,

@@ -632,3 +632,36 @@ def test_vega_sdxl_checkpoint_trains_both_text_encoders_with_their_own_rates(com
         assert torch.equal(clip.encode_from_tokens(clip.tokenize(CAPTIONS[0])), before)
     assert (after[..., :768] - before[..., :768]).abs().max() > 0        # CLIP-L part changed
     assert (after[..., 768:] - before[..., 768:]).abs().max() > 0        # CLIP-G part changed
+
+
+def test_sample_previews_draw_with_the_model_being_trained(comfy, loaded, dataset, probe):
+    """sample_prompt + sample_every_n_steps: PNGs per interval in the run folder, drawn with the LoRA in place
+    (they change as it trains), and the input MODEL is still restored afterwards."""
+    import numpy
+    from PIL import Image
+
+    before = unet_outputs(loaded[0], *probe)
+    _, _, name, _ = train(comfy, loaded, dataset, rates(comfy, learning_rate=5e-3, text_encoder_lr=0), schedule(comfy),
+                          steps=4, lora_name="sampled", sample_every_n_steps=2,
+                          sample_prompt="a red square on black --w 64 --h 48 --s 4 --l 5\n# a comment\n"
+                                        "green stripes --n blurry --d 3 --s 3")
+    samples = comfy.output_dir / "lora_lab" / Path(name).stem / "samples"
+    assert sorted(path.name for path in samples.iterdir()) == [
+        "step00002_0.png", "step00002_1.png", "step00004_0.png", "step00004_1.png"]
+    with Image.open(samples / "step00002_0.png") as first, Image.open(samples / "step00004_0.png") as last:
+        assert first.size == (64, 48) and last.size == (64, 48)
+        difference = (torch.from_numpy(numpy.asarray(first.convert("L"), dtype=numpy.float32))
+                      - torch.from_numpy(numpy.asarray(last.convert("L"), dtype=numpy.float32)))
+        assert difference.abs().mean() > 0.5  # the LoRA changed between step 2 and 4 (rate 5e-3)
+    with Image.open(samples / "step00002_1.png") as second:
+        assert second.size == (64, 64)  # dataset resolution when --w/--h are not given
+    assert torch.equal(unet_outputs(loaded[0], *probe), before)
+
+
+def test_bad_sample_prompt_is_refused_before_training(comfy, loaded, dataset):
+    from support.inprocess import PromptFailed  # noqa: F401  (same message path as the graph)
+
+    with pytest.raises(ValueError, match=r"sample_prompt line 1: '--q' is not a sample option"):
+        train(comfy, loaded, dataset, rates(comfy), schedule(comfy), sample_prompt="a cat --q 3",
+              sample_every_n_steps=1, lora_name="never_written")
+    assert not list((comfy.models_dir / "loras").glob("never_written*"))
