@@ -155,6 +155,9 @@ def model_access(model, clip, vae, family: str) -> ModelAccess:
                                      denoise=denoise, noise_scaling=noise_scaling),
         encode_pixels=encode_pixels, encode_captions=encode_captions, extra_conditioning=extra_conditioning,
         unet_kohya_names=unet_kohya_names, text_kohya_names=text_kohya_names, latent_key=latent_key,
+        # On a GPU the user's frozen weights wait in ComfyUI's offload device (RAM) while the trainable
+        # clones use the card: one copy on the GPU, not two. On the CPU there is nothing to gain.
+        offload_device=(torch.device(model.offload_device) if torch.device(device).type != "cpu" else None),
     )
 
 

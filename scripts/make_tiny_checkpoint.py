@@ -107,8 +107,19 @@ def _initialise(module, generator) -> None:
                     parameter.copy_(0.02 * noise)
 
 
-def build_tiny_sd15_state_dict():
-    """The full checkpoint state dict (fp16), built with ComfyUI's own module classes."""
+# The real SD1.5 UNet layout (comfy/model_detection.py's SD15 config), random weights: for the GPU
+# benchmark, where speed and memory must be those of a real-size model (~860M UNet parameters).
+FULL_SD15_UNET = {
+    **TINY_SD15_UNET, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+}
+FULL_SD15_FIXTURE_NAME = f"lora_lab_random_sd15_v{FIXTURE_VERSION}.safetensors"
+
+
+def build_tiny_sd15_state_dict(unet_config: dict | None = None):
+    """The full checkpoint state dict (fp16), built with ComfyUI's own module classes (tiny UNet
+    unless another SD1.5-family `unet_config` is given)."""
     _import_comfy()
     import torch
     import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
@@ -118,7 +129,7 @@ def build_tiny_sd15_state_dict():
     generator = torch.Generator().manual_seed(GENERATOR_SEED)
     state_dict: dict[str, torch.Tensor] = {}
 
-    unet = openaimodel.UNetModel(**TINY_SD15_UNET, dtype=torch.float32)
+    unet = openaimodel.UNetModel(**(unet_config or TINY_SD15_UNET), dtype=torch.float32)
     _initialise(unet, generator)
     state_dict.update({f"model.diffusion_model.{key}": value for key, value in unet.state_dict().items()})
 
@@ -140,18 +151,24 @@ def build_tiny_sd15_state_dict():
     return {key: value.detach().to(torch.float16).contiguous() for key, value in state_dict.items()}
 
 
-def ensure_tiny_sd15(path: Path | str | None = None) -> Path:
+def ensure_tiny_sd15(path: Path | str | None = None, unet_config: dict | None = None,
+                     fixture_name: str = FIXTURE_NAME) -> Path:
     """Return the tiny SD1.5 checkpoint, generating it (atomically) when it is not there yet."""
-    target = Path(path) if path is not None else fixtures_dir() / FIXTURE_NAME
+    target = Path(path) if path is not None else fixtures_dir() / fixture_name
     if target.is_file():
         return target
     import safetensors.torch
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    state_dict = build_tiny_sd15_state_dict()
+    state_dict = build_tiny_sd15_state_dict(unet_config)
     write_atomically(target, lambda name: safetensors.torch.save_file(
-        state_dict, name, metadata={"lora_lab_fixture": FIXTURE_NAME}))
+        state_dict, name, metadata={"lora_lab_fixture": fixture_name}))
     return target
+
+
+def ensure_full_sd15(path: Path | str | None = None) -> Path:
+    """A random-weight checkpoint with the real SD1.5 UNet size (~1.7 GB fp16), for the GPU benchmark."""
+    return ensure_tiny_sd15(path, FULL_SD15_UNET, FULL_SD15_FIXTURE_NAME)
 
 
 def write_atomically(target: Path, write) -> None:
@@ -180,10 +197,27 @@ VEGA_SDXL_UNET = {
 }
 
 
+# The real SDXL base UNet layout (comfy/model_detection.py's SDXL config, ~2.6B parameters).
+FULL_SDXL_UNET = {**VEGA_SDXL_UNET, "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
+                  "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "num_head_channels": 64}
+FULL_SDXL_FIXTURE_NAME = f"lora_lab_random_sdxl_v{FIXTURE_VERSION}.safetensors"
+
+
 def ensure_vega_sdxl(path: Path | str | None = None) -> Path:
     """A random-weight, Segmind-Vega-shaped SDXL checkpoint (full CLIP-L + CLIP-G, TAESD VAE, fp16,
     ~3 GB), written by ComfyUI's own ``save_checkpoint`` so its key layout is what real SDXL files use."""
-    target = Path(path) if path is not None else fixtures_dir() / VEGA_FIXTURE_NAME
+    return ensure_sdxl_family(path, "Segmind_Vega", VEGA_SDXL_UNET, VEGA_FIXTURE_NAME, GENERATOR_SEED + 1)
+
+
+def ensure_full_sdxl(path: Path | str | None = None) -> Path:
+    """A random-weight checkpoint with the real SDXL base size (~5 GB fp16), for the GPU benchmark."""
+    return ensure_sdxl_family(path, "SDXL", FULL_SDXL_UNET, FULL_SDXL_FIXTURE_NAME, GENERATOR_SEED + 2)
+
+
+def ensure_sdxl_family(path: Path | str | None, config_name: str, unet_config: dict, fixture_name: str,
+                       seed: int) -> Path:
+    """Build and save an SDXL-family checkpoint (`config_name` in comfy.supported_models) once."""
+    target = Path(path) if path is not None else fixtures_dir() / fixture_name
     if target.is_file():
         return target
     _import_comfy()
@@ -195,8 +229,8 @@ def ensure_vega_sdxl(path: Path | str | None = None) -> Path:
     import comfy.supported_models_base
     import comfy.taesd.taesd
 
-    generator = torch.Generator().manual_seed(GENERATOR_SEED + 1)
-    config = comfy.supported_models.Segmind_Vega(VEGA_SDXL_UNET)
+    generator = torch.Generator().manual_seed(seed)
+    config = getattr(comfy.supported_models, config_name)(unet_config)
     config.set_inference_dtype(torch.float16, None)
     base_model = config.get_model({})
     _initialise(base_model, generator)
@@ -214,7 +248,7 @@ def ensure_vega_sdxl(path: Path | str | None = None) -> Path:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(target, lambda name: comfy.sd.save_checkpoint(
-        name, model, clip=clip, vae=vae, metadata={"lora_lab_fixture": VEGA_FIXTURE_NAME}))
+        name, model, clip=clip, vae=vae, metadata={"lora_lab_fixture": fixture_name}))
     return target
 
 

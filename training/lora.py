@@ -186,14 +186,18 @@ def inject_lora(root: torch.nn.Module, part: str, paths: list[str], rank: int, a
 
 
 @contextlib.contextmanager
-def trainable_copies(*roots: torch.nn.Module) -> Iterator[None]:
+def trainable_copies(*roots: torch.nn.Module, offload_device: torch.device | None = None) -> Iterator[None]:
     """Swap inference-mode parameters/buffers for normal clones while training; restore the originals.
 
     Tensors created under ``torch.inference_mode()`` (everything ComfyUI's loaders produce) cannot
     be saved for backward. The clones are frozen (requires_grad False); the original objects are
     put back in ``finally``, so the user's model keeps its exact tensors.
+
+    offload_device: where the originals wait meanwhile (ComfyUI's offload device, the CPU), so a GPU
+    holds one copy of the frozen weights, not two; their storage returns to its device on restore,
+    same tensor objects.
     """
-    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    swapped: list[tuple[dict, str, torch.Tensor, torch.device]] = []
     try:
         with torch.inference_mode(False):
             for root in roots:
@@ -205,11 +209,17 @@ def trainable_copies(*roots: torch.nn.Module) -> Iterator[None]:
                             copy = tensor.detach().clone()
                             if isinstance(tensor, torch.nn.Parameter):
                                 copy = torch.nn.Parameter(copy, requires_grad=False)
-                            swapped.append((store, name, tensor))
+                            swapped.append((store, name, tensor, tensor.device))
                             store[name] = copy
+                            if offload_device is not None and tensor.device != offload_device:
+                                with torch.inference_mode():
+                                    tensor.data = tensor.data.to(offload_device)
         yield
     finally:
-        for store, name, original in reversed(swapped):
+        for store, name, original, device in reversed(swapped):
+            if original.device != device:
+                with torch.inference_mode():
+                    original.data = original.data.to(device)
             store[name] = original
 
 

@@ -89,6 +89,7 @@ class ModelAccess:
     unet_kohya_names: Callable[[list[str]], dict[str, str]]
     text_kohya_names: Callable[[str, list[str]], dict[str, str]]
     latent_key: str = ""                                    # identifies VAE weights + latent format (disk cache)
+    offload_device: torch.device | None = None              # where frozen originals wait while training (GPU runs)
 
 
 @dataclass
@@ -296,7 +297,7 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
         return kohya.save_lora(tensors, kohya.kohya_metadata(fields, lora_settings), loras_dir, name)
 
     with torch.inference_mode(False), contextlib.ExitStack() as stack:
-        stack.enter_context(trainable_copies(*roots))
+        stack.enter_context(trainable_copies(*roots, offload_device=access.offload_device))
         stack.enter_context(patched_forwards(forward_patches))
         try:
             unet_paths = unet_target_paths(access.unet, settings.target)

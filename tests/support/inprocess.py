@@ -114,12 +114,13 @@ def _call_outside_event_loop(function, *arguments):
         return pool.submit(function, *arguments).result()
 
 
-def boot(comfyui_dir: Path, base_dir: Path) -> ComfyInProcess:
+def boot(comfyui_dir: Path, base_dir: Path, cpu: bool = True) -> ComfyInProcess:
+    """Start (once per process) a ComfyUI with the pack; cpu=False lets ComfyUI use the GPU (benchmarks)."""
     global _INSTANCE
     if _INSTANCE is not None:
         return _INSTANCE
     prepare_base_dir(base_dir)
-    sys.argv = [sys.argv[0], "--cpu", "--base-directory", str(base_dir), "--disable-api-nodes",
+    sys.argv = [sys.argv[0], *(["--cpu"] if cpu else []), "--base-directory", str(base_dir), "--disable-api-nodes",
                 "--front-end-root", str(base_dir / "user")]
     sys.path.insert(0, str(comfyui_dir))
     import comfy.options
