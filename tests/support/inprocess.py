@@ -107,8 +107,10 @@ def _call_outside_event_loop(function, *arguments):
     worker thread, as ComfyUI's own server runs prompts in its prompt-worker thread.
     """
     try:
-        asyncio.get_running_loop()
+        running = asyncio.get_running_loop()
     except RuntimeError:
+        running = None
+    if running is None:  # called outside the except block: no exception context leaks into ComfyUI's logs
         return function(*arguments)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(function, *arguments).result()
