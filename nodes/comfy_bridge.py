@@ -63,6 +63,13 @@ def check_compatible(model, clip, vae) -> str:
     if model is None or clip is None or vae is None:
         raise ValueError("Train LoRA: model, clip and vae must all be connected (from Load Checkpoint).")
     family = model_family(model)
+    # Newer ComfyUI can stream weights to the GPU page by page (ModelPatcherDynamic); training needs
+    # them resident. Its own trainer falls back to a bypass mode there; we refuse clearly instead.
+    is_dynamic = getattr(model, "is_dynamic", None)
+    if callable(is_dynamic) and is_dynamic():
+        raise ValueError("Train LoRA: this ComfyUI loads the model's weights page by page (dynamic loading), "
+                         "which training cannot use. Start ComfyUI with --highvram so the model is loaded "
+                         "whole, then queue again.")
     expected = TEXT_ENCODER_ROOTS[family]
     stage = clip.cond_stage_model
     present = [attribute for attribute in ("clip_l", "clip_h", "clip_g") if hasattr(stage, attribute)]
@@ -158,6 +165,7 @@ def model_access(model, clip, vae, family: str) -> ModelAccess:
         # On a GPU the user's frozen weights wait in ComfyUI's offload device (RAM) while the trainable
         # clones use the card: one copy on the GPU, not two. On the CPU there is nothing to gain.
         offload_device=(torch.device(model.offload_device) if torch.device(device).type != "cpu" else None),
+        weights_key=lambda: weights_fingerprint(unet, clip.cond_stage_model),
     )
 
 
@@ -201,14 +209,20 @@ def sample_previewer(model, vae, access: ModelAccess, prompts: list[SamplePrompt
 
 
 def vae_fingerprint(vae) -> str:
-    """A cheap content key of the VAE weights (sum and norm of every tensor, in order)."""
+    """A cheap content key of the VAE weights."""
+    return weights_fingerprint(vae.first_stage_model)
+
+
+def weights_fingerprint(*modules: torch.nn.Module) -> str:
+    """A cheap content key of module weights (sum and norm of every tensor, in order)."""
     import hashlib
 
     digest = hashlib.sha256()
     with torch.no_grad():
-        for name, tensor in vae.first_stage_model.state_dict().items():
-            values = tensor.detach().float()
-            digest.update(f"{name}:{tuple(values.shape)}:{float(values.sum()):.6e}:{float(values.norm()):.6e};".encode())
+        for module in modules:
+            for name, tensor in module.state_dict().items():
+                values = tensor.detach().float()
+                digest.update(f"{name}:{tuple(values.shape)}:{float(values.sum()):.6e}:{float(values.norm()):.6e};".encode())
     return digest.hexdigest()[:24]
 
 

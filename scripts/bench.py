@@ -109,13 +109,20 @@ def build_graphs(comfy, checkpoint: str, folder: Path, names: list[str], options
         "gradient_checkpointing": options.checkpointing, "weight_decay": 0.01, "max_grad_norm": 0.0,
         "lora_name": "bench"}}
     builtin = dict(graph)
+    # Built from the node's own schema: newer ComfyUI versions add inputs (checkpoint_depth, offloading,
+    # bucket_mode, bypass_mode, ...) and moved the LoRA output from index 1 to 0.
+    trainer_class = comfy.node_class("TrainLoraNode")
+    wanted = {"batch_size": options.batch, "grad_accumulation_steps": 1, "steps": options.steps,
+              "learning_rate": options.learning_rate, "rank": options.rank, "optimizer": "AdamW",
+              "loss_function": "MSE", "seed": 0, "training_dtype": options.precision,
+              "lora_dtype": options.precision, "algorithm": "LoRA",
+              "gradient_checkpointing": options.checkpointing, "existing_lora": "[None]"}
+    defaults = comfy.widget_defaults("TrainLoraNode")
     builtin["30"] = {"class_type": "TrainLoraNode", "inputs": {
-        "model": ["1", 0], "latents": ["4", 0], "positive": ["2", 0], "batch_size": options.batch,
-        "grad_accumulation_steps": 1, "steps": options.steps, "learning_rate": options.learning_rate,
-        "rank": options.rank, "optimizer": "AdamW", "loss_function": "MSE", "seed": 0,
-        "training_dtype": options.precision, "lora_dtype": options.precision, "algorithm": "LoRA",
-        "gradient_checkpointing": options.checkpointing, "existing_lora": "[None]"}}
-    builtin["31"] = {"class_type": "SaveLoRA", "inputs": {"lora": ["30", 1], "prefix": "bench_builtin",
+        **defaults, **{key: value for key, value in wanted.items() if key in defaults},
+        "model": ["1", 0], "latents": ["4", 0], "positive": ["2", 0]}}
+    lora_output = list(trainer_class.RETURN_TYPES).index("LORA_MODEL") if hasattr(trainer_class, "RETURN_TYPES") else 1
+    builtin["31"] = {"class_type": "SaveLoRA", "inputs": {"lora": ["30", lora_output], "prefix": "bench_builtin",
                                                            "steps": options.steps}}
     return graph, ours, builtin
 

@@ -56,6 +56,8 @@ def widget_defaults(input_types: dict) -> dict:
         kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
         if isinstance(kind, list):
             inputs[name] = options.get("default", kind[0])
+        elif kind == "COMBO":  # V3 nodes list their choices under "options"
+            inputs[name] = options.get("default", (options.get("options") or [""])[0])
         elif kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
             inputs[name] = options.get("default", {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[kind])
     return inputs
