@@ -7,6 +7,7 @@ import logging
 from ..training.kohya import lora_name_for
 from ..training.loop import OPTIMIZERS
 from ..training.lora import TARGETS
+from ..training.resume import resolve_state_path
 from ..training.sampling import parse_sample_prompts
 from ..training.train_plots import training_chart
 from ..training.trainer import TrainCallbacks, TrainSettings, check_inputs, train_lora
@@ -94,6 +95,12 @@ class TrainNode:
                     "steps; Euler sampler). Saved in output/lora_lab/<name>/samples/ and shown on this node.")}),
                 "sample_every_n_steps": ("INT", {"default": 0, "min": 0, "max": 1_000_000, "tooltip":
                                                  "Draw the sample prompts every N optimizer steps; 0 = off."}),
+                "resume_from": ("STRING", {"default": "", "tooltip": (
+                    "Continue a stopped run from its last checkpoint: the run folder (output/lora_lab/<name>, or "
+                    "just <name>) or its resume_state.json. Checkpoints are written every save_every_n_steps and on "
+                    "Cancel. The model, dataset, rates, schedule and settings must match the saved run (lora_name, "
+                    "save_every_n_steps, cache_latents_to_disk and gradient_checkpointing may change); the result "
+                    "equals an uninterrupted run. Empty = start a new run.")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -101,7 +108,7 @@ class TrainNode:
     def train(self, model, clip, vae, dataset, learning_rates, lr_schedule, steps, batch_size, gradient_accumulation,
               rank, alpha, target, use_dora, optimizer, weight_decay, max_grad_norm, precision,
               gradient_checkpointing, training_seed, noise_offset, min_snr_gamma, lora_name, save_every_n_steps,
-              cache_latents_to_disk, sample_prompt="", sample_every_n_steps=0, unique_id=None):
+              cache_latents_to_disk, sample_prompt="", sample_every_n_steps=0, resume_from="", unique_id=None):
         settings = TrainSettings(
             steps=steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation, rank=rank, alpha=alpha,
             target=target, use_dora=use_dora, optimizer=optimizer, weight_decay=weight_decay,
@@ -117,6 +124,9 @@ class TrainNode:
         if sample_prompts and sample_every_n_steps <= 0:
             logger.warning("LoRA Lab: sample_prompt is set but sample_every_n_steps is 0: no previews will be drawn.")
 
+        if resume_from.strip():   # a wrong path fails now; what the checkpoint holds is checked in train_lora
+            resolve_state_path(resume_from, comfy_bridge.output_dir() / "lora_lab")
+
         access = comfy_bridge.model_access(model, clip, vae, family)
         callbacks = TrainCallbacks(
             on_step=comfy_bridge.progress_reporter(steps, unique_id, training_chart),
@@ -125,7 +135,7 @@ class TrainNode:
                                                     unique_id))
         loras_dir = comfy_bridge.loras_dir()
         result = train_lora(settings, access, dataset, learning_rates, lr_schedule, loras_dir,
-                            comfy_bridge.output_dir(), callbacks)
+                            comfy_bridge.output_dir(), callbacks, resume_from=resume_from.strip())
         trained_model, trained_clip = comfy_bridge.apply_lora_file(model, clip, result.path)
         name = lora_name_for(result.path, loras_dir)
         chart = pil_to_image(training_chart(result.records, title=f"Train LoRA: {name}"))

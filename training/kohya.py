@@ -9,6 +9,7 @@ alpha / rank) and, with DoRA, ``.dora_scale``.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -115,7 +116,13 @@ def kohya_metadata(fields: Mapping[str, object], settings: Mapping[str, object])
     return metadata
 
 
-_UNSAFE_CHARACTERS = re.compile(r'[<>:"|?*\x00-\x1f]')
+_UNSAFE_CHARACTERS = re.compile(r'[<>:"|?*\x00-\x1f\x7f]')
+# Names Windows reserves for devices, with or without an extension ("nul.safetensors" is the device).
+_RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{digit}" for digit in "123456789¹²³"),
+                   *(f"lpt{digit}" for digit in "123456789¹²³")}
+# Longest file-name part we accept: file systems allow 255, and suffixes (_interrupted, _step00001,
+# _2, .safetensors) are added.
+MAX_NAME_PART = 200
 
 
 def sanitize_lora_name(lora_name: str) -> str:
@@ -140,6 +147,16 @@ def sanitize_lora_name(lora_name: str) -> str:
     if any(_UNSAFE_CHARACTERS.search(part) for part in parts):
         raise ValueError(f"Train LoRA: lora_name = {lora_name!r} contains a character file systems "
                          f"forbid (<>:\"|?* or control characters). {fix}")
+    reserved = [part for part in parts if part.split(".")[0].strip().lower() in _RESERVED_NAMES]
+    if reserved:
+        raise ValueError(f"Train LoRA: lora_name = {lora_name!r}: {reserved[0]!r} is a device name on Windows "
+                         f"(CON, PRN, AUX, NUL, COM1-9, LPT1-9), not a file. {fix}")
+    if any(part.endswith(".") for part in parts):
+        raise ValueError(f"Train LoRA: lora_name = {lora_name!r}: a name may not end with '.' (Windows drops "
+                         f"it, so the file would get another name). {fix}")
+    if any(len(part) > MAX_NAME_PART for part in parts):
+        raise ValueError(f"Train LoRA: lora_name = {lora_name!r} has a part longer than {MAX_NAME_PART} "
+                         f"characters. {fix}")
     return "/".join(parts)
 
 
@@ -158,38 +175,95 @@ def free_lora_path(loras_dir: Path, lora_name: str) -> Path:
     return candidate
 
 
+class SaveError(RuntimeError):
+    """A file could not be written (disk full, folder not writable, ...); nothing half-written is left."""
+
+    def __init__(self, message: str, errno_code: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_code
+
+
+# What to do about a failed write, by errno (anything else gets the generic advice).
+_WRITE_FIXES = {
+    errno.ENOSPC: "The disk is full: free some space on it (or move the folder to another drive with "
+                  "ComfyUI's extra_model_paths.yaml / --output-directory) and run again.",
+    errno.EDQUOT: "Your disk quota is used up: free some space and run again.",
+    errno.EACCES: "The folder is not writable by ComfyUI: fix its permissions, or pick another folder.",
+    errno.EPERM: "The folder is not writable by ComfyUI: fix its permissions, or pick another folder.",
+    errno.EROFS: "The drive is read-only: point ComfyUI's folder at a writable drive.",
+    errno.ENOTDIR: "Part of the path is a file, not a folder: rename that file or pick another lora_name.",
+    errno.EEXIST: "Part of the path is a file, not a folder: rename that file or pick another lora_name.",
+}
+
+
+def write_error(path: Path, error: OSError) -> SaveError:
+    """A SaveError naming the file, the system's reason and the fix."""
+    reason = error.strerror or str(error)
+    fix = _WRITE_FIXES.get(error.errno, "Check that the folder exists, is writable and has free space.")
+    return SaveError(f"LoRA Lab: could not write {path}: {reason}. {fix} Nothing was left half-written.",
+                     error.errno)
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` if needed and prove a file can be made in it (before any heavy work)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".lora_lab_", suffix=".tmp")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise write_error(folder, error) from None
+
+
 def save_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], loras_dir: Path,
               lora_name: str) -> Path:
     """Write atomically (temp file in the same folder + rename) to a free name; returns the path.
 
-    The rename uses ``os.link`` where possible so that a file created meanwhile by someone else is
-    never replaced; otherwise ``os.replace`` right after re-checking the name.
+    The name is chosen when the file is complete, so a file that appeared meanwhile is never
+    replaced: the rename is ``os.link`` (fails on an existing name, then the next free name is
+    tried); on file systems without hard links the name is first claimed with an exclusive create.
+    A failed write (disk full, no permission) raises SaveError and leaves no temp file behind.
     """
     import safetensors.torch
 
     target = free_lora_path(loras_dir, lora_name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".lora_lab_", suffix=".tmp")
-    os.close(handle)
+    temporary = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".lora_lab_", suffix=".tmp")
+        os.close(handle)
         safetensors.torch.save_file(dict(tensors), temporary, metadata=dict(metadata))
         os.chmod(temporary, 0o644)
-        for _ in range(1000):
-            try:
-                os.link(temporary, target)
-                break
-            except FileExistsError:
-                target = free_lora_path(loras_dir, lora_name)
-            except OSError:
-                # File systems without hard links: replace right after the free-name check.
-                target = free_lora_path(loras_dir, lora_name)
-                os.replace(temporary, target)
-                break
+        target = _claim_name(temporary, loras_dir, lora_name)
+    except OSError as error:
+        raise write_error(target, error) from None
     finally:
-        if os.path.exists(temporary):
+        if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
     logger.info("LoRA Lab: saved %s", target)
     return target
+
+
+def _claim_name(temporary: str, loras_dir: Path, lora_name: str) -> Path:
+    """Give the finished temp file the first free name; never replaces a file someone else made."""
+    for _ in range(1000):
+        target = free_lora_path(loras_dir, lora_name)
+        try:
+            os.link(temporary, target)
+            return target
+        except FileExistsError:
+            continue
+        except OSError:
+            pass
+        # No hard links here (FAT/exFAT, some network shares): claim the name with an exclusive create,
+        # then move the finished file over our own placeholder.
+        try:
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            continue
+        os.replace(temporary, target)
+        return target
+    raise FileExistsError(errno.EEXIST, f"no free name for {lora_name} after 1000 tries")
 
 
 def lora_name_for(path: Path, loras_dir: Path) -> str:

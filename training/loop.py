@@ -14,7 +14,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -223,23 +223,67 @@ def largest_bucket_size(dataset) -> int:
                 for indices in dataset.buckets().values()), default=0)
 
 
-def bucket_batches(dataset, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
-    """Endless batches of sample indices, each from one bucket, epoch after epoch.
+class BucketBatches:
+    """Endless batches of sample indices, each from one bucket, epoch after epoch; an iterator whose
+    position can be saved and restored exactly (resume).
 
     Each epoch is ``dataset.epoch_indices(rng)`` (shuffled, repeats expanded); a batch is emitted when
     a bucket has `batch_size` pending samples. A bucket's leftover at the end of an epoch is dropped
     (it comes again, reshuffled, in the next epoch).
     """
-    if batch_size > largest_bucket_size(dataset):
-        raise ValueError(f"batch_size {batch_size} exceeds the largest bucket")
-    while True:
-        pending: dict[tuple[int, int], list[int]] = {}
-        for index in dataset.epoch_indices(rng):
-            bucket = pending.setdefault(tuple(dataset.samples[index].bucket), [])
+
+    def __init__(self, dataset, batch_size: int, rng: random.Random) -> None:
+        if batch_size > largest_bucket_size(dataset):
+            raise ValueError(f"batch_size {batch_size} exceeds the largest bucket")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.rng = rng
+        self.epoch: list[int] = []                          # this epoch's shuffled sample indices
+        self.position = 0                                   # next index of `epoch` to place
+        self.pending: dict[tuple[int, int], list[int]] = {}  # bucket -> indices waiting for a full batch
+
+    def __iter__(self) -> "BucketBatches":
+        return self
+
+    def __next__(self) -> list[int]:
+        while True:
+            if self.position >= len(self.epoch):
+                self.epoch, self.position, self.pending = self.dataset.epoch_indices(self.rng), 0, {}
+            index = self.epoch[self.position]
+            self.position += 1
+            bucket = self.pending.setdefault(tuple(self.dataset.samples[index].bucket), [])
             bucket.append(index)
-            if len(bucket) == batch_size:
-                yield list(bucket)
+            if len(bucket) == self.batch_size:
+                batch = list(bucket)
                 bucket.clear()
+                return batch
+
+    def state(self) -> dict[str, Any]:
+        """JSON-ready position: the epoch's order, where it stands, pending buckets and the rng."""
+        return {"epoch": list(self.epoch), "position": self.position,
+                "pending": [[list(bucket), list(indices)] for bucket, indices in self.pending.items()],
+                "rng": random_state_to_json(self.rng)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position = list(state["epoch"]), int(state["position"])
+        self.pending = {tuple(bucket): list(indices) for bucket, indices in state["pending"]}
+        self.rng.setstate(random_state_from_json(state["rng"]))
+
+
+def bucket_batches(dataset, batch_size: int, rng: random.Random) -> BucketBatches:
+    """Endless one-bucket batches (see :class:`BucketBatches`)."""
+    return BucketBatches(dataset, batch_size, rng)
+
+
+def random_state_to_json(rng: random.Random) -> list:
+    """``random.Random.getstate()`` as JSON-ready lists."""
+    version, internal, gauss_next = rng.getstate()
+    return [version, list(internal), gauss_next]
+
+
+def random_state_from_json(state: list) -> tuple:
+    version, internal, gauss_next = state
+    return version, tuple(internal), gauss_next
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,6 +301,11 @@ class TrainingDiverged(RuntimeError):
         self.step, self.loss, self.precision, self.what = step, loss, precision, what
 
 
+class TrainingOutOfMemory(torch.OutOfMemoryError):
+    """The device ran out of memory mid-run. A subclass of torch's own error, so ComfyUI's executor
+    still unloads its models; the message names the inputs to lower."""
+
+
 @dataclass(frozen=True)
 class LoopSettings:
     total_steps: int                 # optimizer steps
@@ -266,10 +315,14 @@ class LoopSettings:
     min_snr_gamma: float = 0.0       # 0 = off
     precision: str = "fp32"          # "bf16" | "fp16" | "fp32": autocast dtype for the forward pass
     device_type: str = "cpu"         # "cpu" | "cuda" | ...
+    start_step: int = 0              # first step to run (> 0 when resuming a saved run)
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
             raise ValueError(f"Train LoRA: steps = {self.total_steps} must be at least 1.")
+        if not 0 <= self.start_step < self.total_steps:
+            raise ValueError(f"Train LoRA: the run would start at step {self.start_step} of {self.total_steps}: "
+                             "nothing is left to train.")
         if self.gradient_accumulation < 1:
             raise ValueError(f"Train LoRA: gradient_accumulation = {self.gradient_accumulation} must be >= 1.")
         if self.precision not in AUTOCAST_DTYPES:
@@ -299,6 +352,11 @@ class LoopCallbacks:
     check_cancel: Callable[[], None] | None = None         # raises to stop (called before each micro-batch)
 
 
+def make_grad_scaler(settings: LoopSettings) -> torch.amp.GradScaler | None:
+    """fp16's loss scaler (None for bf16/fp32, which need none)."""
+    return torch.amp.GradScaler(settings.device_type) if settings.precision == "fp16" else None
+
+
 def autocast_context(settings: LoopSettings):
     dtype = AUTOCAST_DTYPES[settings.precision]
     if dtype is None:
@@ -309,8 +367,10 @@ def autocast_context(settings: LoopSettings):
 def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective: DiffusionObjective,
              next_batch: Callable[[], tuple[torch.Tensor, dict]], multiplier: Callable[[int], float],
              generator: torch.Generator, log_path: Path | None = None,
-             callbacks: LoopCallbacks | None = None) -> list[StepRecord]:
-    """Train for settings.total_steps optimizer steps; returns one record per step (also in log_path).
+             callbacks: LoopCallbacks | None = None,
+             scaler: torch.amp.GradScaler | None = None) -> list[StepRecord]:
+    """Train steps settings.start_step .. total_steps - 1; returns one record per step run (also
+    appended to log_path). With fp16, `scaler` is the loss scaler to use (one is made when None).
 
     Each step: every group's lr = its base_lr x multiplier(step) (set explicitly), then
     `gradient_accumulation` micro-batches, gradient clipping, the update; the rates are read back from
@@ -318,12 +378,13 @@ def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective
     """
     callbacks = callbacks or LoopCallbacks()
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
-    scaler = torch.amp.GradScaler(settings.device_type) if settings.precision == "fp16" else None
+    if settings.precision == "fp16" and scaler is None:
+        scaler = make_grad_scaler(settings)
     sigma_count = len(objective.sigmas)
     records: list[StepRecord] = []
     log_file = open(log_path, "a", encoding="utf-8") if log_path is not None else None
     try:
-        for step in range(settings.total_steps):
+        for step in range(settings.start_step, settings.total_steps):
             factor = multiplier(step)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor

@@ -7,24 +7,28 @@ change in ``finally``.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
+import json
 import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+import traceback
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy
 import torch
 
-from . import kohya
+from . import kohya, resume
 from .lora import (InjectedLora, checkpointed_forward, inject_lora, lora_weights, out_of_place_clip_layer_forward,
                    patched_forwards, text_target_paths, trainable_copies, unet_block_of, unet_target_paths, TARGETS)
 from .loop import (AUTOCAST_DTYPES, DiffusionObjective, LoopCallbacks, LoopSettings, StepRecord, TrainedLayer,
-                   TrainingDiverged, bucket_batches, build_optimizer, build_param_groups, check_optimizer,
-                   largest_bucket_size, run_loop)
+                   TrainingDiverged, TrainingOutOfMemory, bucket_batches, build_optimizer, build_param_groups,
+                   check_optimizer, largest_bucket_size, make_grad_scaler, random_state_from_json,
+                   random_state_to_json, run_loop)
 
 logger = logging.getLogger("lora_lab")
 
@@ -90,6 +94,7 @@ class ModelAccess:
     text_kohya_names: Callable[[str, list[str]], dict[str, str]]
     latent_key: str = ""                                    # identifies VAE weights + latent format (disk cache)
     offload_device: torch.device | None = None              # where frozen originals wait while training (GPU runs)
+    weights_key: Callable[[], str] | None = None            # identifies the base weights (resume checks)
 
 
 @dataclass
@@ -98,6 +103,7 @@ class TrainingResult:
     records: list[StepRecord]
     run_dir: Path
     seconds: float
+    cache_bytes: dict[str, int] = field(default_factory=dict)   # in-memory caches at the end (latents, text)
 
 
 @dataclass
@@ -142,12 +148,17 @@ class BatchFeeder:
         self.order_rng = random.Random(settings.training_seed)
         self.augment_rng = random.Random(settings.training_seed + 1)
         self.batches = bucket_batches(dataset, settings.batch_size, self.order_rng)
-        self.latent_cache: dict[tuple, torch.Tensor] = {}
+        self.latent_cache: dict[tuple, torch.Tensor] = {}   # in memory only when not cached on disk
         self.text_cache: dict[str, dict] = {}
         # Shared by runs (a re-run gets a new run folder); keyed by dataset content + settings, the VAE
         # weights and the latent format, so a changed image, bucket or VAE never hits a stale entry.
+        # With a disk cache, latents are read back from disk each time (the OS page cache keeps hot
+        # files fast), so host memory stays bounded however large the dataset is.
         self.disk_dir = cache_dir if settings.cache_latents_to_disk and access.latent_key else None
         self.cache_latents = dataset.caching_possible
+        # Shuffled or dropped-out captions make a new string nearly every step: caching those would grow
+        # without bound, so only static captions are cached.
+        self.cache_text = not train_text and dataset.static_captions
 
     def _pixels(self, image) -> torch.Tensor:
         return torch.from_numpy(numpy.asarray(image, dtype=numpy.float32) / 255.0).unsqueeze(0)
@@ -162,22 +173,38 @@ class BatchFeeder:
                                   ).hexdigest()[:32]
             disk_path = self.disk_dir / f"{name}.pt"
             if disk_path.is_file():
-                latent = torch.load(disk_path, map_location="cpu", weights_only=True)
-                self.latent_cache[key] = latent
-                return latent
+                return torch.load(disk_path, map_location="cpu", weights_only=True)
         image = self.dataset.render(index, tuple(offset), bool(flipped))
         with torch.no_grad():
             latent = self.access.encode_pixels(self._pixels(image)).detach().clone().to("cpu", torch.float32)
-        if self.cache_latents:
+        if disk_path is not None:
+            disk_path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(latent, disk_path)
+        elif self.cache_latents:
             self.latent_cache[key] = latent
-            if disk_path is not None:
-                disk_path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(latent, disk_path)
         return latent
 
+    def cached_bytes(self) -> dict[str, int]:
+        """Memory held by the in-memory caches (latents on the host, text encodings on the device)."""
+        def size(tensors) -> int:
+            return sum(tensor.numel() * tensor.element_size() for tensor in tensors if torch.is_tensor(tensor))
+        return {"latents": size(self.latent_cache.values()),
+                "text": size(value for cond in self.text_cache.values() for value in cond.values())}
+
+    def state(self) -> dict[str, Any]:
+        """Data order and augmentation rng (JSON): with the generators, all randomness of a run."""
+        return {"batches": self.batches.state(), "augment_rng": random_state_to_json(self.augment_rng)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.batches.load_state(state["batches"])
+        self.augment_rng.setstate(random_state_from_json(state["augment_rng"]))
+
     def _text(self, captions: list[str]) -> dict:
-        if self.train_text:
-            return self.access.encode_captions(captions)
+        if not self.cache_text:
+            if self.train_text:
+                return self.access.encode_captions(captions)
+            with torch.no_grad():
+                return self.access.encode_captions(captions)
         missing = [caption for caption in dict.fromkeys(captions) if caption not in self.text_cache]
         for caption in missing:
             with torch.no_grad():
@@ -254,9 +281,14 @@ def _kohya_fields(settings: TrainSettings, rates, schedule, dataset, family: str
 
 
 def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, schedule, loras_dir: Path,
-               output_dir: Path, callbacks: TrainCallbacks | None = None) -> TrainingResult:
+               output_dir: Path, callbacks: TrainCallbacks | None = None, resume_from: str | Path = ""
+               ) -> TrainingResult:
     """Train, save the LoRA into `loras_dir` and return where it went. The modules in `access` are
-    restored exactly (originals put back) whatever happens."""
+    restored exactly (originals put back) whatever happens.
+
+    resume_from: a run folder or resume_state.json (see training/resume.py) to continue from; the run
+    must have had the same model, dataset and settings (checked before anything is trained).
+    """
     callbacks = callbacks or TrainCallbacks()
     started = time.time()
     part_rates = dict(rates.resolved())
@@ -266,17 +298,23 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
     for part in TEXT_PARTS:
         if part not in trained_text:
             part_rates[part] = 0.0
+    identity = run_identity(settings, rates, schedule, dataset, access)
+    resumed = load_resume_state(resume_from, output_dir / "lora_lab", identity, settings) if resume_from else None
     # The run folder mirrors the file's name inside models/loras ("styles/alice_2" -> lora_lab/styles/alice_2).
     planned = kohya.free_lora_path(loras_dir, settings.lora_name)
     run_dir = output_dir / "lora_lab" / Path(kohya.lora_name_for(planned, loras_dir)).with_suffix("")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    kohya.check_writable(planned.parent)
+    kohya.check_writable(run_dir)
     log_path = run_dir / "log.jsonl"
-    log_path.write_text("", encoding="utf-8")
+    previous_lines = previous_log_lines(resumed) if resumed else []
+    log_path.write_text("".join(previous_lines), encoding="utf-8")
     save_dtype = torch.float32 if settings.precision == "fp32" else torch.float16
     base_name = kohya.sanitize_lora_name(settings.lora_name)   # no extension: suffixes go before it
     lora_settings = {"train": asdict(settings), "learning_rates": asdict(rates), "lr_schedule": asdict(schedule),
                      "dataset": {"source": getattr(dataset, "source", ""), "fingerprint": getattr(dataset, "fingerprint", ""),
                                  "resolution": dataset.resolution}}
+    if resumed is not None:
+        lora_settings["resumed_from"] = {"state": str(resumed.path), "step": resumed.step}
 
     roots = [access.unet] + [access.text_encoders[part] for part in trained_text]
     injected: list[InjectedLora] = []
@@ -296,6 +334,8 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
         fields = _kohya_fields(settings, rates, schedule, dataset, access.family, started, part_rates)
         return kohya.save_lora(tensors, kohya.kohya_metadata(fields, lora_settings), loras_dir, name)
 
+    optimizer: torch.optim.Optimizer | None = None
+    out_of_memory = False
     with torch.inference_mode(False), contextlib.ExitStack() as stack:
         stack.enter_context(trainable_copies(*roots, offload_device=access.offload_device))
         stack.enter_context(patched_forwards(forward_patches))
@@ -322,12 +362,28 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
             loop_settings = LoopSettings(total_steps=settings.steps, gradient_accumulation=settings.gradient_accumulation,
                                          max_grad_norm=settings.max_grad_norm, noise_offset=settings.noise_offset,
                                          min_snr_gamma=settings.min_snr_gamma, precision=settings.precision,
-                                         device_type=access.device.type)
+                                         device_type=access.device.type, start_step=resumed.step if resumed else 0)
+            scaler = make_grad_scaler(loop_settings)
+            stack.enter_context(seeded_global_rng(settings.training_seed, access.device))
+            if resumed is not None:
+                restore_run(resumed, injected, optimizer, feeder, generator, scaler, access.device)
+            # After each step: the state a checkpoint (periodic, or on Cancel) must hold with the weights.
+            progress = [capture_progress(loop_settings.start_step, feeder, generator, scaler, access.device)]
+            checkpoint_steps: list[int] = [resumed.step] if resumed else []
+            checkpoint_dirs: list[Path] = [resumed.path.parent] if resumed else []   # the latest is last
+
+            def checkpoint() -> None:
+                resume.save_state(run_dir, identity, progress[0], resume_weights(injected), optimizer.state_dict(),
+                                  extra={"lora_name": base_name, "steps": settings.steps})
+                checkpoint_steps.append(progress[0].step)
+                checkpoint_dirs.append(run_dir)
 
             def on_step(record: StepRecord) -> None:
                 done = record.step + 1
+                progress[0] = capture_progress(done, feeder, generator, scaler, access.device)
                 if settings.save_every_n_steps and done % settings.save_every_n_steps == 0 and done < settings.steps:
                     export(f"{base_name}_step{done:05d}")
+                    checkpoint()
                 if callbacks.on_step is not None:
                     callbacks.on_step(record, settings.steps)
                 if callbacks.on_sample is not None:
@@ -336,19 +392,164 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
             try:
                 records = run_loop(loop_settings, optimizer, access.objective, feeder,
                                    lambda step: schedule.multiplier(step, settings.steps), generator, log_path,
-                                   LoopCallbacks(on_step=on_step, check_cancel=callbacks.check_cancel))
+                                   LoopCallbacks(on_step=on_step, check_cancel=callbacks.check_cancel), scaler)
             except BaseException as error:
-                # Cancel or divergence: keep what was trained so far (the last good weights).
-                if injected and (callbacks.is_cancel(error) or isinstance(error, TrainingDiverged)):
-                    saved = export(f"{base_name}_interrupted")
+                cancelled = callbacks.is_cancel(error)
+                out_of_memory = isinstance(error, torch.OutOfMemoryError)
+                if out_of_memory:
+                    # The failed step's activations hang off the traceback's finished frames: free them
+                    # before anything else needs memory.
+                    traceback.clear_frames(error.__traceback__)
+                    release_device_memory(access.device)
+                # Cancel, divergence or out of memory: keep what was trained so far (the last good
+                # weights), when at least one step was trained.
+                saved_name = ""
+                if injected and progress[0].step > 0 and (cancelled or out_of_memory
+                                                          or isinstance(error, TrainingDiverged)):
+                    saved_name = kohya.lora_name_for(export(f"{base_name}_interrupted"), loras_dir)
                     logger.warning("LoRA Lab: training stopped (%s); saved what was trained so far to %s",
-                                   type(error).__name__, saved)
-                    if isinstance(error, TrainingDiverged):
-                        raise TrainingDiverged(error.step, error.loss, settings.precision,
-                                               saved=kohya.lora_name_for(saved, loras_dir), what=error.what) from None
+                                   type(error).__name__, saved_name)
+                    if cancelled and progress[0].step not in checkpoint_steps and progress[0].step < settings.steps:
+                        checkpoint()   # cancel comes between steps: weights and progress agree
+                if isinstance(error, TrainingDiverged):
+                    raise TrainingDiverged(error.step, error.loss, settings.precision, saved=saved_name,
+                                           what=error.what) from None
+                if out_of_memory:
+                    raise TrainingOutOfMemory(out_of_memory_message(
+                        settings, dataset, progress[0].step, saved_name,
+                        checkpoint_dirs[-1] if checkpoint_dirs else None)) from None
                 raise
             path = export(base_name)
         finally:
             for lora in reversed(injected):
                 lora.remove()
-    return TrainingResult(path=path, records=records, run_dir=run_dir, seconds=time.time() - started)
+            if optimizer is not None:
+                optimizer.state.clear()   # optimizer moments live on the device: release them now
+            if out_of_memory:
+                release_device_memory(access.device)
+    if resumed is not None:
+        records = [StepRecord(**json.loads(line)) for line in previous_lines] + records
+    return TrainingResult(path=path, records=records, run_dir=run_dir, seconds=time.time() - started,
+                          cache_bytes=feeder.cached_bytes())
+
+
+# --------------------------------------------------------------------------------------------
+# Resume, memory
+# --------------------------------------------------------------------------------------------
+
+def run_identity(settings: TrainSettings, rates, schedule, dataset, access: ModelAccess) -> dict[str, Any]:
+    """What a resumed run must share with the saved one (JSON-ready)."""
+    model = {"family": access.family, "latents": access.latent_key,
+             "weights": access.weights_key() if access.weights_key is not None else ""}
+    data = {"fingerprint": getattr(dataset, "fingerprint", ""), "resolution": dataset.resolution,
+            "images": len(dataset.samples), "images_per_epoch": sum(sample.repeats for sample in dataset.samples)}
+    schedule_values = {key: value for key, value in asdict(schedule).items() if key != "preview_steps"}  # display only
+    identity = resume.run_identity(asdict(settings), asdict(rates), schedule_values, data, model)
+    return json.loads(json.dumps(identity, default=str))
+
+
+def load_resume_state(resume_from: str | Path, runs_dir: Path, identity: dict[str, Any],
+                      settings: TrainSettings) -> resume.ResumeState:
+    """Load and check a checkpoint; ValueError naming what differs and how to fix it."""
+    state = resume.load_state(resume.resolve_state_path(resume_from, runs_dir))
+    differences = resume.identity_differences(state.identity, identity)
+    if differences:
+        raise ValueError(f"Train LoRA: resume_from = {str(resume_from)!r} was saved by a run with a different "
+                         f"{'; '.join(differences)}. Resuming continues the same computation, so the model, dataset, "
+                         "learning rates, schedule and Train LoRA settings must match the saved run (only "
+                         f"{', '.join(resume.FREE_SETTINGS)} may change). Set them back, or clear resume_from to "
+                         "start a new run.")
+    if state.step >= settings.steps:
+        raise ValueError(f"Train LoRA: resume_from = {str(resume_from)!r} is at step {state.step} of {settings.steps}: "
+                         "that run has nothing left to train. Clear resume_from to start a new run.")
+    logger.info("LoRA Lab: resuming %s at step %d of %d", state.path, state.step, settings.steps)
+    return state
+
+
+def previous_log_lines(state: resume.ResumeState) -> list[str]:
+    """The saved run's log.jsonl lines for the steps the checkpoint covers."""
+    log_path = state.path.parent / "log.jsonl"
+    lines = log_path.read_text(encoding="utf-8").splitlines() if log_path.is_file() else []
+    kept = [line + "\n" for line in lines if line.strip() and json.loads(line)["step"] < state.step]
+    if len(kept) != state.step:
+        logger.warning("LoRA Lab: %s has %d of the %d steps before the checkpoint; the chart will miss some",
+                       log_path, len(kept), state.step)
+    return kept
+
+
+def resume_weights(injected: list[InjectedLora]) -> dict[str, torch.Tensor]:
+    """"<part>/<module path>/<down|up|magnitude>" -> the trainable tensor (fp32, as trained)."""
+    weights = {}
+    for lora in injected:
+        for module in lora.modules:
+            for name, tensor in (("down", module.down), ("up", module.up), ("magnitude", module.magnitude)):
+                if tensor is not None:
+                    weights[f"{lora.part}/{module.path}/{name}"] = tensor
+    return weights
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device):
+    """torch's global generators forked and seeded for the run: anything in the model that draws from
+    them is reproducible (and resumable), and the host's own random state is left as it was."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        if devices:   # only the training device: other cards' states are not forked, so not touched
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def capture_progress(step: int, feeder: BatchFeeder, generator: torch.Generator,
+                     scaler: torch.amp.GradScaler | None, device: torch.device) -> resume.Progress:
+    generators = {"noise": generator.get_state(), "global_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        generators["global_cuda"] = torch.cuda.get_rng_state(device)
+    return resume.Progress(step=step, data=feeder.state(), generators=generators,
+                           scaler=scaler.state_dict() if scaler is not None else None)
+
+
+def restore_run(state: resume.ResumeState, injected: list[InjectedLora], optimizer: torch.optim.Optimizer,
+                feeder: BatchFeeder, generator: torch.Generator, scaler: torch.amp.GradScaler | None,
+                device: torch.device) -> None:
+    """Put a checkpoint's weights, optimizer, data position and rng states in place."""
+    weights = resume_weights(injected)
+    if set(weights) != set(state.weights) or any(weights[name].shape != state.weights[name].shape
+                                                  for name in weights):
+        raise ValueError(f"Train LoRA: resume_from: {state.path} holds LoRA layers that do not fit this model "
+                         "(different layers or shapes). Clear resume_from to start a new run.")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            tensor.copy_(state.weights[name])
+    optimizer.load_state_dict(state.optimizer)
+    feeder.load_state(state.data)
+    generator.set_state(state.generators["noise"])
+    torch.set_rng_state(state.generators["global_cpu"])
+    if device.type == "cuda" and "global_cuda" in state.generators:
+        torch.cuda.set_rng_state(state.generators["global_cuda"], device)
+    if scaler is not None and state.scaler:
+        scaler.load_state_dict(state.scaler)
+
+
+def release_device_memory(device: torch.device) -> None:
+    """Collect garbage and hand cached blocks back to the driver (after an out-of-memory error)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def out_of_memory_message(settings: TrainSettings, dataset, step: int, saved_name: str,
+                          checkpoint_dir: Path | None) -> str:
+    """What ran out, what to lower (with the current values), and what was kept."""
+    checkpointing = ("gradient_checkpointing is already on" if settings.gradient_checkpointing
+                     else "turn gradient_checkpointing on")
+    kept = (f" What was trained so far was saved as {saved_name}." if saved_name
+            else " No step had finished, so nothing was saved.")
+    if checkpoint_dir is not None:
+        kept += (f" To continue from the last checkpoint, set resume_from to {checkpoint_dir} (gradient_checkpointing "
+                 "may change on resume).")
+    return (f"Train LoRA: the GPU ran out of memory at step {step}. Lower batch_size (now {settings.batch_size}; "
+            f"raise gradient_accumulation to keep the effective batch), lower the LoRA Dataset resolution (now "
+            f"{dataset.resolution}), {checkpointing}, or lower rank (now {settings.rank}); closing other programs "
+            f"that use the GPU also helps.{kept}")
