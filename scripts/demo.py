@@ -1,55 +1,132 @@
 #!/usr/bin/env python3
-"""`make demo`: run LoRA Lab's example graph through a real headless ComfyUI and print where the files went.
+"""`make demo`: train a LoRA with the SD1.5 example workflow in a real headless ComfyUI, then sample with it.
 
-Until the trainer lands, the demo renders the learning-rate charts (LR Schedule and UNet/TE
-Learning Rates) through the real server and saves them as PNGs.
+Without arguments: generates (never commits) a tiny random-weight SD1.5-layout checkpoint and a
+small sample dataset into the cache, and runs example_workflows/sd15_train_lora.json with the
+declared overrides (workflow_api.DEMO_OVERRIDES: checkpoint, dataset folder and the tiny size,
+precision and step count). With ``--checkpoint`` and ``--data``: the same graph on your files, at
+the workflow's own resolution and step count (fp32 when there is no CUDA GPU).
+
+Prints the absolute paths of the LoRA file, the charts and the sample image; exits 1 with the
+error (and the end of the server log) when anything failed.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfy_server import ComfyServer  # noqa: E402
+from make_sample_dataset import ensure_sample_dataset  # noqa: E402
+from workflow_api import TINY_RUN, declared_overrides, to_api_prompt  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW = REPO_ROOT / "example_workflows" / "sd15_train_lora.json"
+TINY_STEPS = 40
+# Titles of the workflow's image outputs, in the order they are printed.
+OUTPUTS = {"Training chart (loss + rates)": "training chart (loss + rates)",
+           "Learning-rate chart": "learning-rate chart", "Sample with the LoRA": "sample image"}
 
 
-def demo_prompt() -> dict:
-    schedule = {"scheduler": "cosine", "warmup": 5.0, "warmup_unit": "percent", "num_cycles": 1, "power": 1.0,
-                "min_lr_ratio": 0.0, "decay_ratio": 0.2, "step_rules": "", "preview_steps": 1000}
-    rates = {"learning_rate": 1e-4, "unet_lr": -1.0, "text_encoder_lr": 5e-5, "text_encoder_2_lr": -1.0,
-             "lora_plus_ratio": 1.0, "unet_block_weights": ""}
-    return {
-        "schedule": {"class_type": "LoRALabLRSchedule", "inputs": schedule},
-        "rates": {"class_type": "LoRALabLearningRates", "inputs": {**rates, "lr_schedule": ["schedule", 0]}},
-        "save_schedule": {"class_type": "SaveImage", "inputs": {"images": ["schedule", 1],
-                                                                "filename_prefix": "lora_lab_demo/lr_schedule"}},
-        "save_rates": {"class_type": "SaveImage", "inputs": {"images": ["rates", 2],
-                                                             "filename_prefix": "lora_lab_demo/lr_per_part"}},
-    }
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORA_LAB_CACHE", Path.home() / ".cache" / "lora_lab")).expanduser()
+
+
+def has_cuda(python: str) -> bool:
+    answer = subprocess.run([python, "-c", "import torch; print(torch.cuda.is_available())"],
+                            capture_output=True, text=True)
+    return answer.stdout.strip() == "True"
+
+
+def link_checkpoint(source: Path, checkpoints_dir: Path) -> str:
+    """Make source visible to CheckpointLoaderSimple (symlink, copy where links are not allowed)."""
+    target = checkpoints_dir / source.name
+    if target.is_symlink() or target.exists():
+        if target.exists() and target.resolve() == source.resolve():
+            return source.name
+        target.unlink()
+    try:
+        target.symlink_to(source)
+    except OSError:  # Windows without developer mode
+        shutil.copy2(source, target)
+    return source.name
+
+
+def tiny_checkpoint(checkpoints_dir: Path) -> Path:
+    """The generated tiny SD1.5 checkpoint (needs ComfyUI importable, so in a child process)."""
+    fixture = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "make_tiny_checkpoint.py")],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    return checkpoints_dir / link_checkpoint(Path(fixture), checkpoints_dir)
+
+
+def overrides_for(arguments, server: ComfyServer) -> dict:
+    checkpoints_dir = server.models_dir / "checkpoints"
+    if arguments.checkpoint:
+        checkpoint = link_checkpoint(Path(arguments.checkpoint).expanduser().resolve(), checkpoints_dir)
+    else:
+        checkpoint = tiny_checkpoint(checkpoints_dir).name
+    data = Path(arguments.data).expanduser().resolve() if arguments.data else ensure_sample_dataset()
+    if arguments.checkpoint:  # a real model: the workflow's own size and steps; fp32 without a GPU
+        return declared_overrides(checkpoint=checkpoint, dataset_folder=str(data),
+                                  precision=None if has_cuda(server.python) else "fp32")
+    return declared_overrides(checkpoint=checkpoint, dataset_folder=str(data), steps=arguments.steps, **TINY_RUN)
+
+
+def node_ids_by_title(prompt: dict) -> dict[str, str]:
+    return {entry["_meta"]["title"]: node_id for node_id, entry in prompt.items()}
+
+
+def report(entry: dict, prompt: dict, server: ComfyServer) -> list[str]:
+    """The lines to print: LoRA file, charts, sample image (absolute paths)."""
+    ids = node_ids_by_title(prompt)
+    train_id = next(node_id for node_id, node in prompt.items() if node["class_type"] == "LoRALabTrain")
+    lora_name = entry["outputs"][train_id]["text"][0]
+    lines = [f"LoRA file: {(server.models_dir / 'loras' / lora_name).resolve()}"]
+    stem = Path(lora_name).with_suffix("")
+    lines.append(f"training log: {(server.output_dir / 'lora_lab' / stem / 'log.jsonl').resolve()}")
+    for title, label in OUTPUTS.items():
+        for image in entry["outputs"][ids[title]]["images"]:
+            lines.append(f"{label}: {server.output_file(image).resolve()}")
+    return lines
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--checkpoint", help="a real checkpoint (used once the trainer lands)")
-    parser.add_argument("--data", help="a real dataset folder (used once the trainer lands)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="your SD1.x checkpoint (.safetensors); default: a tiny generated one")
+    parser.add_argument("--data", help="your dataset folder (images + .txt captions); default: a generated sample")
+    parser.add_argument("--steps", type=int, default=TINY_STEPS, help="training steps of the tiny demo")
     arguments = parser.parse_args()
-    if arguments.checkpoint or arguments.data:
-        print("note: CKPT/DATA are used by the training demo, which arrives with the Train LoRA node; "
-              "this demo renders the learning-rate charts only.", file=sys.stderr)
-    cache = Path(os.environ.get("LORA_LAB_CACHE", Path.home() / ".cache" / "lora_lab")).expanduser()
-    server = ComfyServer(Path(os.environ["LORA_LAB_COMFYUI_DIR"]), cache / "demo").start()
+    if bool(arguments.checkpoint) != bool(arguments.data):
+        parser.error("give both CKPT and DATA (a LoRA is trained on your images with your checkpoint), or neither")
+    for given in filter(None, (arguments.checkpoint, arguments.data)):
+        if not Path(given).expanduser().exists():
+            print(f"demo failed: {given} does not exist", file=sys.stderr)
+            return 1
+
+    started = time.monotonic()
+    server = ComfyServer(Path(os.environ["LORA_LAB_COMFYUI_DIR"]), cache_dir() / "demo")
     try:
-        entry = server.run(demo_prompt(), timeout=600)
-        for node_id, label in (("save_schedule", "LR schedule chart"), ("save_rates", "LR per part chart")):
-            for image in entry["outputs"][node_id]["images"]:
-                print(f"{label}: {server.output_file(image).resolve()}")
+        overrides = overrides_for(arguments, server)
+        server.start()
+        workflow = json.loads(WORKFLOW.read_text(encoding="utf-8"))
+        prompt = to_api_prompt(workflow, server.get("/object_info"), overrides)
+        print(f"running {WORKFLOW.name} with {json.dumps(overrides)}", flush=True)
+        entry = server.run(prompt, timeout=24 * 3600)
+        for line in report(entry, prompt, server):
+            print(line)
     except Exception as error:  # noqa: BLE001  (the demo reports any failure and exits non-zero)
-        print(f"demo failed: {error}\n--- server log ---\n{server.log()[-4000:]}", file=sys.stderr)
+        print(f"demo failed: {error}\n--- end of the server log ({server.log_path}) ---\n{server.log()[-4000:]}",
+              file=sys.stderr)
         return 1
     finally:
         server.stop()
+    print(f"done in {time.monotonic() - started:.0f} s")
     return 0
 
 

@@ -157,3 +157,35 @@ def to_api_prompt(workflow: dict, object_info: dict, overrides: dict | None = No
                     raise KeyError(f"override {key}.{name}: the node has no such input")
                 entry["inputs"][name] = value
     return copy.deepcopy(prompt)
+
+
+# The one declared list of inputs that `make demo` and the tests change in the example workflows
+# (sd15_train_lora.json, sdxl_train_lora.json); every other value runs as the user would start.
+# Keys: what is overridden -> the (node type, input) pairs that carry it. "resolution" is the size
+# the graph works at: training size, smallest bucket side (resolution must not be below it) and
+# the sampled image size.
+DEMO_OVERRIDES: dict[str, tuple[tuple[str, str], ...]] = {
+    "checkpoint": (("CheckpointLoaderSimple", "ckpt_name"),),
+    "dataset_folder": (("LoRALabDataset", "folder"),),
+    "resolution": (("LoRALabDataset", "resolution"), ("LoRALabDataset", "min_bucket_resolution"),
+                   ("EmptyLatentImage", "width"), ("EmptyLatentImage", "height")),
+    "precision": (("LoRALabTrain", "precision"),),
+    "steps": (("LoRALabTrain", "steps"),),
+}
+# What the tiny demo and the tests use with the tiny generated checkpoint on a CPU.
+TINY_RUN = {"resolution": 64, "precision": "fp32"}
+
+
+def declared_overrides(**values) -> dict[str, dict]:
+    """{node type: {input: value}} for to_api_prompt (or the editor's widgets) from DEMO_OVERRIDES keys;
+    None values are left as saved."""
+    unknown = sorted(set(values) - set(DEMO_OVERRIDES))
+    if unknown:
+        raise KeyError(f"not a declared override: {', '.join(unknown)} (declared: {', '.join(DEMO_OVERRIDES)})")
+    result: dict[str, dict] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        for node_type, input_name in DEMO_OVERRIDES[key]:
+            result.setdefault(node_type, {})[input_name] = value
+    return result

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from workflow_api import check_workflow, to_api_prompt  # noqa: E402
+from demo import tiny_checkpoint  # noqa: E402
+from make_sample_dataset import ensure_sample_dataset  # noqa: E402
+from workflow_api import DEMO_OVERRIDES, TINY_RUN, check_workflow, declared_overrides, to_api_prompt  # noqa: E402
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
 # Inputs whose value names a user's file (checked as strings only).
@@ -47,3 +49,59 @@ def test_compare_schedules_runs(server, object_info):
     assert len(previews) == 5  # four schedule charts and the per-part chart
     for image in previews:
         assert server.output_file(image).exists()
+
+
+TRAINING_EXAMPLES = {"sd15_train_lora": (512, "v1-5-pruned-emaonly.safetensors"),
+                     "sdxl_train_lora": (1024, "sd_xl_base_1.0.safetensors")}
+
+
+@pytest.mark.parametrize("name", TRAINING_EXAMPLES)
+def test_training_examples_ship_real_starting_values(name, object_info):
+    """What a user opens is what they would train with: no tiny test values saved by mistake."""
+    prompt = to_api_prompt(json.loads((EXAMPLES[0].parent / f"{name}.json").read_text()), object_info)
+    by_type = {entry["class_type"]: entry["inputs"] for entry in prompt.values()}
+    resolution, checkpoint = TRAINING_EXAMPLES[name]
+    assert by_type["CheckpointLoaderSimple"]["ckpt_name"] == checkpoint
+    assert by_type["LoRALabDataset"]["resolution"] == resolution
+    assert by_type["EmptyLatentImage"]["width"] == by_type["EmptyLatentImage"]["height"] == resolution
+    assert by_type["LoRALabTrain"]["precision"] == "bf16" and by_type["LoRALabTrain"]["steps"] >= 500
+    rates = by_type["LoRALabLearningRates"]
+    assert 0 < rates["text_encoder_lr"] < rates["learning_rate"]  # the text encoder trains, more gently
+    if name == "sdxl_train_lora":
+        assert 0 < rates["text_encoder_2_lr"] != rates["text_encoder_lr"]  # CLIP-G at its own rate
+
+
+def test_declared_overrides_change_only_the_declared_inputs(object_info):
+    workflow = json.loads((EXAMPLES[0].parent / "sd15_train_lora.json").read_text())
+    saved = to_api_prompt(workflow, object_info)
+    overridden = to_api_prompt(workflow, object_info, declared_overrides(
+        checkpoint="tiny.safetensors", dataset_folder="/data", steps=3, **TINY_RUN))
+    changed = {(saved[node_id]["class_type"], name) for node_id in saved for name in saved[node_id]["inputs"]
+               if saved[node_id]["inputs"][name] != overridden[node_id]["inputs"][name]}
+    assert changed == {pair for pairs in DEMO_OVERRIDES.values() for pair in pairs}
+    with pytest.raises(KeyError, match="not a declared override"):
+        declared_overrides(batch_size=4)
+
+
+def test_sd15_example_trains_then_samples_with_the_trained_model(server, object_info):
+    """The SD1.5 example as `make demo` runs it (tiny checkpoint, sample data, 3 steps at 64 px, fp32)."""
+    checkpoint = tiny_checkpoint(server.models_dir / "checkpoints").name
+    workflow = json.loads((EXAMPLES[0].parent / "sd15_train_lora.json").read_text())
+    prompt = to_api_prompt(workflow, object_info, declared_overrides(
+        checkpoint=checkpoint, dataset_folder=str(ensure_sample_dataset()), steps=3, **TINY_RUN))
+    entry = server.run(prompt, timeout=600)
+    titles = {node["_meta"]["title"]: node_id for node_id, node in prompt.items()}
+    train_id = titles["Train LoRA"]
+    lora_name = entry["outputs"][train_id]["text"][0]
+    lora_file = server.models_dir / "loras" / lora_name
+    assert lora_file.is_file() and lora_file.stat().st_size > 10_000
+    log = (server.output_dir / "lora_lab" / Path(lora_name).stem / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [0, 1, 2]
+    from PIL import Image
+
+    (sample,) = entry["outputs"][titles["Sample with the LoRA"]]["images"]
+    with Image.open(server.output_file(sample)) as image:
+        assert image.size == (64, 64)
+    for title in ("Training chart (loss + rates)", "Learning-rate chart"):
+        (chart,) = entry["outputs"][titles[title]]["images"]
+        assert server.output_file(chart).stat().st_size > 5_000

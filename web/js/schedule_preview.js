@@ -6,8 +6,8 @@ import { api } from "../../scripts/api.js";
 
 const SCHEDULE_NODE = "LoRALabLRSchedule";
 const RATES_NODE = "LoRALabLearningRates";
-const PART_COLORS = { unet: "#4e9eff", text_encoder: "#ff6b6b", text_encoder_2: "#5fd068" };
-const PART_LABELS = { unet: "UNet", text_encoder: "TE", text_encoder_2: "TE2" };
+export const PART_COLORS = { unet: "#4e9eff", text_encoder: "#ff6b6b", text_encoder_2: "#5fd068" };
+export const PART_LABELS = { unet: "UNet", text_encoder: "TE", text_encoder_2: "TE2" };
 const CHART_HEIGHT = 170;
 
 function widgetValues(node) {
@@ -39,10 +39,10 @@ function linkedRatesNodes(scheduleNode) {
   return result;
 }
 
-function drawChart(canvas, state) {
+// A cleared, device-pixel-sharp canvas of the given height: {context, width, height}.
+export function clearCanvas(canvas, height, minimumWidth = 120, fallbackWidth = 300) {
   const ratio = window.devicePixelRatio || 1;
-  const width = Math.max(120, canvas.clientWidth || 300);
-  const height = CHART_HEIGHT;
+  const width = Math.max(minimumWidth, canvas.clientWidth || fallbackWidth);
   canvas.width = width * ratio;
   canvas.height = height * ratio;
   const context = canvas.getContext("2d");
@@ -50,6 +50,11 @@ function drawChart(canvas, state) {
   context.fillStyle = "#1b1b1b";
   context.fillRect(0, 0, width, height);
   context.font = "11px sans-serif";
+  return { context, width, height };
+}
+
+function drawChart(canvas, state) {
+  const { context, width, height } = clearCanvas(canvas, CHART_HEIGHT);
   if (state.error) {
     context.fillStyle = "#ff8080";
     wrapText(context, state.error, 8, 18, width - 16, 14);
@@ -103,7 +108,7 @@ function drawChart(canvas, state) {
   }
 }
 
-function wrapText(context, text, x, y, maxWidth, lineHeight) {
+export function wrapText(context, text, x, y, maxWidth, lineHeight) {
   let line = "";
   for (const word of String(text).split(" ")) {
     const candidate = line ? `${line} ${word}` : word;
@@ -116,7 +121,7 @@ function wrapText(context, text, x, y, maxWidth, lineHeight) {
   context.fillText(line, x, y);
 }
 
-function formatNumber(value) {
+export function formatNumber(value) {
   if (value === 0) return "0";
   return Math.abs(value) >= 0.01 ? value.toFixed(2) : value.toExponential(1);
 }
@@ -132,24 +137,29 @@ async function fetchPreview(body) {
   return answer;
 }
 
-function addChart(node) {
+// A canvas inside the node (a DOM widget of type "lora_lab_chart") that is not a value.
+export function addChartWidget(node, name, height) {
   const canvas = document.createElement("canvas");
   canvas.style.width = "100%";
-  canvas.style.height = `${CHART_HEIGHT}px`;
-  canvas.dataset.loraLabChart = node.comfyClass ?? node.type;
-  const widget = node.addDOMWidget("lr_chart", "lora_lab_chart", canvas, {
+  canvas.style.height = `${height}px`;
+  const widget = node.addDOMWidget(name, "lora_lab_chart", canvas, {
     serialize: false,
     hideOnZoom: false,
-    getMinHeight: () => CHART_HEIGHT + 6,
-    getHeight: () => CHART_HEIGHT + 6,
+    getMinHeight: () => height + 6,
+    getHeight: () => height + 6,
   });
   // Not a value: keep it out of saved workflows (widgets_values) and of the prompt.
   widget.serialize = false;
   widget.serializeValue = () => undefined;
+  return canvas;
+}
+
+function addChart(node) {
+  const canvas = addChartWidget(node, "lr_chart", CHART_HEIGHT);
+  canvas.dataset.loraLabChart = node.comfyClass ?? node.type;
   node.loraLabCanvas = canvas;
   node.loraLabState = { message: "loading..." };
   drawChart(canvas, node.loraLabState);
-  return widget;
 }
 
 let requestCounter = 0;

@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Regenerate the training example workflows by building them in the real graph editor.
+
+Starts a real ComfyUI with the pack and its frontend, opens it in Debian's headless Chromium,
+creates the nodes with LiteGraph, connects them, sets the widget values, and writes
+``app.graph.serialize()``: exactly what the editor's "Save" writes. Run it after a node's inputs
+change (the e2e schema test says when): ``scripts/setup_env.py run -- scripts/make_example_workflows.py``.
+compare_schedules.json is not rebuilt here (it was saved from the editor by hand).
+
+The values are a real user's starting point (their checkpoint name, 512/1024 px, bf16, 1500 steps,
+a dataset folder in ComfyUI's input folder); demo and tests change only the inputs declared in
+workflow_api.DEMO_OVERRIDES.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfy_server import ComfyServer  # noqa: E402
+from workflow_api import check_workflow  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES_DIR = REPO_ROOT / "example_workflows"
+# Debian's chromium on these machines: no sandbox as root, and no background network traffic.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+TRIGGER_WORD = "lrlab_checker"
+
+
+def chromium_path() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def training_graph(checkpoint: str, resolution: int, rates: dict, steps: int, lora_name: str,
+                   max_bucket_resolution: int) -> dict:
+    """Load Checkpoint -> LoRA Lab's four nodes -> KSampler/VAE Decode/Save Image on the trained MODEL/CLIP,
+    plus the charts saved as images. ids are the saved node ids; nodes are stacked in their column, in
+    list order, at the size the editor gives them (at least "size")."""
+    nodes = [
+        # column 1: inputs
+        {"id": 1, "type": "CheckpointLoaderSimple", "column": 0, "widgets": {"ckpt_name": checkpoint}},
+        {"id": 2, "type": "LoRALabDataset", "column": 0, "widgets": {
+            "folder": "my_dataset", "resolution": resolution, "trigger_word": TRIGGER_WORD,
+            "max_bucket_resolution": max_bucket_resolution}},
+        # column 2: the learning rate
+        {"id": 3, "type": "LoRALabLRSchedule", "column": 1, "widgets": {
+            "scheduler": "cosine", "warmup": 5.0, "warmup_unit": "percent", "preview_steps": steps}},
+        {"id": 4, "type": "LoRALabLearningRates", "column": 1, "widgets": rates},
+        # column 3: training
+        {"id": 5, "type": "LoRALabTrain", "column": 2, "widgets": {
+            "steps": steps, "batch_size": 1, "rank": 16, "alpha": 16.0, "precision": "bf16",
+            "gradient_checkpointing": True, "training_seed": 0, "min_snr_gamma": 5.0, "lora_name": lora_name}},
+        # column 4: sampling with the trained MODEL/CLIP
+        {"id": 6, "type": "CLIPTextEncode", "column": 3, "title": "Prompt (with the trigger word)",
+         "widgets": {"text": f"{TRIGGER_WORD}, a blue disc in the centre"}},
+        {"id": 7, "type": "CLIPTextEncode", "column": 3, "title": "Negative prompt",
+         "widgets": {"text": "blurry, low quality"}},
+        {"id": 8, "type": "EmptyLatentImage", "column": 3, "widgets": {
+            "width": resolution, "height": resolution, "batch_size": 1}},
+        {"id": 9, "type": "KSampler", "column": 4, "widgets": {
+            "seed": 42, "control_after_generate": "fixed", "steps": 25, "cfg": 7.0, "sampler_name": "euler",
+            "scheduler": "normal", "denoise": 1.0}},
+        {"id": 10, "type": "VAEDecode", "column": 4, "widgets": {}},
+        {"id": 11, "type": "SaveImage", "column": 5, "title": "Sample with the LoRA", "size": [320, 380],
+         "widgets": {"filename_prefix": "lora_lab/sample"}},
+        # charts
+        {"id": 12, "type": "SaveImage", "column": 3, "title": "Training chart (loss + rates)", "size": [400, 280],
+         "widgets": {"filename_prefix": "lora_lab/train_chart"}},
+        {"id": 13, "type": "SaveImage", "column": 1, "title": "Learning-rate chart", "size": [270, 220],
+         "widgets": {"filename_prefix": "lora_lab/lr_chart"}},
+        {"id": 14, "type": "PreviewImage", "column": 0, "title": "Dataset preview", "size": [400, 300],
+         "widgets": {}},
+    ]
+    links = [  # (from id, output slot, to id, input name)
+        (1, 0, 5, "model"), (1, 1, 5, "clip"), (1, 2, 5, "vae"),
+        (2, 0, 5, "dataset"), (4, 0, 5, "learning_rates"), (3, 0, 5, "lr_schedule"), (3, 0, 4, "lr_schedule"),
+        (5, 1, 6, "clip"), (5, 1, 7, "clip"),
+        (5, 0, 9, "model"), (6, 0, 9, "positive"), (7, 0, 9, "negative"), (8, 0, 9, "latent_image"),
+        (9, 0, 10, "samples"), (1, 2, 10, "vae"), (10, 0, 11, "images"),
+        (5, 3, 12, "images"), (4, 2, 13, "images"), (2, 2, 14, "images"),
+    ]
+    return {"nodes": nodes, "links": links}
+
+
+WORKFLOWS = {
+    "sd15_train_lora": training_graph(
+        "v1-5-pruned-emaonly.safetensors", 512,
+        {"learning_rate": 1e-4, "unet_lr": -1.0, "text_encoder_lr": 5e-5, "text_encoder_2_lr": -1.0,
+         "lora_plus_ratio": 1.0, "unet_block_weights": ""},
+        steps=1500, lora_name="my_first_lora", max_bucket_resolution=1024),
+    # SDXL: each text encoder at its own rate, both below the UNet's (CLIP-G is the larger one).
+    "sdxl_train_lora": training_graph(
+        "sd_xl_base_1.0.safetensors", 1024,
+        {"learning_rate": 1e-4, "unet_lr": -1.0, "text_encoder_lr": 2e-5, "text_encoder_2_lr": 1e-5,
+         "lora_plus_ratio": 1.0, "unet_block_weights": ""},
+        steps=1500, lora_name="my_first_sdxl_lora", max_bucket_resolution=2048),
+}
+
+BUILD_GRAPH = """async (spec) => {
+  app.graph.clear();
+  const made = {};
+  for (const item of spec.nodes) {
+    const node = LiteGraph.createNode(item.type);
+    if (!node) throw new Error(`no node type ${item.type}`);
+    node.id = item.id;
+    if (item.title) node.title = item.title;
+    app.graph.add(node);
+    for (const [name, value] of Object.entries(item.widgets)) {
+      const widget = node.widgets?.find((candidate) => candidate.name === name);
+      if (!widget) throw new Error(`${item.type} has no widget ${name}`);
+      widget.value = value;
+    }
+    made[item.id] = node;
+  }
+  for (const [from, slot, to, inputName] of spec.links) {
+    const target = made[to];
+    const index = target.inputs.findIndex((input) => input.name === inputName);
+    if (index < 0) throw new Error(`${target.type} has no input ${inputName}`);
+    if (!made[from].connect(slot, target, index)) throw new Error(`cannot link ${from}:${slot} -> ${to}.${inputName}`);
+  }
+  // Let the editor draw once, so nodes with DOM widgets (the charts) know their height.
+  app.graph.setDirtyCanvas(true, true);
+  for (let frame = 0; frame < 3; frame++) await new Promise((resolve) => requestAnimationFrame(resolve));
+  const titleHeight = LiteGraph.NODE_TITLE_HEIGHT, gap = 40;
+  let x = 20;
+  const columns = [...new Set(spec.nodes.map((item) => item.column))].sort((a, b) => a - b);
+  for (const column of columns) {
+    let y = 40 + titleHeight, width = 0;
+    for (const item of spec.nodes.filter((candidate) => candidate.column === column)) {
+      const node = made[item.id];
+      const computed = node.computeSize();
+      const wanted = item.size ?? [0, 0];
+      node.setSize([Math.max(node.size[0], computed[0], wanted[0]), Math.max(node.size[1], computed[1], wanted[1])]);
+      node.pos = [x, y];
+      y += node.size[1] + titleHeight + gap;
+      width = Math.max(width, node.size[0]);
+    }
+    x += width + gap;
+  }
+  app.graph.setDirtyCanvas(true, true);
+  return JSON.parse(JSON.stringify(app.graph.serialize()));
+}"""
+
+
+def main() -> int:
+    if chromium_path() is None:
+        print("Debian's chromium is needed (make setup installs it)", file=sys.stderr)
+        return 1
+    from playwright.sync_api import sync_playwright
+
+    base_dir = Path(tempfile.mkdtemp(prefix="lora_lab_workflows_"))
+    server = ComfyServer(Path(os.environ["LORA_LAB_COMFYUI_DIR"]), base_dir, with_frontend=True).start()
+    try:
+        server.request("POST", "/settings/Comfy.TutorialCompleted", True)
+        object_info = server.get("/object_info")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(server.url, wait_until="networkidle", timeout=120_000)
+            page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
+            page.wait_for_timeout(1000)  # the editor loads its start-up workflow asynchronously
+            for name, spec in WORKFLOWS.items():
+                workflow = page.evaluate(BUILD_GRAPH, spec)
+                problems = check_workflow(workflow, object_info, free_combos=("ckpt_name",))
+                if problems:
+                    raise SystemExit(f"{name}: " + "; ".join(problems))
+                path = EXAMPLES_DIR / f"{name}.json"
+                path.write_text(json.dumps(workflow, indent=2) + "\n", encoding="utf-8")
+                print(path)
+            browser.close()
+    finally:
+        server.stop()
+        shutil.rmtree(base_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
