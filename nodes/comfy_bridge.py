@@ -166,7 +166,22 @@ def model_access(model, clip, vae, family: str) -> ModelAccess:
         # clones use the card: one copy on the GPU, not two. On the CPU there is nothing to gain.
         offload_device=(torch.device(model.offload_device) if torch.device(device).type != "cpu" else None),
         weights_key=lambda: weights_fingerprint(unet, clip.cond_stage_model),
+        release_encoders=lambda vae_done, text_done: release_models(
+            ([vae.patcher] if vae_done else []) + ([clip.patcher] if text_done else [])),
     )
+
+
+def release_models(patchers: list) -> None:
+    """Unload these models from the compute device through ComfyUI's model management (so ComfyUI
+    knows, and loads them again itself when they are used next)."""
+    import comfy.model_management
+
+    loaded = comfy.model_management.current_loaded_models
+    for index in range(len(loaded) - 1, -1, -1):
+        if any(loaded[index].model is patcher for patcher in patchers):
+            if loaded[index].model_unload():
+                loaded.pop(index)
+    comfy.model_management.soft_empty_cache()
 
 
 def sample_previewer(model, vae, access: ModelAccess, prompts: list[SamplePrompt], every_n_steps: int,

@@ -94,6 +94,9 @@ class ModelAccess:
     text_kohya_names: Callable[[str, list[str]], dict[str, str]]
     latent_key: str = ""                                    # identifies VAE weights + latent format (disk cache)
     offload_device: torch.device | None = None              # where frozen originals wait while training (GPU runs)
+    # Called once every latent / frozen caption encoding is cached: (VAE done, text encoders done) ->
+    # the host moves those models off the GPU (they come back by themselves if a preview needs them).
+    release_encoders: Callable[[bool, bool], None] | None = None
     weights_key: Callable[[], str] | None = None            # identifies the base weights (resume checks)
 
 
@@ -183,6 +186,26 @@ class BatchFeeder:
         elif self.cache_latents:
             self.latent_cache[key] = latent
         return latent
+
+    def prepare(self, check_cancel: Callable[[], None] | None = None) -> tuple[bool, bool]:
+        """Encode, once and up front, every latent and caption that will not change during training,
+        so the VAE and frozen text encoders can leave the GPU before the first step.
+
+        Returns (all latents cached, all captions cached). Cancel is checked between images.
+        """
+        if self.cache_latents:
+            flips = (False, True) if self.dataset.flip else (False,)
+            for index in range(len(self.dataset.samples)):
+                if check_cancel is not None:
+                    check_cancel()
+                offset, _ = self.dataset.augmentation(index, None)   # the centre crop: no rng draw
+                for flipped in flips:
+                    self._latent(index, offset, flipped)
+        if self.cache_text:
+            fixed = random.Random(0)  # static captions never draw from it
+            self._text(list(dict.fromkeys(self.dataset.caption_for_step(index, fixed)
+                                          for index in range(len(self.dataset.samples)))))
+        return self.cache_latents, self.cache_text
 
     def cached_bytes(self) -> dict[str, int]:
         """Memory held by the in-memory caches (latents on the host, text encodings on the device)."""
@@ -358,6 +381,9 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
             optimizer = build_optimizer(settings.optimizer, groups, settings.weight_decay)
             feeder = BatchFeeder(dataset, access, bool(trained_text), settings,
                                  output_dir / "lora_lab" / LATENT_CACHE_FOLDER)
+            latents_ready, captions_ready = feeder.prepare(callbacks.check_cancel)
+            if access.release_encoders is not None:
+                access.release_encoders(latents_ready, captions_ready)
             generator = torch.Generator(device=access.device).manual_seed(settings.training_seed)
             loop_settings = LoopSettings(total_steps=settings.steps, gradient_accumulation=settings.gradient_accumulation,
                                          max_grad_norm=settings.max_grad_norm, noise_offset=settings.noise_offset,

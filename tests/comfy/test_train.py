@@ -665,3 +665,25 @@ def test_bad_sample_prompt_is_refused_before_training(comfy, loaded, dataset):
         train(comfy, loaded, dataset, rates(comfy), schedule(comfy), sample_prompt="a cat --q 3",
               sample_every_n_steps=1, lora_name="never_written")
     assert not list((comfy.models_dir / "loras").glob("never_written*"))
+
+
+def test_vae_and_frozen_text_encoder_leave_the_device_once_their_outputs_are_cached(comfy, loaded, dataset):
+    """Latents and frozen-TE captions are encoded up front; then ComfyUI's model management no longer
+    holds the VAE or the frozen CLIP (on a GPU: their VRAM is free for training)."""
+    import importlib
+
+    model_management = importlib.import_module("comfy.model_management")  # `comfy` is the fixture here
+    model, clip, vae = loaded
+    with torch.inference_mode():
+        vae.encode(torch.zeros(1, 64, 64, 3))  # the VAE is now loaded
+        model_management.load_models_gpu([clip.patcher])
+
+    def holds(patcher) -> bool:
+        return any(entry.model is patcher for entry in model_management.current_loaded_models)
+
+    assert holds(vae.patcher) and holds(clip.patcher)
+    train(comfy, loaded, dataset, rates(comfy, text_encoder_lr=0), schedule(comfy), steps=2, lora_name="released")
+    assert not holds(vae.patcher) and not holds(clip.patcher)
+    with torch.inference_mode():  # and they come back by themselves when used again
+        assert torch.isfinite(vae.encode(torch.zeros(1, 64, 64, 3))).all()
+    assert holds(vae.patcher)
