@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..training.dataset import (CROP_MODES, DatasetError, DatasetOptions, accepted_extensions_text,
+from ..training.dataset import (CROP_MODES, DatasetError, DatasetOptions, accepted_extensions_text, require_folder,
                                 build_folder_dataset, build_image_dataset, folder_fingerprint,
                                 preview_grid, summarize)
 from .images import pil_to_image
@@ -47,14 +47,7 @@ def options_from_values(values: dict) -> DatasetOptions:
 
 
 def check_folder(folder: str) -> Path:
-    path = resolve_folder(folder)
-    if not path.exists():
-        raise DatasetError(f"folder {folder!r} does not exist (looked at {str(path)!r}): give a folder of images "
-                           f"({accepted_extensions_text()}), absolute or relative to ComfyUI's input folder")
-    if not path.is_dir():
-        raise DatasetError(f"folder {folder!r} is a file ({str(path)!r}), not a folder: give the folder "
-                           f"that holds the images ({accepted_extensions_text()})")
-    return path
+    return require_folder(resolve_folder(folder), folder)
 
 
 class DatasetNode:

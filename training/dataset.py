@@ -695,16 +695,21 @@ def accepted_extensions_text() -> str:
     return ", ".join(SUPPORTED_EXTENSIONS)
 
 
+def require_folder(path: Path, typed: str | None = None) -> Path:
+    """`path` when it is an existing folder; else DatasetError naming what the user typed and the fix."""
+    shown = repr(str(path)) if typed is None or typed == str(path) else f"{typed!r} (looked at {str(path)!r})"
+    if not path.exists():
+        raise DatasetError(f"folder {shown} does not exist: give a folder of images "
+                           f"({accepted_extensions_text()}), absolute or relative to ComfyUI's input folder")
+    if not path.is_dir():
+        raise DatasetError(f"folder {shown} is a file, not a folder: give the folder that "
+                           f"holds the images ({accepted_extensions_text()})")
+    return path
+
+
 def build_folder_dataset(folder: str | Path, options: DatasetOptions) -> LoraDataset:
     """Scan ``folder`` (read only) into a :class:`LoraDataset`. Raises DatasetError on bad input."""
-    root = Path(folder).expanduser()
-    if not root.exists():
-        raise DatasetError(f"folder {str(root)!r} does not exist: give a folder of images "
-                           f"({accepted_extensions_text()}), absolute or relative to ComfyUI's input folder")
-    if not root.is_dir():
-        raise DatasetError(f"folder {str(root)!r} is a file, not a folder: give the folder that "
-                           f"holds the images ({accepted_extensions_text()})")
-    root = root.resolve()
+    root = require_folder(Path(folder).expanduser()).resolve()
     files, other_files = list_image_files(root, options.repeats)
     if not files:
         what = "is empty" if other_files == 0 else f"holds {other_files} files but no images"
