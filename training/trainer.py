@@ -166,17 +166,20 @@ class BatchFeeder:
     def _pixels(self, image) -> torch.Tensor:
         return torch.from_numpy(numpy.asarray(image, dtype=numpy.float32) / 255.0).unsqueeze(0)
 
+    def _disk_path(self, key: tuple) -> Path | None:
+        """Where the disk cache keeps this latent (None without a disk cache)."""
+        if not (self.cache_latents and self.disk_dir is not None):
+            return None
+        name = hashlib.sha256(repr((_dataset_key(self.dataset), self.access.latent_key, key)).encode()).hexdigest()[:32]
+        return self.disk_dir / f"{name}.pt"
+
     def _latent(self, index: int, offset, flipped) -> torch.Tensor:
         key = (index, tuple(offset), bool(flipped))
         if self.cache_latents and key in self.latent_cache:
             return self.latent_cache[key]
-        disk_path = None
-        if self.cache_latents and self.disk_dir is not None:
-            name = hashlib.sha256(repr((_dataset_key(self.dataset), self.access.latent_key, key)).encode()
-                                  ).hexdigest()[:32]
-            disk_path = self.disk_dir / f"{name}.pt"
-            if disk_path.is_file():
-                return torch.load(disk_path, map_location="cpu", weights_only=True)
+        disk_path = self._disk_path(key)
+        if disk_path is not None and disk_path.is_file():
+            return torch.load(disk_path, map_location="cpu", weights_only=True)
         image = self.dataset.render(index, tuple(offset), bool(flipped))
         with torch.no_grad():
             latent = self.access.encode_pixels(self._pixels(image)).detach().clone().to("cpu", torch.float32)
@@ -200,11 +203,15 @@ class BatchFeeder:
                     check_cancel()
                 offset, _ = self.dataset.augmentation(index, None)   # the centre crop: no rng draw
                 for flipped in flips:
+                    key = (index, tuple(offset), flipped)
+                    disk_path = self._disk_path(key)
+                    if key in self.latent_cache or (disk_path is not None and disk_path.is_file()):
+                        continue  # already cached: no need to read it now
                     self._latent(index, offset, flipped)
         if self.cache_text:
             fixed = random.Random(0)  # static captions never draw from it
-            self._text(list(dict.fromkeys(self.dataset.caption_for_step(index, fixed)
-                                          for index in range(len(self.dataset.samples)))))
+            self._cache_captions([self.dataset.caption_for_step(index, fixed)
+                                  for index in range(len(self.dataset.samples))])
         return self.cache_latents, self.cache_text
 
     def cached_bytes(self) -> dict[str, int]:
@@ -228,13 +235,18 @@ class BatchFeeder:
                 return self.access.encode_captions(captions)
             with torch.no_grad():
                 return self.access.encode_captions(captions)
-        missing = [caption for caption in dict.fromkeys(captions) if caption not in self.text_cache]
-        for caption in missing:
+        self._cache_captions(captions)
+        return concat_conditioning([self.text_cache[caption] for caption in captions])
+
+    def _cache_captions(self, captions: list[str]) -> None:
+        """Encode (once each) the captions not cached yet."""
+        for caption in dict.fromkeys(captions):
+            if caption in self.text_cache:
+                continue
             with torch.no_grad():
                 encoded = self.access.encode_captions([caption])
             self.text_cache[caption] = {key: value.detach().clone() if torch.is_tensor(value) else value
                                         for key, value in encoded.items()}
-        return concat_conditioning([self.text_cache[caption] for caption in captions])
 
     def __call__(self) -> tuple[torch.Tensor, dict]:
         indices = next(self.batches)
