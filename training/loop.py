@@ -388,7 +388,7 @@ def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective
             factor = multiplier(step)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-            step_loss = 0.0
+            step_loss: torch.Tensor | None = None   # stays on the device: no host sync per micro-batch
             for _ in range(settings.gradient_accumulation):
                 if callbacks.check_cancel is not None:
                     callbacks.check_cancel()
@@ -398,28 +398,30 @@ def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective
                                           device=generator.device)
                 with autocast_context(settings):
                     loss = diffusion_loss(objective, x0, cond, noise, timesteps, settings.min_snr_gamma)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    optimizer.zero_grad(set_to_none=True)
-                    raise TrainingDiverged(step, value, settings.precision)
                 scaled = loss / settings.gradient_accumulation
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                step_loss += value / settings.gradient_accumulation
+                share = scaled.detach().float()
+                step_loss = share if step_loss is None else step_loss + share
             if scaler is not None:
                 scaler.unscale_(optimizer)
             # The norm is computed even without clipping: a non-finite gradient must never reach the
             # weights (fp16's scaler skips such steps itself), so the LoRA always holds good weights.
             norm = torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm or float("inf"))
-            if scaler is None and not math.isfinite(float(norm)):
+            # One device -> host transfer per step for both checks (each sync stalls the kernel queue).
+            loss_value, norm_value = torch.stack([step_loss, norm.detach().float().to(step_loss.device)]).tolist()
+            if not math.isfinite(loss_value):
                 optimizer.zero_grad(set_to_none=True)
-                raise TrainingDiverged(step, float(norm), settings.precision, what="gradient norm")
+                raise TrainingDiverged(step, loss_value, settings.precision)
+            if scaler is None and not math.isfinite(norm_value):
+                optimizer.zero_grad(set_to_none=True)
+                raise TrainingDiverged(step, norm_value, settings.precision, what="gradient norm")
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            record = StepRecord(step=step, loss=step_loss, lr=applied_rates(optimizer))
+            record = StepRecord(step=step, loss=loss_value, lr=applied_rates(optimizer))
             records.append(record)
             if log_file is not None:
                 log_file.write(record.as_json() + "\n")
