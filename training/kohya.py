@@ -9,6 +9,7 @@ alpha / rank) and, with DoRA, ``.dora_scale``.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -16,7 +17,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 
@@ -204,13 +205,25 @@ def write_error(path: Path, error: OSError) -> SaveError:
                      error.errno)
 
 
+@contextlib.contextmanager
+def temporary_file(folder: Path) -> Iterator[str]:
+    """A fresh temp file name in `folder` (same file system, so a rename into place is atomic); the
+    file is removed afterwards unless it was renamed away. ComfyUI lists no ``.tmp`` files."""
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".lora_lab_", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield temporary
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
 def check_writable(folder: Path) -> None:
     """Create `folder` if needed and prove a file can be made in it (before any heavy work)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=folder, prefix=".lora_lab_", suffix=".tmp")
-        os.close(handle)
-        os.unlink(probe)
+        with temporary_file(folder):
+            pass
     except OSError as error:
         raise write_error(folder, error) from None
 
@@ -227,19 +240,14 @@ def save_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], 
     import safetensors.torch
 
     target = free_lora_path(loras_dir, lora_name)
-    temporary = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".lora_lab_", suffix=".tmp")
-        os.close(handle)
-        safetensors.torch.save_file(dict(tensors), temporary, metadata=dict(metadata))
-        os.chmod(temporary, 0o644)
-        target = _claim_name(temporary, loras_dir, lora_name)
+        with temporary_file(target.parent) as temporary:
+            safetensors.torch.save_file(dict(tensors), temporary, metadata=dict(metadata))
+            os.chmod(temporary, 0o644)
+            target = _claim_name(temporary, loras_dir, lora_name)
     except OSError as error:
         raise write_error(target, error) from None
-    finally:
-        if temporary is not None and os.path.exists(temporary):
-            os.unlink(temporary)
     logger.info("LoRA Lab: saved %s", target)
     return target
 

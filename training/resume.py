@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -149,14 +148,9 @@ def _optimizer_from_json(state: dict[str, Any]) -> dict[str, Any]:
 
 def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
     """Write through a temp file in the same folder, then rename over `path` (our own file)."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".lora_lab_", suffix=".tmp")
-    os.close(handle)
-    try:
+    with kohya.temporary_file(path.parent) as temporary:
         write(temporary)
         os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def save_state(run_dir: Path, identity: dict[str, Any], progress: Progress, weights: dict[str, torch.Tensor],
