@@ -10,7 +10,7 @@ from ..training.lora import TARGETS
 from ..training.resume import resolve_state_path
 from ..training.sampling import parse_sample_prompts
 from ..training.train_plots import training_chart
-from ..training.trainer import TrainCallbacks, TrainSettings, check_inputs, train_lora
+from ..training.trainer import TrainCallbacks, TrainSettings, check_inputs, part_rates_for, train_lora
 from . import comfy_bridge
 from .images import pil_to_image
 
@@ -116,9 +116,7 @@ class TrainNode:
             training_seed=training_seed, noise_offset=noise_offset, min_snr_gamma=min_snr_gamma, lora_name=lora_name,
             save_every_n_steps=save_every_n_steps, cache_latents_to_disk=cache_latents_to_disk)
         family = comfy_bridge.check_compatible(model, clip, vae)
-        part_rates = dict(learning_rates.resolved())
-        if family != "sdxl":
-            part_rates["text_encoder_2"] = 0.0
+        part_rates = part_rates_for(learning_rates, family)
         check_inputs(settings, dataset, part_rates, lr_schedule, family, comfy_bridge.device_type(model))
         sample_prompts = parse_sample_prompts(sample_prompt or "", dataset.resolution, training_seed)
         if sample_prompts and sample_every_n_steps <= 0:

@@ -17,7 +17,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy
 import torch
@@ -116,6 +116,19 @@ class TrainCallbacks:
     is_cancel: Callable[[BaseException], bool] = lambda error: False
     # Preview images: called after every optimizer step with (steps done, run folder), the LoRA in place.
     on_sample: Callable[[int, Path], None] | None = None
+
+
+def part_rates_for(rates, family: str, text_parts: Iterable[str] | None = None) -> dict[str, float]:
+    """Base rate per part for this model family (0 = frozen): TE2 exists only on SDXL, and a text
+    encoder the model lacks (when `text_parts` is given) is frozen too."""
+    part_rates = dict(rates.resolved())
+    if family != "sdxl":
+        part_rates["text_encoder_2"] = 0.0
+    if text_parts is not None:
+        for part in TEXT_PARTS:
+            if part not in text_parts:
+                part_rates[part] = 0.0
+    return part_rates
 
 
 def check_inputs(settings: TrainSettings, dataset, part_rates: dict[str, float], schedule, access_family: str,
@@ -326,13 +339,8 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
     """
     callbacks = callbacks or TrainCallbacks()
     started = time.time()
-    part_rates = dict(rates.resolved())
-    if access.family != "sdxl":
-        part_rates["text_encoder_2"] = 0.0
-    trained_text = [part for part in TEXT_PARTS if part_rates[part] > 0 and part in access.text_encoders]
-    for part in TEXT_PARTS:
-        if part not in trained_text:
-            part_rates[part] = 0.0
+    part_rates = part_rates_for(rates, access.family, access.text_encoders)
+    trained_text = [part for part in TEXT_PARTS if part_rates[part] > 0]
     identity = run_identity(settings, rates, schedule, dataset, access)
     resumed = load_resume_state(resume_from, output_dir / "lora_lab", identity, settings) if resume_from else None
     # The run folder mirrors the file's name inside models/loras ("styles/alice_2" -> lora_lab/styles/alice_2).
