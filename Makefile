@@ -10,7 +10,7 @@ setup:
 	@$(SETUP)
 
 test:
-	@$(SETUP) run -- -m pytest -q -rs $(PYTEST_ARGS)
+	@python3 scripts/run_tests.py $(PYTEST_ARGS)
 
 test-unit:
 	@$(SETUP) run -- -m pytest -q tests/unit $(PYTEST_ARGS)

@@ -7,6 +7,8 @@ module importable by tools that only inspect the pack.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from PIL import Image
 from ..training import kohya
 from ..training.loop import DiffusionObjective, StepRecord
 from ..training.sampling import PreviewSampler, SamplePrompt
-from ..training.trainer import ModelAccess, concat_conditioning
+from ..training.trainer import ModelAccess, check_fits, concat_conditioning
 
 logger = logging.getLogger("lora_lab")
 
@@ -63,13 +65,6 @@ def check_compatible(model, clip, vae) -> str:
     if model is None or clip is None or vae is None:
         raise ValueError("Train LoRA: model, clip and vae must all be connected (from Load Checkpoint).")
     family = model_family(model)
-    # Newer ComfyUI can stream weights to the GPU page by page (ModelPatcherDynamic); training needs
-    # them resident. Its own trainer falls back to a bypass mode there; we refuse clearly instead.
-    is_dynamic = getattr(model, "is_dynamic", None)
-    if callable(is_dynamic) and is_dynamic():
-        raise ValueError("Train LoRA: this ComfyUI loads the model's weights page by page (dynamic loading), "
-                         "which training cannot use. Start ComfyUI with --highvram so the model is loaded "
-                         "whole, then queue again.")
     expected = TEXT_ENCODER_ROOTS[family]
     stage = clip.cond_stage_model
     present = [attribute for attribute in ("clip_l", "clip_h", "clip_g") if hasattr(stage, attribute)]
@@ -93,6 +88,80 @@ def check_compatible(model, clip, vae) -> str:
         raise ValueError(f"Train LoRA: model predicts {prediction}; only epsilon and v-prediction models "
                          "can be trained.")
     return family
+
+
+def is_dynamic(patcher) -> bool:
+    """True for a model that ComfyUI streams to the GPU per forward (ModelPatcherDynamic: dynamic VRAM,
+    the NVIDIA default since ComfyUI 0.3x of 2026-02). Older ComfyUI has no such patcher."""
+    check = getattr(patcher, "is_dynamic", None)
+    return bool(callable(check) and check())
+
+
+@contextlib.contextmanager
+def training_models(model, clip, train_text: bool):
+    """The MODEL and CLIP the training run injects into: (model, clip), given back in `finally`.
+
+    A model loaded for dynamic VRAM cannot take peft layers: ``ModelPatcherDynamic.load`` re-creates
+    every parameter of a module without ``comfy_cast_weights`` as a frozen ``nn.Parameter``, so
+    lora_A/lora_B would be swapped for copies the optimizer never sees, and the base weights are not
+    resident. So a dynamic MODEL (and a dynamic CLIP whose encoders train) is trained on a private,
+    non-dynamic copy: ``clone(disable_dynamic=True)`` reloads the same checkpoint through the
+    loader's ``cached_patcher_init`` (the user's patches, object patches and model options come
+    along), the copy is loaded whole onto the GPU for the run, and afterwards it is unloaded through
+    ComfyUI's model management and dropped, which gives its memory back after success, error and
+    Cancel alike. The user's MODEL/CLIP are never touched and stay dynamic; the returned ones are
+    theirs with the saved file applied, which dynamic VRAM streams like any LoRA.
+
+    Any other model (ComfyUI before dynamic VRAM, --highvram, the CPU) is trained in place exactly as
+    before: the same module, with every injection undone by the trainer. A frozen CLIP is only used to
+    encode captions, which works on a dynamic one, so it is never copied.
+
+    Chosen over ComfyUI's per-forward weight path (weight wrappers / bypass hooks, what its own
+    trainer does): that path would replace peft's layers and our exact kohya export, and it gains
+    only for models larger than the card, which SD1.x/SDXL never are on a card that can train them.
+    """
+    private = []
+    for name, patcher in (("model", model), ("clip", clip.patcher if train_text else None)):
+        if patcher is not None and is_dynamic(patcher) and getattr(patcher, "cached_patcher_init", None) is None:
+            raise ValueError(f"Train LoRA: {name} is loaded for dynamic VRAM and ComfyUI cannot make a resident copy "
+                             "of it to train (it was not loaded from a file by a stock loader node). Connect the "
+                             f"{name.upper()} output of Load Checkpoint (or Load Diffusion Model / Load CLIP), or start "
+                             "ComfyUI with --disable-dynamic-vram.")
+    try:
+        if is_dynamic(model):
+            model = model.clone(disable_dynamic=True)
+            private.append(model)
+        if train_text and is_dynamic(clip.patcher):
+            clip = clip.clone(disable_dynamic=True)
+            # CLIP.clone keeps cond_stage_model pointing at the user's encoder: use the reloaded one.
+            clip.cond_stage_model = clip.patcher.model
+            private.append(clip.patcher)
+        if private:
+            logger.info("LoRA Lab: dynamic VRAM: training on a private resident copy of %s",
+                        ", ".join(type(patcher.model).__name__ for patcher in private))
+            check_private_copies_fit(private)
+        yield model, clip
+    finally:
+        if private:
+            release_models(private)
+            del model, clip
+            private.clear()
+            gc.collect()
+            release_models([])
+
+
+def check_private_copies_fit(patchers: list) -> None:
+    """Before loading the private copies: make room as ComfyUI would, then refuse clearly if they
+    still cannot fit (sizes, free memory, what to change)."""
+    import comfy.model_management
+
+    device = patchers[0].load_device
+    if torch.device(device).type == "cpu":
+        return
+    sizes = {type(patcher.model).__name__: patcher.model_size() for patcher in patchers}
+    reserve = comfy.model_management.minimum_inference_memory()
+    comfy.model_management.free_memory(sum(sizes.values()) + reserve, device)
+    check_fits(sizes, reserve, comfy.model_management.get_free_memory(device), str(device))
 
 
 def model_access(model, clip, vae, family: str) -> ModelAccess:

@@ -10,7 +10,7 @@ from ..training.lora import TARGETS
 from ..training.resume import resolve_state_path
 from ..training.sampling import parse_sample_prompts
 from ..training.train_plots import training_chart
-from ..training.trainer import TrainCallbacks, TrainSettings, check_inputs, part_rates_for, train_lora
+from ..training.trainer import TEXT_PARTS, TrainCallbacks, TrainSettings, check_inputs, part_rates_for, train_lora
 from . import comfy_bridge
 from .images import pil_to_image
 
@@ -125,18 +125,27 @@ class TrainNode:
         if resume_from.strip():   # a wrong path fails now; what the checkpoint holds is checked in train_lora
             resolve_state_path(resume_from, comfy_bridge.output_dir() / "lora_lab")
 
-        access = comfy_bridge.model_access(model, clip, vae, family)
-        callbacks = TrainCallbacks(
-            on_step=comfy_bridge.progress_reporter(steps, unique_id, training_chart),
-            check_cancel=comfy_bridge.check_cancel, is_cancel=comfy_bridge.is_cancel,
-            on_sample=comfy_bridge.sample_previewer(model, vae, access, sample_prompts, sample_every_n_steps, steps,
-                                                    unique_id))
-        loras_dir = comfy_bridge.loras_dir()
-        result = train_lora(settings, access, dataset, learning_rates, lr_schedule, loras_dir,
-                            comfy_bridge.output_dir(), callbacks, resume_from=resume_from.strip())
+        train_text = any(part_rates[part] > 0 for part in TEXT_PARTS)
+        result = self._run(model, clip, vae, family, train_text, settings, dataset, learning_rates, lr_schedule,
+                           sample_prompts, sample_every_n_steps, resume_from.strip(), unique_id)
         trained_model, trained_clip = comfy_bridge.apply_lora_file(model, clip, result.path)
-        name = lora_name_for(result.path, loras_dir)
+        name = lora_name_for(result.path, comfy_bridge.loras_dir())
         chart = pil_to_image(training_chart(result.records, title=f"Train LoRA: {name}"))
         logger.info("LoRA Lab: trained %s in %.1f s (%d steps, final loss %.4f)", name, result.seconds, steps,
                     result.records[-1].loss)
         return {"ui": {"text": [name]}, "result": (trained_model, trained_clip, name, chart)}
+
+    @staticmethod
+    def _run(model, clip, vae, family, train_text, settings, dataset, learning_rates, lr_schedule, sample_prompts,
+             sample_every_n_steps, resume_from, unique_id):
+        """Train on the models `training_models` hands out (the user's, or private copies under dynamic
+        VRAM, released when this returns)."""
+        with comfy_bridge.training_models(model, clip, train_text) as (train_model, train_clip):
+            access = comfy_bridge.model_access(train_model, train_clip, vae, family)
+            callbacks = TrainCallbacks(
+                on_step=comfy_bridge.progress_reporter(settings.steps, unique_id, training_chart),
+                check_cancel=comfy_bridge.check_cancel, is_cancel=comfy_bridge.is_cancel,
+                on_sample=comfy_bridge.sample_previewer(train_model, vae, access, sample_prompts, sample_every_n_steps,
+                                                        settings.steps, unique_id))
+            return train_lora(settings, access, dataset, learning_rates, lr_schedule, comfy_bridge.loras_dir(),
+                              comfy_bridge.output_dir(), callbacks, resume_from=resume_from)

@@ -578,6 +578,27 @@ def restore_run(state: resume.ResumeState, injected: list[InjectedLora], optimiz
         scaler.load_state_dict(state.scaler)
 
 
+GIB = 1024 ** 3
+
+
+def check_fits(model_bytes: dict[str, int], reserve_bytes: int, free_bytes: int, device: str) -> None:
+    """Refuse, before anything loads, a model whose weights cannot be made resident on the device.
+
+    model_bytes: weights to load per model (name -> bytes); reserve_bytes: what must stay free for
+    activations (ComfyUI's minimum inference memory); free_bytes: free memory after ComfyUI unloaded
+    what it could.
+    """
+    needed = sum(model_bytes.values()) + reserve_bytes
+    if needed <= free_bytes:
+        return
+    parts = ", ".join(f"{name} {size / GIB:.2f} GiB" for name, size in model_bytes.items())
+    raise ValueError(f"Train LoRA: the model does not fit on {device} for training: it needs {needed / GIB:.2f} GiB "
+                     f"({parts}, plus {reserve_bytes / GIB:.2f} GiB working memory) but only {free_bytes / GIB:.2f} GiB "
+                     "is free after ComfyUI unloaded the other models. Set the text-encoder rates to 0 (a frozen "
+                     "text encoder is not loaded for training), close other programs that use the GPU, or load the "
+                     "checkpoint with a smaller weight dtype (fp16).")
+
+
 def release_device_memory(device: torch.device) -> None:
     """Collect garbage and hand cached blocks back to the driver (after an out-of-memory error)."""
     gc.collect()

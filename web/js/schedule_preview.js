@@ -18,25 +18,23 @@ function widgetValues(node) {
   return values;
 }
 
+// Links are read through the node API (isInputConnected / getInputNode / getOutputNodes), which
+// every frontend has; the slot fields input.link / output.links are deprecated since frontend 1.5x.
+function isNodeOf(node, type) {
+  return node != null && (node.comfyClass === type || node.type === type);
+}
+
 function linkedScheduleNode(ratesNode) {
-  const input = ratesNode.inputs?.find((slot) => slot.name === "lr_schedule");
-  if (!input || input.link == null) return null;
-  const link = ratesNode.graph?.links?.[input.link] ?? ratesNode.graph?.links?.get?.(input.link);
-  if (!link) return null;
-  const origin = ratesNode.graph.getNodeById(link.origin_id);
-  return origin?.comfyClass === SCHEDULE_NODE || origin?.type === SCHEDULE_NODE ? origin : null;
+  const slot = ratesNode.inputs?.findIndex((input) => input.name === "lr_schedule") ?? -1;
+  if (slot < 0 || !ratesNode.graph || !ratesNode.isInputConnected(slot)) return null;
+  const origin = ratesNode.getInputNode(slot);
+  return isNodeOf(origin, SCHEDULE_NODE) ? origin : null;
 }
 
 function linkedRatesNodes(scheduleNode) {
-  const result = [];
-  for (const output of scheduleNode.outputs ?? []) {
-    for (const linkId of output.links ?? []) {
-      const link = scheduleNode.graph?.links?.[linkId] ?? scheduleNode.graph?.links?.get?.(linkId);
-      const target = link && scheduleNode.graph.getNodeById(link.target_id);
-      if (target && (target.comfyClass === RATES_NODE || target.type === RATES_NODE)) result.push(target);
-    }
-  }
-  return result;
+  if (!scheduleNode.graph) return [];
+  const targets = (scheduleNode.outputs ?? []).flatMap((_, slot) => scheduleNode.getOutputNodes(slot) ?? []);
+  return targets.filter((target) => isNodeOf(target, RATES_NODE));
 }
 
 // A cleared, device-pixel-sharp canvas of the given height: {context, width, height}.

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""`make test`: the whole suite on ComfyUI 0.3.75, then the tiers whose behaviour depends on ComfyUI
+(in-process, real server, real browser) again on ComfyUI 0.33.0, each in its own environment.
+
+0.33.0 comes from ../shared/upstream (see scripts/setup_env.py); without that archive (a user's fresh
+clone) it is skipped with one line saying why. With COMFYUI_DIR set (your own ComfyUI) the suite runs
+once, on it. Extra arguments go to pytest (both runs); given any, they replace the second run's tier
+selection too. The last line counts both runs: "matrix: N passed, N failed, N skipped".
+
+Environment: LORA_LAB_TEST_COMFYUIS="0.3.75 0.33.0" picks the versions (default: all that can be set up).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from setup_env import DEFAULT_COMFYUI, available  # noqa: E402
+
+# On the second ComfyUI only what can behave differently there: everything that boots ComfyUI.
+COMFYUI_TIERS = ["tests/comfy", "tests/e2e", "tests/browser"]
+
+
+def counts(junit: Path) -> dict[str, int]:
+    """passed / failed / skipped from a pytest junit file (errors count as failed)."""
+    if not junit.is_file():
+        return {"passed": 0, "failed": 1, "skipped": 0}   # pytest died before writing it
+    totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    root = ElementTree.parse(junit).getroot()
+    for suite in ([root] if root.tag == "testsuite" else root.iter("testsuite")):
+        for key in totals:
+            totals[key] += int(suite.get(key, 0))
+    failed = totals["failures"] + totals["errors"]
+    return {"passed": totals["tests"] - failed - totals["skipped"], "failed": failed, "skipped": totals["skipped"]}
+
+
+def run_pytest(version: str | None, arguments: list[str], junit: Path) -> int:
+    environment = dict(os.environ)
+    if version is not None:
+        environment["LORA_LAB_COMFYUI"] = version
+    print(f"\n===== pytest on ComfyUI {version or os.environ.get('COMFYUI_DIR', '')} =====", flush=True)
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "setup_env.py"), "run", "--", "-m", "pytest", "-q", "-rs",
+               f"--junitxml={junit}", *arguments]
+    return subprocess.call(command, env=environment, cwd=REPO_ROOT)
+
+
+def main(arguments: list[str]) -> int:
+    if os.environ.get("COMFYUI_DIR"):
+        plan = [(None, arguments)]
+    else:
+        wanted = os.environ.get("LORA_LAB_TEST_COMFYUIS", "").split()
+        plan = []
+        for line in available():
+            version, _, state = line.partition(" ")
+            if wanted and version not in wanted:
+                continue
+            if state != "ok":
+                print(f"ComfyUI {version} {state}", flush=True)
+                continue
+            plan.append((version, arguments if (arguments or version == DEFAULT_COMFYUI) else COMFYUI_TIERS))
+    totals = {"passed": 0, "failed": 0, "skipped": 0}
+    status = 0
+    with tempfile.TemporaryDirectory(prefix="lora-lab-junit-") as folder:
+        for index, (version, pytest_arguments) in enumerate(plan):
+            junit = Path(folder) / f"run{index}.xml"
+            code = run_pytest(version, pytest_arguments, junit)
+            found = counts(junit)
+            for key in totals:
+                totals[key] += found[key]
+            print(f"ComfyUI {version or 'COMFYUI_DIR'}: {found['passed']} passed, {found['failed']} failed, "
+                  f"{found['skipped']} skipped (pytest exit {code})", flush=True)
+            # pytest's 5 = nothing collected: a selection that matched no test is not a failure here.
+            if code not in (0, 5):
+                status = 1
+    print(f"matrix: {totals['passed']} passed, {totals['failed']} failed, {totals['skipped']} skipped", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

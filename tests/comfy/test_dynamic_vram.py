@@ -1,0 +1,131 @@
+"""Train LoRA on a model that ComfyUI loads for dynamic VRAM (ModelPatcherDynamic), as far as a CPU
+can reach it.
+
+Dynamic VRAM needs an NVIDIA card (comfy-aimdo), and on a CPU load device ComfyUI hands back a plain
+ModelPatcher, so CI cannot load a truly dynamic model. These tests give the stock loader's MODEL and
+CLIP a patcher class whose ``is_dynamic()`` is true, which sends Train LoRA down its dynamic-VRAM
+route for real: ``clone(disable_dynamic=True)`` reloads the checkpoint through the loader's
+``cached_patcher_init``, the copy is loaded whole, trained, then unloaded and dropped.
+
+What they prove: the route runs on ComfyUI's own calls (0.33 and newer; 0.3.75 has no dynamic VRAM
+and is skipped), the user's MODEL/CLIP keep their weights, modules and (fake) dynamic class, the
+private copies leave ComfyUI's loaded-model list and are garbage-collected, and the returned MODEL/
+CLIP equal LoraLoader on the saved file. What they do not prove: aimdo's streaming, real GPU memory
+given back, or sampling with a truly dynamic patcher (an NVIDIA run of a real 0.33 server does; see
+the README's "Supported ComfyUI").
+"""
+from __future__ import annotations
+
+import gc
+import inspect
+import logging
+import warnings
+
+import pytest
+import torch
+
+from .test_train import (clip_outputs, dataset, loaded, probe, checkpoint, rates, read_lora, schedule,  # noqa: F401
+                         stock_lora_loader, train, unet_outputs)
+
+
+def _supports_dynamic_vram() -> bool:
+    import comfy.model_patcher
+    return "disable_dynamic" in inspect.signature(comfy.model_patcher.ModelPatcher.clone).parameters
+
+
+@pytest.fixture(scope="module")
+def dynamic_vram(comfy):
+    if not _supports_dynamic_vram():
+        pytest.skip("this ComfyUI has no dynamic VRAM (ModelPatcher.clone has no disable_dynamic): nothing to test")
+
+
+def as_dynamic(patcher):
+    """The same patcher, reporting itself as dynamic (what ModelPatcherDynamic does on a GPU)."""
+    patcher.__class__ = type("DynamicOnCPU", (type(patcher),), {"is_dynamic": lambda self: True})
+    return patcher
+
+
+@pytest.fixture()
+def dynamic_loaded(comfy, loaded, dynamic_vram):
+    model, clip, vae = loaded
+    dynamic_model = as_dynamic(model.clone())
+    dynamic_clip = clip.clone()
+    dynamic_clip.patcher = as_dynamic(dynamic_clip.patcher)
+    assert dynamic_model.cached_patcher_init is not None, "the stock loader sets cached_patcher_init"
+    return dynamic_model, dynamic_clip, vae
+
+
+def module_state(module: torch.nn.Module) -> dict:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def live_ids(kind) -> set[int]:
+    gc.collect()
+    with warnings.catch_warnings():   # isinstance on some of torch's deprecated objects warns
+        warnings.simplefilter("ignore")
+        return {id(item) for item in gc.get_objects() if isinstance(item, kind)}
+
+
+def test_dynamic_model_and_clip_train_on_private_copies(comfy, dynamic_loaded, dataset, probe, caplog):
+    from comfy import model_base, model_management
+
+    model, clip, vae = dynamic_loaded
+    unet_before = module_state(model.model)
+    clip_before = module_state(clip.cond_stage_model)
+    modules_before = [type(item).__name__ for item in model.model.modules()]
+    base_models_before = live_ids(model_base.BaseModel)
+    latent, context = probe
+    with caplog.at_level(logging.INFO, logger="lora_lab"):
+        trained_model, trained_clip, name, _ = train(
+            comfy, (model, clip, vae), dataset, rates(comfy, learning_rate=1e-3, text_encoder_lr=1e-3),
+            schedule(comfy), steps=2, lora_name="dynamic_lora", model=model, clip=clip)
+    assert any("private resident copy" in record.getMessage() for record in caplog.records), \
+        "a dynamic model must be trained on a private copy"
+
+    # The user's objects: same weights, same module tree, still dynamic.
+    assert model.is_dynamic() and clip.patcher.is_dynamic()
+    assert [type(item).__name__ for item in model.model.modules()] == modules_before
+    for name_, tensor in module_state(model.model).items():
+        assert torch.equal(tensor, unet_before[name_]), name_
+    for name_, tensor in module_state(clip.cond_stage_model).items():
+        assert torch.equal(tensor, clip_before[name_]), name_
+
+    # The file trained both parts and the returned MODEL/CLIP are LoraLoader on it.
+    tensors, _ = read_lora(comfy, name)
+    assert any(key.startswith("lora_te_") for key in tensors) and any(key.startswith("lora_unet_") for key in tensors)
+    assert max(float(tensor.abs().max()) for key, tensor in tensors.items() if key.endswith("lora_up.weight")) > 0
+    stock_model, stock_clip, log_lines = stock_lora_loader(comfy, (model, clip, vae), name)
+    assert not [line for line in log_lines if "lora key not loaded" in line]
+    assert torch.allclose(unet_outputs(trained_model, latent, context), unet_outputs(stock_model, latent, context),
+                          atol=1e-5)
+    assert torch.allclose(clip_outputs(trained_clip), clip_outputs(stock_clip), atol=1e-5)
+
+    # The private copies were unloaded and dropped once the node returned: ComfyUI holds no model it
+    # did not hold before, and no new diffusion model object survives (the returned MODEL shares the
+    # user's module).
+    assert live_ids(model_base.BaseModel) <= base_models_before
+    loaded_now = {id(entry.model.model) for entry in model_management.current_loaded_models
+                  if isinstance(entry.model.model, model_base.BaseModel)}
+    assert loaded_now <= base_models_before
+
+
+def test_frozen_text_encoder_is_not_copied(comfy, dynamic_loaded, dataset, caplog):
+    """A frozen CLIP only encodes captions, which a dynamic CLIP does itself: only the UNet is copied."""
+    model, clip, vae = dynamic_loaded
+    with caplog.at_level(logging.INFO, logger="lora_lab"):
+        train(comfy, (model, clip, vae), dataset, rates(comfy, learning_rate=1e-3, text_encoder_lr=0.0),
+              schedule(comfy), steps=1, lora_name="dynamic_unet_only", model=model, clip=clip)
+    copies = [record.getMessage() for record in caplog.records if "private resident copy" in record.getMessage()]
+    assert len(copies) == 1 and "Clip" not in copies[0].split("copy of", 1)[1], copies
+
+
+def test_model_without_reload_recipe_gets_a_clear_error(comfy, dynamic_loaded, dataset):
+    """A dynamic model that ComfyUI cannot reload (no cached_patcher_init, e.g. built by another node)
+    gets an error naming the way out before anything trains, and the model is untouched."""
+    model, clip, vae = dynamic_loaded
+    model.cached_patcher_init = None
+    before = module_state(model.model)
+    with pytest.raises(Exception, match="dynamic VRAM.*--disable-dynamic-vram"):
+        train(comfy, (model, clip, vae), dataset, rates(comfy, learning_rate=1e-3, text_encoder_lr=0.0),
+              schedule(comfy), steps=1, lora_name="dynamic_no_recipe", model=model, clip=clip)
+    assert all(torch.equal(tensor, before[key]) for key, tensor in module_state(model.model).items())
