@@ -137,14 +137,57 @@ BUILD_GRAPH = """async (spec) => {
       const wanted = item.size ?? [0, 0];
       node.setSize([Math.max(node.size[0], computed[0], wanted[0]), Math.max(node.size[1], computed[1], wanted[1])]);
       node.pos = [x, y];
-      y += node.size[1] + titleHeight + gap;
-      width = Math.max(width, node.size[0]);
+      // Nodes 2.0 draws nodes taller (and sometimes wider) than the canvas does: leave room for the
+      // larger of the two, so that neither mode has a node over another.
+      const rendered = spec.rendered?.[item.id] ?? [0, 0];
+      y += Math.max(node.size[1] + titleHeight, rendered[1]) + gap;
+      width = Math.max(width, node.size[0], rendered[0]);
     }
     x += width + gap;
   }
   app.graph.setDirtyCanvas(true, true);
   return JSON.parse(JSON.stringify(app.graph.serialize()));
 }"""
+
+
+# Outer size [width, height] (title included, canvas units) of each node as Nodes 2.0 renders it.
+MEASURE_RENDERED = """async () => {
+  app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0]; app.canvas.setDirty(true, true);
+  for (let frame = 0; frame < 20; frame++) await new Promise((resolve) => requestAnimationFrame(resolve));
+  await new Promise((resolve) => setTimeout(resolve, 1500));
+  const sizes = {};
+  for (const node of app.graph.nodes) {
+    const element = document.querySelector(`[data-node-id="${node.id}"]`);
+    if (!element) throw new Error(`Nodes 2.0 did not render node ${node.id}`);
+    const box = element.getBoundingClientRect();
+    sizes[node.id] = [box.width / app.canvas.ds.scale, box.height / app.canvas.ds.scale];
+  }
+  return sizes;
+}"""
+
+
+def open_editor(browser, server: ComfyServer, nodes2: bool):
+    server.request("POST", "/settings/Comfy.TutorialCompleted", True)
+    server.request("POST", "/settings/Comfy.VueNodes.Enabled", nodes2)
+    page = browser.new_page(viewport={"width": 5000, "height": 3200})
+    page.goto(server.url, wait_until="networkidle", timeout=120_000)
+    page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
+    page.wait_for_timeout(1000)  # the editor loads its start-up workflow asynchronously
+    return page
+
+
+def rendered_sizes(browser, servers: list[ComfyServer]) -> dict[str, dict[str, list[float]]]:
+    """Per workflow, the largest Nodes 2.0 size of each node over every frontend given."""
+    sizes: dict[str, dict[str, list[float]]] = {}
+    for server in servers:
+        page = open_editor(browser, server, nodes2=True)
+        for name, spec in WORKFLOWS.items():
+            page.evaluate(BUILD_GRAPH, spec)
+            for node_id, (width, height) in page.evaluate(MEASURE_RENDERED).items():
+                known = sizes.setdefault(name, {}).setdefault(node_id, [0.0, 0.0])
+                sizes[name][node_id] = [max(known[0], width), max(known[1], height)]
+        page.close()
+    return sizes
 
 
 def main() -> int:
@@ -154,18 +197,21 @@ def main() -> int:
     from playwright.sync_api import sync_playwright
 
     base_dir = Path(tempfile.mkdtemp(prefix="lora_lab_workflows_"))
-    server = ComfyServer(Path(os.environ["LORA_LAB_COMFYUI_DIR"]), base_dir, with_frontend=True).start()
+    comfyui_dir = Path(os.environ["LORA_LAB_COMFYUI_DIR"])
+    server = ComfyServer(comfyui_dir, base_dir / "pinned", with_frontend=True).start()
+    servers = [server]
+    newest = os.environ.get("LORA_LAB_NEWEST_FRONTEND", "")
+    if newest:
+        servers.append(ComfyServer(comfyui_dir, base_dir / "newest", front_end_root=Path(newest)).start())
     try:
-        server.request("POST", "/settings/Comfy.TutorialCompleted", True)
         object_info = server.get("/object_info")
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(server.url, wait_until="networkidle", timeout=120_000)
-            page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
-            page.wait_for_timeout(1000)  # the editor loads its start-up workflow asynchronously
+            rendered = rendered_sizes(browser, servers)
+            # Saved from the pinned editor in classic mode: the format every supported frontend reads.
+            page = open_editor(browser, server, nodes2=False)
             for name, spec in WORKFLOWS.items():
-                workflow = page.evaluate(BUILD_GRAPH, spec)
+                workflow = page.evaluate(BUILD_GRAPH, {**spec, "rendered": rendered[name]})
                 problems = check_workflow(workflow, object_info, free_combos=("ckpt_name",))
                 if problems:
                     raise SystemExit(f"{name}: " + "; ".join(problems))
@@ -174,7 +220,8 @@ def main() -> int:
                 print(path)
             browser.close()
     finally:
-        server.stop()
+        for running in servers:
+            running.stop()
         shutil.rmtree(base_dir, ignore_errors=True)
     return 0
 

@@ -1,7 +1,7 @@
 """The live LR curves in the real graph editor (Chromium + ComfyUI's own frontend)."""
 from __future__ import annotations
 
-from browser.conftest import ARTIFACTS  # noqa: F401  (documentation: screenshots land there)
+from browser.conftest import artifact
 
 ADD_NODE = """(type) => { const node = LiteGraph.createNode(type); node.pos = [40 + (app.graph._nodes ?? app.graph.nodes ?? []).length * 460, 80];
                  app.graph.add(node); return node.id; }"""
@@ -60,7 +60,7 @@ def test_schedule_node_draws_and_redraws_on_widget_change(page):
 
     page.evaluate("() => { app.canvas.ds.offset = [20, 20]; app.canvas.ds.scale = 1; app.canvas.setDirty(true, true); }")
     page.wait_for_timeout(300)
-    page.screenshot(path=str(ARTIFACTS / "lr_visualizer_per_part.png"))
+    page.screenshot(path=artifact(page, "lr_visualizer_per_part.png"))
 
     set_widget(page, rates, "text_encoder_lr", 0)  # frozen TE (and TE2, which inherits it): one curve left
     state = wait_state(page, rates, "s.series && s.series.length === 1")
@@ -72,5 +72,5 @@ def test_schedule_node_draws_and_redraws_on_widget_change(page):
 
     page.evaluate("() => { app.canvas.ds.offset = [20, 20]; app.canvas.ds.scale = 1; app.canvas.setDirty(true, true); }")
     page.wait_for_timeout(500)
-    page.screenshot(path=str(ARTIFACTS / "lr_visualizer.png"))
+    page.screenshot(path=artifact(page, "lr_visualizer.png"))
     assert not page.loraLabErrors, page.loraLabErrors

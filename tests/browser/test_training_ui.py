@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from browser.conftest import ARTIFACTS
+from browser.conftest import artifact
 from browser.test_lr_visualizer import canvas_pixel_spread, set_widget, wait_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
@@ -132,7 +132,7 @@ def test_sd15_example_trains_with_a_live_chart_and_samples(page, ui_server):
 
     page.set_viewport_size({"width": 1920, "height": 1120})
     show_whole_graph(page)
-    page.screenshot(path=str(ARTIFACTS / "training_graph.png"))
+    page.screenshot(path=artifact(page, "training_graph.png"))
     zoom_on_node_bottom(page, TRAIN, 1.3)
-    page.locator("canvas[data-lora-lab-training-chart]").screenshot(path=str(ARTIFACTS / "training_chart_live.png"))
+    page.locator("canvas[data-lora-lab-training-chart]").screenshot(path=artifact(page, "training_chart_live.png"))
     assert not page.loraLabErrors, page.loraLabErrors

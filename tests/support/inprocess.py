@@ -139,6 +139,8 @@ def boot(comfyui_dir: Path, base_dir: Path, cpu: bool = True) -> ComfyInProcess:
     if pack_module is None or "LoRALabLRSchedule" not in nodes.NODE_CLASS_MAPPINGS:
         raise RuntimeError("ComfyUI did not load the LoRA Lab pack; see the import error above")
     instance = ComfyInProcess(comfyui_dir=comfyui_dir, base_dir=base_dir, pack=pack_module)
-    instance.executor = execution.PromptExecutor(instance.server, execution.CacheType.CLASSIC, {"lru": 0, "ram": 0})
+    # "ram_inactive" is read by ComfyUI 0.33 (0.3.75 ignores it), as main.py passes it.
+    instance.executor = execution.PromptExecutor(instance.server, execution.CacheType.CLASSIC,
+                                                 {"lru": 0, "ram": 0, "ram_inactive": 0})
     _INSTANCE = instance
     return instance

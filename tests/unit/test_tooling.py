@@ -1,6 +1,7 @@
 """Contracts other tools rely on: `make -s python` / `make -s comfyui-dir`, and the pack metadata."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tomllib
@@ -11,16 +12,34 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def comfyui_versions() -> list[str]:
+    """Every ComfyUI the tooling knows; one whose source is not on this machine is skipped."""
+    printed = subprocess.run(["python3", "scripts/setup_env.py", "available"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+    return [pytest.param(line.split()[0], marks=() if line.endswith(" ok") else pytest.mark.skip(reason=line))
+            for line in printed]
+
+
+@pytest.mark.parametrize("version", comfyui_versions())
 @pytest.mark.parametrize("target", ["python", "comfyui-dir"])
-def test_make_prints_exactly_one_line(target):
-    completed = subprocess.run(["make", "-s", target], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+def test_make_prints_exactly_one_line(target, version):
+    """`LORA_LAB_COMFYUI=<version> make -s python|comfyui-dir`: one line, that ComfyUI's own environment."""
+    environment = {key: value for key, value in os.environ.items() if key not in ("COMFYUI_DIR", "COMFYUI_PYTHON")}
+    environment["LORA_LAB_COMFYUI"] = version
+    completed = subprocess.run(["make", "-s", target], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+                               env=environment)
     assert completed.returncode == 0, completed.stderr[-2000:]
     lines = completed.stdout.splitlines()
     assert len(lines) == 1, completed.stdout
     path = Path(lines[0])
     assert path.exists()
+    if target == "python":
+        reported = subprocess.run([str(path), "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        assert Path(reported).name == ("venv" if version == "0.3.75" else f"venv-{version}")
     if target == "comfyui-dir":
         assert (path / "main.py").exists() and (path / "comfy").is_dir()
+        assert f'"{version}"' in (path / "comfyui_version.py").read_text()
         linked = [entry for entry in (path / "custom_nodes").iterdir() if entry.resolve() == REPO_ROOT]
         assert linked, "the pack is not linked into the ComfyUI custom_nodes"
 
