@@ -58,9 +58,10 @@ def link_checkpoint(source: Path, checkpoints_dir: Path) -> str:
     return source.name
 
 
-def tiny_checkpoint(checkpoints_dir: Path) -> Path:
-    """The generated tiny SD1.5 checkpoint (needs ComfyUI importable, so in a child process)."""
-    fixture = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "make_tiny_checkpoint.py")],
+def tiny_checkpoint(checkpoints_dir: Path, *options: str) -> Path:
+    """The generated tiny SD1.5 checkpoint, or with "--vega" the SDXL-family one (needs ComfyUI
+    importable, so in a child process)."""
+    fixture = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "make_tiny_checkpoint.py"), *options],
                              check=True, capture_output=True, text=True).stdout.strip()
     return checkpoints_dir / link_checkpoint(Path(fixture), checkpoints_dir)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import inspect
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -89,6 +90,8 @@ class ComfyInProcess(BaseDirectoryFolders):
         results = {}
         for node_id in prompt:
             entry = self.executor.caches.outputs.get(node_id)
+            if inspect.iscoroutine(entry):   # ComfyUI 0.33's caches are async
+                entry = _call_outside_event_loop(asyncio.run, entry)
             if entry is not None:
                 ui = entry.ui or {}
                 # ComfyUI stores {"output": <the node's ui dict>, "meta": ...} for output nodes.
