@@ -4,8 +4,8 @@
 
 0.33.0 comes from ../shared/upstream (see scripts/setup_env.py); without that archive (a user's fresh
 clone) it is skipped with one line saying why. With COMFYUI_DIR set (your own ComfyUI) the suite runs
-once, on it. Extra arguments go to pytest (both runs); given any, they replace the second run's tier
-selection too. The last line counts both runs: "matrix: N passed, N failed, N skipped".
+once, on it. Extra arguments go to pytest (both runs); test paths among them replace the second
+run's tier selection too. The last line counts both runs: "matrix: N passed, N failed, N skipped".
 
 Environment: LORA_LAB_TEST_COMFYUIS="0.3.75 0.33.0" picks the versions (default: all that can be set up).
 """
@@ -62,7 +62,9 @@ def main(arguments: list[str]) -> int:
             if state != "ok":
                 print(f"ComfyUI {version} {state}", flush=True)
                 continue
-            plan.append((version, arguments if (arguments or version == DEFAULT_COMFYUI) else COMFYUI_TIERS))
+            selects = any(not argument.startswith("-") for argument in arguments)
+            tiers = [] if (selects or version == DEFAULT_COMFYUI) else COMFYUI_TIERS
+            plan.append((version, [*arguments, *tiers]))
     totals = {"passed": 0, "failed": 0, "skipped": 0}
     status = 0
     with tempfile.TemporaryDirectory(prefix="lora-lab-junit-") as folder:

@@ -129,3 +129,44 @@ def test_model_without_reload_recipe_gets_a_clear_error(comfy, dynamic_loaded, d
         train(comfy, (model, clip, vae), dataset, rates(comfy, learning_rate=1e-3, text_encoder_lr=0.0),
               schedule(comfy), steps=1, lora_name="dynamic_no_recipe", model=model, clip=clip)
     assert all(torch.equal(tensor, before[key]) for key, tensor in module_state(model.model).items())
+
+
+@pytest.mark.parametrize("stop", ["cancel", "error"])
+def test_private_copies_are_given_back_after_cancel_and_error(comfy, dynamic_loaded, dataset, stop):
+    """Cancel mid-run, or a run that fails mid-way (a dataset that breaks after a few batches): the
+    private copies are gone afterwards and the user's MODEL/CLIP keep their weights."""
+    from comfy import model_base, model_management
+
+    from .test_train import InterruptingDataset
+
+    model, clip, vae = dynamic_loaded
+    unet_before = module_state(model.model)
+    base_models_before = live_ids(model_base.BaseModel)
+    expected = model_management.InterruptProcessingException if stop == "cancel" else RuntimeError
+    broken = InterruptingDataset(dataset, after=3) if stop == "cancel" else FailingDataset(dataset, after=3)
+    try:
+        with pytest.raises(expected):
+            train(comfy, (model, clip, vae), broken, rates(comfy, learning_rate=1e-3, text_encoder_lr=1e-3),
+                  schedule(comfy), steps=20, lora_name=f"dynamic_{stop}", model=model, clip=clip)
+    finally:
+        model_management.interrupt_current_processing(False)
+    assert model.is_dynamic() and clip.patcher.is_dynamic()
+    assert all(torch.equal(tensor, unet_before[key]) for key, tensor in module_state(model.model).items())
+    assert live_ids(model_base.BaseModel) <= base_models_before
+
+
+class FailingDataset:
+    """The dataset, raising a RuntimeError once `after` captions were drawn (a failure mid-run)."""
+
+    def __init__(self, dataset, after: int) -> None:
+        self._dataset = dataset
+        self._left = after
+
+    def __getattr__(self, name):
+        return getattr(self._dataset, name)
+
+    def caption_for_step(self, index, rng):
+        self._left -= 1
+        if self._left < 0:
+            raise RuntimeError("disk went away")
+        return self._dataset.caption_for_step(index, rng)
