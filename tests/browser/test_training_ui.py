@@ -95,6 +95,9 @@ def test_sd15_example_trains_with_a_live_chart_and_samples(page, ui_server):
     checkpoint = tiny_checkpoint(ui_server.models_dir / "checkpoints").name
     apply_overrides(page, declared_overrides(checkpoint=checkpoint, dataset_folder=str(ensure_sample_dataset()),
                                              steps=STEPS, **TINY_RUN))
+    # One server serves every node mode: a name of its own makes each run train rather than reuse the
+    # previous run's cached outputs.
+    set_widget(page, TRAIN, "lora_name", f"browser_{page.loraLabMode}")
     no_controls = page.evaluate("""() => app.graph.nodes.filter((node) => node.type.startsWith('LoRALab'))
         .flatMap((node) => node.widgets).filter((widget) => widget.name === 'control_after_generate' || widget.linkedWidgets)
         .map((widget) => widget.name)""")
