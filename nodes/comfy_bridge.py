@@ -221,7 +221,10 @@ def model_access(model, clip, vae, family: str) -> ModelAccess:
     def text_kohya_names(part: str, paths: list[str]) -> dict[str, str]:
         return kohya.kohya_text_names(clip_key_map, roots[part][0], paths, family, part)
 
-    blocks = list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks)
+    # Checkpointed units: the layers inside each block (ResBlock, SpatialTransformer, Up/Downsample).
+    # ComfyUI never calls a block (TimestepEmbedSequential) itself: forward_timestep_embed iterates
+    # over its layers, so a forward patched onto the block would never run.
+    blocks = [layer for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks] for layer in block]
     latent_key = f"{type(base_model.latent_format).__name__}:{vae_fingerprint(vae)}"
     return ModelAccess(
         family=family, device=torch.device(device), unet=unet, unet_blocks=blocks,

@@ -114,25 +114,31 @@ class TrainedLayer:
     block: str                         # "down" | "mid" | "up" for the UNet, "" for encoders
     down: torch.nn.Parameter           # A
     up: torch.nn.Parameter             # B
-    magnitude: torch.nn.Parameter | None = None   # DoRA magnitude (trained at the A rate)
+    magnitude: torch.nn.Parameter | None = None   # DoRA magnitude (A rate, no weight decay)
 
 
 def build_param_groups(layers: list[TrainedLayer], part_rates: dict[str, float], lora_plus_ratio: float,
                        block_weight: Callable[[str], float]) -> list[dict[str, Any]]:
-    """One group per (part, UNet block, A/B). Base rate = part rate x block weight (x LoRA+ ratio for B).
+    """One group per (part, UNet block, A/B/M). Base rate = part rate x block weight (x LoRA+ ratio for B).
 
+    "M" holds the DoRA magnitudes: trained at the A rate, with no weight decay (a per-row norm, like
+    a normalisation scale: decay would pull every layer's norm toward zero, not the update toward 0).
     Every group carries "base_lr" (rate before the schedule) and "part"/"block"/"matrix" tags.
     """
     groups: dict[tuple[str, str, str], dict[str, Any]] = {}
     for layer in layers:
         rate = part_rates[layer.part] * (block_weight(layer.block) if layer.part == "unet" else 1.0)
-        for matrix, tensors in (("A", [layer.down] + ([layer.magnitude] if layer.magnitude is not None else [])),
-                                ("B", [layer.up])):
+        magnitudes = [layer.magnitude] if layer.magnitude is not None else []
+        for matrix, tensors in (("A", [layer.down]), ("B", [layer.up]), ("M", magnitudes)):
+            if not tensors:
+                continue
             base = rate * (lora_plus_ratio if matrix == "B" else 1.0)
             key = (layer.part, layer.block, matrix)
             group = groups.setdefault(key, {"params": [], "lr": base, "base_lr": base, "part": layer.part,
                                             "block": layer.block, "matrix": matrix,
                                             "name": "/".join(filter(None, key))})
+            if matrix == "M":
+                group["weight_decay"] = 0.0
             group["params"].extend(tensors)
     return list(groups.values())
 
@@ -291,14 +297,29 @@ def random_state_from_json(state: list) -> tuple:
 # --------------------------------------------------------------------------------------------
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the LoRA still holds the last good weights."""
+    """The loss became NaN/inf; the LoRA still holds the last good weights.
 
-    def __init__(self, step: int, loss: float, precision: str, saved: str = "", what: str = "loss") -> None:
-        cause = ("fp16 overflow (use bf16 or fp32), or the learning rate is too high" if precision == "fp16"
-                 else "the learning rate is probably too high: lower it, or use warmup")
+    The message blames the learning rate only where the losses before the break make it plausible
+    (they rose to over twice their minimum); a loss that breaks at the first step, or without rising,
+    points at a numerical problem (precision, DoRA) that a lower rate would not fix.
+    """
+
+    def __init__(self, step: int, loss: float, precision: str, saved: str = "", what: str = "loss",
+                 history: list[float] | None = None) -> None:
+        history = [value for value in (history or []) if math.isfinite(value)]
+        if history and history[-1] > 2 * min(history):
+            cause = (f"the learning rate is probably too high (the loss rose from {min(history):.4g} to "
+                     f"{history[-1]:.4g} before it broke): lower it, or use warmup")
+        elif precision == "fp16":
+            cause = ("fp16 overflow (use bf16 or fp32); the loss had not risen before it broke, so a lower "
+                     "learning rate is unlikely to help")
+        else:
+            before = "at the first step, before any update" if not history else "without rising first"
+            cause = (f"a numerical problem, not the learning rate (it broke {before}): try precision fp32, or turn "
+                     "use_dora off, and please report it with your settings")
         kept = f" The last good weights were saved as {saved}." if saved else ""
         super().__init__(f"Train LoRA: the {what} became {loss} at step {step}. Likely cause: {cause}.{kept}")
-        self.step, self.loss, self.precision, self.what = step, loss, precision, what
+        self.step, self.loss, self.precision, self.what, self.history = step, loss, precision, what, history
 
 
 class TrainingOutOfMemory(torch.OutOfMemoryError):
@@ -411,10 +432,12 @@ def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective
             loss_value, norm_value = torch.stack([step_loss, norm.detach().float().to(step_loss.device)]).tolist()
             if not math.isfinite(loss_value):
                 optimizer.zero_grad(set_to_none=True)
-                raise TrainingDiverged(step, loss_value, settings.precision)
+                raise TrainingDiverged(step, loss_value, settings.precision,
+                                       history=[record.loss for record in records])
             if scaler is None and not math.isfinite(norm_value):
                 optimizer.zero_grad(set_to_none=True)
-                raise TrainingDiverged(step, norm_value, settings.precision, what="gradient norm")
+                raise TrainingDiverged(step, norm_value, settings.precision, what="gradient norm",
+                                       history=[record.loss for record in records])
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()

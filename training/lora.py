@@ -10,6 +10,7 @@ objects back, restores ``requires_grad`` flags and deletes anything peft added t
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -145,7 +146,8 @@ def _parent_of(root: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
 
 def inject_lora(root: torch.nn.Module, part: str, paths: list[str], rank: int, alpha: float,
                 use_dora: bool = False, init_seed: int = 0) -> InjectedLora:
-    """Inject peft LoRA layers at `paths` of `root` (in place). LoRA weights are fp32.
+    """Inject peft LoRA layers at `paths` of `root` (in place). LoRA weights (A, B and the DoRA
+    magnitude) are fp32.
 
     A is kaiming-uniform, B is zero (peft's default, as in the LoRA paper), drawn from `init_seed`
     without touching the global RNG.
@@ -173,11 +175,13 @@ def inject_lora(root: torch.nn.Module, part: str, paths: list[str], rank: int, a
             if not hasattr(layer, "lora_A"):
                 raise RuntimeError(f"peft did not inject a LoRA layer at {part}.{path}")
             injected.modules.append(LoraModule(part=part, path=path, layer=layer))
-            for parameter in layer.lora_A.parameters():
-                parameter.data = parameter.data.float()
-            for parameter in layer.lora_B.parameters():
-                parameter.data = parameter.data.float()
+        # Every trainable tensor lives in fp32, whatever the base dtype: peft makes them in the base
+        # layer's dtype. An fp16 DoRA magnitude breaks AdamW (its eps of 1e-8 and the squared
+        # gradients underflow to 0 in fp16: 0/0 = NaN after the first update, at any rate) and the fp16
+        # GradScaler ("Attempting to unscale FP16 gradients"); in bf16 typical updates (~1e-4) are
+        # below its resolution near the magnitude's values (~0.004 at 0.5), so it never moves.
         for parameter in injected.parameters():
+            parameter.data = parameter.data.float()
             parameter.requires_grad_(True)
     except BaseException:
         injected.remove()
@@ -253,16 +257,17 @@ def out_of_place_clip_layer_forward(layer: torch.nn.Module) -> Callable:
     return forward
 
 
-def checkpointed_forward(module: torch.nn.Module) -> Callable:
-    """The module's forward under activation checkpointing (recomputed in backward)."""
-    original = type(module).forward
+def checkpointed_forward(module: torch.nn.Module, forward: Callable | None = None) -> Callable:
+    """The module's forward (or `forward`, a replacement for it) under activation checkpointing
+    (recomputed in backward)."""
+    original = forward if forward is not None else functools.partial(type(module).forward, module)
 
-    def forward(*args, **kwargs):
+    def checkpointed(*args, **kwargs):
         if not torch.is_grad_enabled():
-            return original(module, *args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(original, module, *args, use_reentrant=False, **kwargs)
+            return original(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(original, *args, use_reentrant=False, **kwargs)
 
-    return forward
+    return checkpointed
 
 
 def lora_weights(module: LoraModule, dtype: torch.dtype) -> dict[str, torch.Tensor]:

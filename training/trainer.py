@@ -83,7 +83,7 @@ class ModelAccess:
     family: str                                             # "sd1" | "sd2" | "sdxl"
     device: torch.device
     unet: torch.nn.Module                                   # the diffusion model (ldm layout)
-    unet_blocks: list[torch.nn.Module]                      # blocks to checkpoint
+    unet_blocks: list[torch.nn.Module]                      # modules to checkpoint (each called by the UNet)
     text_encoders: dict[str, torch.nn.Module]               # part -> CLIP root (e.g. clip_l)
     text_layers: dict[str, list[torch.nn.Module]]           # part -> CLIP layers (in-place forward fix)
     objective: DiffusionObjective
@@ -271,11 +271,28 @@ class BatchFeeder:
             offset, flipped = self.dataset.augmentation(index, self.augment_rng)
             latents.append(self._latent(index, offset, flipped))
             captions.append(self.dataset.caption_for_step(index, self.augment_rng))
-            sizes.append({"original_size": tuple(sample.original_size), "crop_offset": tuple(offset),
+            sizes.append({"original_size": tuple(sample.original_size),
+                          "crop_offset": conditioning_crop(offset, flipped, sample.resized_size, sample.bucket),
                           "target_size": tuple(sample.bucket)})
         x0 = torch.cat(latents).to(self.access.device)
         cond = self._text(captions)
         return x0, self.access.extra_conditioning(cond, sizes)
+
+
+def text_layer_forward(layer: torch.nn.Module, gradient_checkpointing: bool) -> Callable:
+    """A trained CLIP layer's forward: out of place (ComfyUI's adds in place), and checkpointed like
+    the UNet blocks when gradient checkpointing is on."""
+    forward = out_of_place_clip_layer_forward(layer)
+    return checkpointed_forward(layer, forward) if gradient_checkpointing else forward
+
+
+def conditioning_crop(offset, flipped: bool, resized_size, bucket) -> tuple[int, int]:
+    """SDXL's crop (left, top) for an image as the model sees it: in a flipped image the crop's left
+    edge is the mirror of its right edge in the unflipped one (as sd-scripts conditions it)."""
+    left, top = offset
+    if flipped:
+        left = resized_size[0] - (left + bucket[0])
+    return (int(left), int(top))
 
 
 def concat_conditioning(conds: list[dict]) -> dict:
@@ -361,7 +378,7 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
 
     roots = [access.unet] + [access.text_encoders[part] for part in trained_text]
     injected: list[InjectedLora] = []
-    forward_patches = [(layer, out_of_place_clip_layer_forward(layer))
+    forward_patches = [(layer, text_layer_forward(layer, settings.gradient_checkpointing))
                        for part in trained_text for layer in access.text_layers.get(part, [])]
     if settings.gradient_checkpointing:
         forward_patches += [(block, checkpointed_forward(block)) for block in access.unet_blocks]
@@ -459,7 +476,7 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
                         checkpoint()   # cancel comes between steps: weights and progress agree
                 if isinstance(error, TrainingDiverged):
                     raise TrainingDiverged(error.step, error.loss, settings.precision, saved=saved_name,
-                                           what=error.what) from None
+                                           what=error.what, history=error.history) from None
                 if out_of_memory:
                     raise TrainingOutOfMemory(out_of_memory_message(
                         settings, dataset, progress[0].step, saved_name,
