@@ -10,7 +10,7 @@ from ..training.lora import TARGETS
 from ..training.resume import resolve_state_path
 from ..training.sampling import parse_sample_prompts
 from ..training.train_plots import training_chart
-from ..training.trainer import TEXT_PARTS, TrainCallbacks, TrainSettings, check_inputs, part_rates_for, train_lora
+from ..training.trainer import SAVE_DTYPES, TEXT_PARTS, TrainCallbacks, TrainSettings, check_inputs, part_rates_for, train_lora
 from . import comfy_bridge
 from .images import pil_to_image
 
@@ -57,19 +57,22 @@ class TrainNode:
                 "alpha": ("FLOAT", {"default": 16.0, "min": 0.01, "max": 1024.0, "step": 0.5, "tooltip":
                                     "LoRA alpha: the update is scaled by alpha / rank."}),
                 "target": (list(TARGETS), {"default": "attention_ff", "tooltip":
-                                           "Which layers get LoRA: attention only, attention + feed-forward, or every "
-                                           "linear and conv layer of the UNet blocks."}),
+                                           "Which layers get LoRA: attention only, attention + feed-forward, every "
+                                           "linear and conv layer of the UNet blocks, or kohya_default: exactly "
+                                           "sd-scripts' default LoRA (every linear / 1x1 conv of the UNet's "
+                                           "transformers, proj_in/proj_out included; 192 modules on SD1.5)."}),
                 "use_dora": ("BOOLEAN", {"default": False, "tooltip": "Weight-decomposed LoRA (DoRA)."}),
                 "optimizer": (list(OPTIMIZERS), {"default": "AdamW", "tooltip":
                                                  "AdamW is the safe choice. 8-bit ones need bitsandbytes and an NVIDIA "
                                                  "GPU; Prodigy needs prodigyopt (use rates near 1.0)."}),
                 "weight_decay": ("FLOAT", {"default": 0.01, "min": 0.0, "max": 10.0, "step": 0.001, "tooltip":
-                                           "Decoupled weight decay of the LoRA weights."}),
+                                           "Decoupled weight decay of the LoRA matrices. The DoRA magnitude gets "
+                                           "none: it is a per-row norm, and decay would shrink every layer."}),
                 "max_grad_norm": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip":
                                             "Clip the gradient norm to this; 0 = off."}),
                 "precision": (PRECISIONS, {"default": "bf16", "tooltip":
                                            "Compute precision. bf16 on modern GPUs; fp16 uses loss scaling; fp32 on "
-                                           "CPU (bf16 is very slow there). The file is fp16 (fp32 with fp32)."}),
+                                           "CPU (bf16 is very slow there). The file's dtype is save_precision."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip":
                                                        "Recompute activations in backward: much less memory, "
                                                        "~20-30% slower."}),
@@ -101,6 +104,10 @@ class TrainNode:
                     "Cancel. The model, dataset, rates, schedule and settings must match the saved run (lora_name, "
                     "save_every_n_steps, cache_latents_to_disk and gradient_checkpointing may change); the result "
                     "equals an uninterrupted run. Empty = start a new run.")}),
+                "save_precision": (list(SAVE_DTYPES), {"default": "fp16", "tooltip": (
+                    "Dtype of the weights in the saved file (kohya's --save_precision): fp16 is what most "
+                    "LoRAs ship in and every loader takes; fp32 keeps the trained values exactly (twice the size); "
+                    "bf16 keeps fp32's range at fp16's size.")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -108,13 +115,15 @@ class TrainNode:
     def train(self, model, clip, vae, dataset, learning_rates, lr_schedule, steps, batch_size, gradient_accumulation,
               rank, alpha, target, use_dora, optimizer, weight_decay, max_grad_norm, precision,
               gradient_checkpointing, training_seed, noise_offset, min_snr_gamma, lora_name, save_every_n_steps,
-              cache_latents_to_disk, sample_prompt="", sample_every_n_steps=0, resume_from="", unique_id=None):
+              cache_latents_to_disk, sample_prompt="", sample_every_n_steps=0, resume_from="", save_precision="fp16",
+              unique_id=None):
         settings = TrainSettings(
             steps=steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation, rank=rank, alpha=alpha,
             target=target, use_dora=use_dora, optimizer=optimizer, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm, precision=precision, gradient_checkpointing=gradient_checkpointing,
             training_seed=training_seed, noise_offset=noise_offset, min_snr_gamma=min_snr_gamma, lora_name=lora_name,
-            save_every_n_steps=save_every_n_steps, cache_latents_to_disk=cache_latents_to_disk)
+            save_every_n_steps=save_every_n_steps, cache_latents_to_disk=cache_latents_to_disk,
+            save_precision=save_precision)
         family = comfy_bridge.check_compatible(model, clip, vae)
         part_rates = part_rates_for(learning_rates, family)
         check_inputs(settings, dataset, part_rates, lr_schedule, family, comfy_bridge.device_type(model))

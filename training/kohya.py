@@ -89,6 +89,11 @@ def kohya_state_dict(entries: list[tuple[str, dict[str, torch.Tensor]]], alpha: 
     DoRA: peft's magnitude vector (one value per output feature) is written as ``dora_scale``
     shaped [out, 1] (ComfyUI's `weight_decompose` normalises per output row in that layout).
     """
+    if dtype != torch.float32 and not fits_dtype(entries, dtype):
+        # fp16 overflows above 65504: such weights (a run that was diverging) would be written as inf,
+        # a file that breaks every image it touches. Keep the values: write fp32.
+        logger.warning("LoRA Lab: the trained weights exceed %s's range; this file is saved in fp32 instead", dtype)
+        dtype = torch.float32
     tensors: dict[str, torch.Tensor] = {}
     for stem, weights in entries:
         tensors[f"{stem}.lora_down.weight"] = weights["down"].to(dtype).contiguous()
@@ -98,6 +103,15 @@ def kohya_state_dict(entries: list[tuple[str, dict[str, torch.Tensor]]], alpha: 
             magnitude = weights["magnitude"].to(dtype)
             tensors[f"{stem}.dora_scale"] = magnitude.reshape(-1, *([1] * (weights["up"].ndim - 1))).contiguous()
     return tensors
+
+
+def fits_dtype(entries: list[tuple[str, dict[str, torch.Tensor]]], dtype: torch.dtype) -> bool:
+    """True when every finite weight stays finite in `dtype`."""
+    for _, weights in entries:
+        for tensor in weights.values():
+            if not torch.isfinite(tensor.to(dtype)).all() and torch.isfinite(tensor).all():
+                return False
+    return True
 
 
 def kohya_metadata(fields: Mapping[str, object], settings: Mapping[str, object]) -> dict[str, str]:

@@ -29,6 +29,10 @@ class TargetSpec:
     unet_suffixes: tuple[str, ...]
     text_suffixes: tuple[str, ...]
     unet_all_linear_conv: bool = False  # every Linear/Conv2d inside the UNet's blocks (LoCon-like)
+    # Every Linear and 1x1 Conv2d inside the UNet's transformers (SpatialTransformer = diffusers'
+    # Transformer2DModel): kohya sd-scripts' default LoRA (networks/lora.py UNET_TARGET_REPLACE_MODULE),
+    # i.e. attention + feed-forward + proj_in/proj_out.
+    unet_transformer_linear: bool = False
 
 
 _ATTENTION_UNET = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -42,7 +46,11 @@ TARGETS: dict[str, TargetSpec] = {
     "attention_ff": TargetSpec(_ATTENTION_UNET + _FEED_FORWARD_UNET, _ATTENTION_TEXT + _MLP_TEXT),
     "all_linear_conv": TargetSpec(_ATTENTION_UNET + _FEED_FORWARD_UNET, _ATTENTION_TEXT + _MLP_TEXT,
                                   unet_all_linear_conv=True),
+    # Appended (the option list is a public API): exactly kohya's default module set; its text-encoder
+    # set (CLIPAttention + CLIPMLP) is attention_ff's.
+    "kohya_default": TargetSpec((), _ATTENTION_TEXT + _MLP_TEXT, unet_transformer_linear=True),
 }
+_TRANSFORMER_CLASS = "SpatialTransformer"
 
 # UNet containers whose layers all_linear_conv trains; conv_in (input_blocks.0), the time embedding
 # and the output head are left out, as kohya's LoCon does.
@@ -53,11 +61,16 @@ _UNET_EXCLUDED_PREFIXES = ("input_blocks.0.",)
 def unet_target_paths(unet: torch.nn.Module, target: str) -> list[str]:
     """Module paths (relative to ComfyUI's ``diffusion_model``) that get LoRA layers."""
     spec = TARGETS[target]
+    transformers = tuple(f"{path}." for path, module in unet.named_modules()
+                         if type(module).__name__ == _TRANSFORMER_CLASS) if spec.unet_transformer_linear else ()
     paths = []
     for path, module in unet.named_modules():
         if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             continue
-        if path.endswith(spec.unet_suffixes):
+        if transformers and path.startswith(transformers) and (
+                isinstance(module, torch.nn.Linear) or tuple(module.kernel_size) == (1, 1)):
+            paths.append(path)
+        elif spec.unet_suffixes and path.endswith(spec.unet_suffixes):
             paths.append(path)
         elif (spec.unet_all_linear_conv and path.startswith(_UNET_BLOCK_PREFIXES)
               and not path.startswith(_UNET_EXCLUDED_PREFIXES)):

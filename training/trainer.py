@@ -33,6 +33,7 @@ from .loop import (AUTOCAST_DTYPES, DiffusionObjective, LoopCallbacks, LoopSetti
 logger = logging.getLogger("lora_lab")
 
 TEXT_PARTS = ("text_encoder", "text_encoder_2")
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 LATENT_CACHE_FOLDER = ".latent_cache"  # under <output>/lora_lab/; lora names cannot start with "."
 
 
@@ -58,6 +59,7 @@ class TrainSettings:
     lora_name: str = "lora_lab"
     save_every_n_steps: int = 0          # 0 = off
     cache_latents_to_disk: bool = False
+    save_precision: str = "fp16"         # dtype of the tensors in the saved file: "fp16" | "bf16" | "fp32"
 
     def __post_init__(self) -> None:
         for name, minimum in (("steps", 1), ("batch_size", 1), ("gradient_accumulation", 1), ("rank", 1),
@@ -71,6 +73,8 @@ class TrainSettings:
             raise ValueError(f"Train LoRA: target = {self.target!r} is unknown; use one of {', '.join(TARGETS)}.")
         if self.precision not in AUTOCAST_DTYPES:
             raise ValueError(f"Train LoRA: precision = {self.precision!r}; use one of {', '.join(AUTOCAST_DTYPES)}.")
+        if self.save_precision not in SAVE_DTYPES:
+            raise ValueError(f"Train LoRA: save_precision = {self.save_precision!r}; use one of {', '.join(SAVE_DTYPES)}.")
         if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise ValueError(f"Train LoRA: weight_decay = {self.weight_decay} must be >= 0.")
         kohya.sanitize_lora_name(self.lora_name)
@@ -368,7 +372,7 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
     log_path = run_dir / "log.jsonl"
     previous_lines = previous_log_lines(resumed) if resumed else []
     log_path.write_text("".join(previous_lines), encoding="utf-8")
-    save_dtype = torch.float32 if settings.precision == "fp32" else torch.float16
+    save_dtype = SAVE_DTYPES[settings.save_precision]
     base_name = kohya.sanitize_lora_name(settings.lora_name)   # no extension: suffixes go before it
     lora_settings = {"train": asdict(settings), "learning_rates": asdict(rates), "lr_schedule": asdict(schedule),
                      "dataset": {"source": getattr(dataset, "source", ""), "fingerprint": getattr(dataset, "fingerprint", ""),

@@ -66,3 +66,14 @@ def test_unet_names_follow_kohya_per_family():
         "input_blocks.1.1.proj_in": "lora_unet_input_blocks_1_1_proj_in"}
     with pytest.raises(ValueError, match="no kohya name"):
         kohya.kohya_unet_names(key_map, ["output_blocks.0.0"], "sd1")
+
+
+def test_weights_beyond_fp16_range_are_saved_in_fp32_not_as_inf():
+    from lora_lab.training.kohya import kohya_state_dict
+
+    normal = [("lora_unet_x", {"down": torch.ones(2, 3), "up": torch.ones(3, 2)})]
+    assert kohya_state_dict(normal, 2.0, torch.float16)["lora_unet_x.lora_up.weight"].dtype == torch.float16
+    huge = [("lora_unet_x", {"down": torch.full((2, 3), 1e6), "up": torch.ones(3, 2)})]
+    tensors = kohya_state_dict(huge, 2.0, torch.float16)
+    assert all(tensor.dtype == torch.float32 and torch.isfinite(tensor).all() for tensor in tensors.values())
+    assert float(tensors["lora_unet_x.lora_down.weight"].max()) == 1e6
