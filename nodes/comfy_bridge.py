@@ -238,6 +238,8 @@ def model_access(model, clip, vae, family: str) -> ModelAccess:
         # clones use the card: one copy on the GPU, not two. On the CPU there is nothing to gain.
         offload_device=(torch.device(model.offload_device) if torch.device(device).type != "cpu" else None),
         weights_key=lambda: weights_fingerprint(unet, clip.cond_stage_model),
+        # CLIP Set Last Layer's -2 is kohya's clip_skip 2.
+        clip_skip=-clip.layer_idx if getattr(clip, "layer_idx", None) is not None else None,
         release_encoders=lambda vae_done, text_done: release_models(
             ([vae.patcher] if vae_done else []) + ([clip.patcher] if text_done else [])),
     )

@@ -10,7 +10,9 @@ alpha / rank) and, with DoRA, ``.dora_scale``.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -112,6 +114,45 @@ def fits_dtype(entries: list[tuple[str, dict[str, torch.Tensor]]], dtype: torch.
             if not torch.isfinite(tensor.to(dtype)).all() and torch.isfinite(tensor).all():
                 return False
     return True
+
+
+# ModelSpec (modelspec.*), as sd-scripts writes it for LoRAs (library/sai_model_spec.py).
+MODELSPEC_VERSION = "1.0.1"
+MODELSPEC_ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
+                           "sd2_v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+MODELSPEC_IMPLEMENTATIONS = {"sd1": "diffusers", "sd2": "diffusers",
+                             "sdxl": "https://github.com/Stability-AI/generative-models"}
+
+
+def modelspec_metadata(family: str, v_prediction: bool, title: str, resolution: int, timestamp: float,
+                       clip_skip: int | None) -> dict[str, str]:
+    """The modelspec.* keys of a LoRA: architecture "<base>/lora", implementation, title, resolution,
+    date (ISO, local time, as sd-scripts), prediction type and, with clip skip, the encoder layer."""
+    base = "sd2_v" if family == "sd2" and v_prediction else family
+    metadata = {
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": f"{MODELSPEC_ARCHITECTURES[base]}/lora",
+        "modelspec.implementation": MODELSPEC_IMPLEMENTATIONS[family],
+        "modelspec.title": title,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+    }
+    if clip_skip is not None:
+        metadata["modelspec.encoder_layer"] = str(clip_skip)
+    return metadata
+
+
+def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+    """sshs_model_hash / sshs_legacy_hash, the hashes sd-webui-additional-networks (and A1111) index
+    LoRAs by, computed as sd-scripts precalculates them: over the file as written with only its ss_*
+    metadata; the model hash covers the tensor bytes after the header, the legacy one 64 KiB at 1 MiB."""
+    from safetensors.torch import save
+
+    data = save(tensors, {key: value for key, value in metadata.items() if key.startswith("ss_")})
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    return {"sshs_model_hash": hashlib.sha256(data[header_end:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x100000 + 0x10000]).hexdigest()[:8]}
 
 
 def kohya_metadata(fields: Mapping[str, object], settings: Mapping[str, object]) -> dict[str, str]:

@@ -229,6 +229,13 @@ def largest_bucket_size(dataset) -> int:
                 for indices in dataset.buckets().values()), default=0)
 
 
+def batches_per_epoch_of(dataset, batch_size: int) -> int:
+    """Batches in one epoch: per bucket, its images (repeats counted) in whole batches (a bucket's
+    leftover images wait for the next epoch's draw, as BucketBatches deals them)."""
+    return sum(sum(dataset.samples[index].repeats for index in indices) // batch_size
+               for indices in dataset.buckets().values())
+
+
 class BucketBatches:
     """Endless batches of sample indices, each from one bucket, epoch after epoch; an iterator whose
     position can be saved and restored exactly (resume).

@@ -26,6 +26,7 @@ from . import kohya, resume
 from .lora import (InjectedLora, checkpointed_forward, inject_lora, lora_weights, out_of_place_clip_layer_forward,
                    patched_forwards, text_target_paths, trainable_copies, unet_block_of, unet_target_paths, TARGETS)
 from .loop import (AUTOCAST_DTYPES, DiffusionObjective, LoopCallbacks, LoopSettings, StepRecord, TrainedLayer,
+                   batches_per_epoch_of,
                    TrainingDiverged, TrainingOutOfMemory, bucket_batches, build_optimizer, build_param_groups,
                    check_optimizer, largest_bucket_size, make_grad_scaler, random_state_from_json,
                    random_state_to_json, run_loop)
@@ -102,6 +103,7 @@ class ModelAccess:
     # the host moves those models off the GPU (they come back by themselves if a preview needs them).
     release_encoders: Callable[[bool, bool], None] | None = None
     weights_key: Callable[[], str] | None = None            # identifies the base weights (resume checks)
+    clip_skip: int | None = None                            # kohya's clip_skip (2 = penultimate layer); None = last
 
 
 @dataclass
@@ -314,39 +316,76 @@ def concat_conditioning(conds: list[dict]) -> dict:
     return merged
 
 
-def _kohya_fields(settings: TrainSettings, rates, schedule, dataset, family: str, started: float,
-                  part_rates: dict[str, float]) -> dict[str, Any]:
+def _kohya_fields(settings: TrainSettings, rates, schedule, dataset, access: ModelAccess, started: float,
+                  part_rates: dict[str, float], steps_done: int, conv_trained: bool, name: str) -> dict[str, Any]:
+    """sd-scripts' ss_* training metadata for this run, as train_network.py names and fills it
+    (tests/unit/test_kohya_metadata.py lists every key and each deliberate difference)."""
+    family = access.family
+    network_args: dict[str, str] = {}
+    if conv_trained:   # 3x3 convolutions trained (LoCon): kohya records their rank/alpha this way
+        network_args.update({"conv_dim": str(settings.rank), "conv_alpha": str(settings.alpha)})
+    if settings.use_dora:
+        network_args.update({"algo": "lora", "dora": "True"})
+    batches_per_epoch = max(1, batches_per_epoch_of(dataset, settings.batch_size))
+    micro_batches = steps_done * settings.gradient_accumulation
     return {
+        "ss_output_name": name,
         "ss_network_module": "networks.lora",
         "ss_network_dim": settings.rank,
         "ss_network_alpha": settings.alpha,
-        "ss_network_args": {"algo": "lora", "dora": "True"} if settings.use_dora else None,
+        "ss_network_args": network_args or None,
         "ss_learning_rate": rates.learning_rate,
         "ss_unet_lr": part_rates["unet"],
         "ss_text_encoder_lr": part_rates["text_encoder"],
+        # sd-scripts keeps only the first text encoder's rate in ss_text_encoder_lr; SDXL's second one:
+        "ss_text_encoder_2_lr": part_rates["text_encoder_2"] if family == "sdxl" else None,
         "ss_lr_scheduler": schedule.scheduler,
         "ss_lr_warmup_steps": schedule.warmup_steps(settings.steps),
         "ss_max_train_steps": settings.steps,
+        "ss_steps": steps_done,
+        "ss_epoch": math.ceil(micro_batches / batches_per_epoch),
+        "ss_num_epochs": math.ceil(settings.steps * settings.gradient_accumulation / batches_per_epoch),
         "ss_num_train_images": sum(sample.repeats for sample in dataset.samples),
+        "ss_num_reg_images": 0,
+        "ss_num_batches_per_epoch": batches_per_epoch,
         "ss_resolution": f"({dataset.resolution}, {dataset.resolution})",
         "ss_base_model_version": kohya.BASE_MODEL_VERSIONS[family],
+        "ss_v2": family == "sd2",
+        "ss_clip_skip": access.clip_skip,
         "ss_optimizer": settings.optimizer,
         "ss_seed": settings.training_seed,
         "ss_tag_frequency": dataset.tag_frequency,
         "ss_training_started_at": started,
         "ss_training_finished_at": time.time(),
         "ss_mixed_precision": {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[settings.precision],
+        "ss_full_fp16": False,
         "ss_min_snr_gamma": settings.min_snr_gamma,
         "ss_noise_offset": settings.noise_offset,
         "ss_batch_size_per_device": settings.batch_size,
+        "ss_total_batch_size": settings.batch_size * settings.gradient_accumulation,
         "ss_gradient_accumulation_steps": settings.gradient_accumulation,
         "ss_gradient_checkpointing": settings.gradient_checkpointing,
         "ss_max_grad_norm": settings.max_grad_norm,
-        "ss_num_batches_per_epoch": None,
-        "ss_v2": family == "sd2",
+        "ss_cache_latents": dataset.caching_possible,
         "ss_flip_aug": dataset.flip,
         "ss_random_crop": dataset.crop == "random",
+        "ss_shuffle_caption": dataset.shuffle_captions,
+        "ss_keep_tokens": dataset.keep_tokens,
+        "ss_caption_dropout_rate": dataset.caption_dropout,
+        "ss_enable_bucket": dataset.bucketing,
+        "ss_zero_terminal_snr": False,
     }
+
+
+def file_metadata(fields: dict[str, Any], lora_settings: dict[str, Any], tensors: dict[str, torch.Tensor],
+                  access: ModelAccess, title: str, resolution: int, started: float) -> dict[str, str]:
+    """Everything the file's header holds: ss_* fields, our settings, the modelspec.* keys and the
+    sshs_* hashes (computed last, over the tensors and ss_* fields, as sd-scripts does)."""
+    metadata = kohya.kohya_metadata(fields, lora_settings)
+    metadata.update(kohya.modelspec_metadata(access.family, access.objective.prediction_type == "v_prediction",
+                                             title, resolution, started, access.clip_skip))
+    metadata.update(kohya.safetensors_hashes(tensors, metadata))
+    return metadata
 
 
 def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, schedule, loras_dir: Path,
@@ -387,7 +426,7 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
     if settings.gradient_checkpointing:
         forward_patches += [(block, checkpointed_forward(block)) for block in access.unet_blocks]
 
-    def export(name: str) -> Path:
+    def export(name: str, steps_done: int) -> Path:
         entries = []
         for lora in injected:
             paths = [module.path for module in lora.modules]
@@ -395,8 +434,13 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
                      else access.text_kohya_names(lora.part, paths))
             entries += [(names[module.path], lora_weights(module, torch.float32)) for module in lora.modules]
         tensors = kohya.kohya_state_dict(entries, settings.alpha, save_dtype)
-        fields = _kohya_fields(settings, rates, schedule, dataset, access.family, started, part_rates)
-        return kohya.save_lora(tensors, kohya.kohya_metadata(fields, lora_settings), loras_dir, name)
+        conv_trained = any(isinstance(module.layer.get_base_layer(), torch.nn.Conv2d)
+                           and tuple(module.layer.get_base_layer().kernel_size) != (1, 1)
+                           for lora in injected for module in lora.modules)
+        fields = _kohya_fields(settings, rates, schedule, dataset, access, started, part_rates, steps_done,
+                               conv_trained, name)
+        metadata = file_metadata(fields, lora_settings, tensors, access, name, dataset.resolution, started)
+        return kohya.save_lora(tensors, metadata, loras_dir, name)
 
     optimizer: torch.optim.Optimizer | None = None
     out_of_memory = False
@@ -449,7 +493,7 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
                 done = record.step + 1
                 progress[0] = capture_progress(done, feeder, generator, scaler, access.device)
                 if settings.save_every_n_steps and done % settings.save_every_n_steps == 0 and done < settings.steps:
-                    export(f"{base_name}_step{done:05d}")
+                    export(f"{base_name}_step{done:05d}", done)
                     checkpoint()
                 if callbacks.on_step is not None:
                     callbacks.on_step(record, settings.steps)
@@ -473,7 +517,7 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
                 saved_name = ""
                 if injected and progress[0].step > 0 and (cancelled or out_of_memory
                                                           or isinstance(error, TrainingDiverged)):
-                    saved_name = kohya.lora_name_for(export(f"{base_name}_interrupted"), loras_dir)
+                    saved_name = kohya.lora_name_for(export(f"{base_name}_interrupted", progress[0].step), loras_dir)
                     logger.warning("LoRA Lab: training stopped (%s); saved what was trained so far to %s",
                                    type(error).__name__, saved_name)
                     if cancelled and progress[0].step not in checkpoint_steps and progress[0].step < settings.steps:
@@ -486,7 +530,7 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
                         settings, dataset, progress[0].step, saved_name,
                         checkpoint_dirs[-1] if checkpoint_dirs else None)) from None
                 raise
-            path = export(base_name)
+            path = export(base_name, settings.steps)
         finally:
             for lora in reversed(injected):
                 lora.remove()
