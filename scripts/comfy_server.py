@@ -65,9 +65,11 @@ def widget_defaults(input_types: dict) -> dict:
 
 class ComfyServer(BaseDirectoryFolders):
     def __init__(self, comfyui_dir: Path, base_dir: Path, front_end_root: Path | None = None,
-                 python: str | None = None, extra_args: list[str] | None = None, with_frontend: bool = False) -> None:
+                 python: str | None = None, extra_args: list[str] | None = None, with_frontend: bool = False,
+                 cpu: bool = True) -> None:
         """with_frontend: serve the installed comfyui-frontend-package (browser tests); otherwise an
-        empty front-end root (API only, no frontend package needed)."""
+        empty front-end root (API only, no frontend package needed). cpu=False: ComfyUI's default
+        device handling (the GPU, and on NVIDIA with ComfyUI 0.3x of 2026 dynamic VRAM)."""
         self.comfyui_dir = Path(comfyui_dir)
         self.base_dir = Path(base_dir)
         prepare_base_dir(self.base_dir)
@@ -78,12 +80,13 @@ class ComfyServer(BaseDirectoryFolders):
         self.python = python or sys.executable
         self.extra_args = extra_args or []
         self.with_frontend = with_frontend
+        self.cpu = cpu
         self.process: subprocess.Popen | None = None
         self.client_id = str(uuid.uuid4())
 
     def start(self, timeout: float = 180.0) -> "ComfyServer":
-        command = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-                   "--base-directory", str(self.base_dir), "--disable-api-nodes", *self.extra_args]
+        command = [self.python, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port",
+                   str(self.port), "--base-directory", str(self.base_dir), "--disable-api-nodes", *self.extra_args]
         if not self.with_frontend:
             command += ["--front-end-root", str(self.front_end_root or self.base_dir / "frontend")]
         environment = dict(os.environ)

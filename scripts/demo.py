@@ -111,7 +111,9 @@ def main() -> int:
             return 1
 
     started = time.monotonic()
-    server = ComfyServer(Path(os.environ["LORA_LAB_COMFYUI_DIR"]), cache_dir() / "demo")
+    # A real checkpoint trains on the GPU when there is one (ComfyUI's default flags); the tiny demo on the CPU.
+    gpu = bool(arguments.checkpoint) and has_cuda(sys.executable)
+    server = ComfyServer(Path(os.environ["LORA_LAB_COMFYUI_DIR"]), cache_dir() / "demo", cpu=not gpu)
     try:
         overrides = overrides_for(arguments, server)
         server.start()

@@ -253,10 +253,11 @@ def ensure_sdxl_family(path: Path | str | None, config_name: str, unet_config: d
 
 
 def main(argv: list[str]) -> int:
-    """make_tiny_checkpoint.py [--vega] [PATH]"""
-    vega = "--vega" in argv
-    rest = [argument for argument in argv if argument != "--vega"]
-    path = (ensure_vega_sdxl if vega else ensure_tiny_sd15)(rest[0] if rest else None)
+    """make_tiny_checkpoint.py [--vega | --full-sd15] [PATH]"""
+    makers = {"--vega": ensure_vega_sdxl, "--full-sd15": ensure_full_sd15}
+    chosen = [makers[argument] for argument in argv if argument in makers]
+    rest = [argument for argument in argv if argument not in makers]
+    path = (chosen[0] if chosen else ensure_tiny_sd15)(rest[0] if rest else None)
     sys.stdout.write(f"{path}\n")
     return 0
 

@@ -79,8 +79,9 @@ def test_dynamic_model_and_clip_train_on_private_copies(comfy, dynamic_loaded, d
         trained_model, trained_clip, name, _ = train(
             comfy, (model, clip, vae), dataset, rates(comfy, learning_rate=1e-3, text_encoder_lr=1e-3),
             schedule(comfy), steps=2, lora_name="dynamic_lora", model=model, clip=clip)
-    assert any("private resident copy" in record.getMessage() for record in caplog.records), \
-        "a dynamic model must be trained on a private copy"
+    copies = [record.getMessage() for record in caplog.records if "private resident copy" in record.getMessage()]
+    assert len(copies) == 1 and "BaseModel" in copies[0] and "ClipModel" in copies[0], \
+        f"a dynamic MODEL and a training dynamic CLIP must each be trained on a private copy: {copies}"
 
     # The user's objects: same weights, same module tree, still dynamic.
     assert model.is_dynamic() and clip.patcher.is_dynamic()
