@@ -22,8 +22,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 from setup_env import DEFAULT_COMFYUI, available  # noqa: E402
 
-# On the second ComfyUI only what can behave differently there: everything that boots ComfyUI.
-COMFYUI_TIERS = ["tests/comfy", "tests/e2e", "tests/browser"]
+# On the second ComfyUI only what can behave differently there: everything that boots ComfyUI. The
+# servers' tiers first: the in-process tier leaves the test process large (an SDXL-family model was
+# trained in it), and a 2-core, 24 GB machine cannot hold that and a server training one too.
+COMFYUI_TIERS = ["tests/e2e", "tests/browser", "tests/comfy"]
 
 
 def counts(junit: Path) -> dict[str, int]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from comfy_server import ComfyServer  # noqa: E402
 from demo import tiny_checkpoint  # noqa: E402
 from make_sample_dataset import ensure_sample_dataset  # noqa: E402
 from workflow_api import DEMO_OVERRIDES, TINY_RUN, check_workflow, declared_overrides, to_api_prompt  # noqa: E402
@@ -94,13 +95,29 @@ def sdxl_example_here() -> bool:
     return os.environ.get("LORA_LAB_COMFYUI_VERSION") == "0.33.0" or "0.33.0 ok" not in available
 
 
-@pytest.mark.parametrize("name", ["sd15_train_lora", "sdxl_train_lora"])
-def test_training_example_trains_then_samples_with_the_trained_model(server, object_info, name):
+@pytest.fixture()
+def own_server(comfyui_dir, tmp_path):
+    """A server of its own, stopped when the test ends: an SDXL-family run holds ~14 GB of host memory
+    in the server process, which the shared server would keep for the rest of the session."""
+    instance = ComfyServer(comfyui_dir, tmp_path / "server-base").start()
+    yield instance
+    instance.stop()
+
+
+def test_sd15_example_trains_then_samples_with_the_trained_model(server, object_info):
+    run_training_example(server, object_info, "sd15_train_lora")
+
+
+def test_sdxl_example_trains_then_samples_with_the_trained_model(request, object_info):
+    if not sdxl_example_here():
+        pytest.skip("the SDXL example runs on ComfyUI 0.33.0 in this matrix")
+    run_training_example(request.getfixturevalue("own_server"), object_info, "sdxl_train_lora")
+
+
+def run_training_example(server, object_info, name):
     """The example as `make demo` runs it (a generated checkpoint of that family, sample data, 3 steps at
     64 px, fp32): train, then KSampler with the returned MODEL/CLIP. SDXL: a Segmind-Vega-shaped
     checkpoint that the stock loader detects as SDXL-family, both text encoders training."""
-    if name == "sdxl_train_lora" and not sdxl_example_here():
-        pytest.skip("the SDXL example runs on ComfyUI 0.33.0 in this matrix")
     options = ("--vega",) if name == "sdxl_train_lora" else ()
     checkpoint = tiny_checkpoint(server.models_dir / "checkpoints", *options).name
     workflow = json.loads((EXAMPLES[0].parent / f"{name}.json").read_text())
