@@ -102,8 +102,8 @@ class TrainNode:
                     "Continue a stopped run from its last checkpoint: the run folder (output/lora_lab/<name>, or "
                     "just <name>) or its resume_state.json. Checkpoints are written every save_every_n_steps and on "
                     "Cancel. The model, dataset, rates, schedule and settings must match the saved run (lora_name, "
-                    "save_every_n_steps, cache_latents_to_disk and gradient_checkpointing may change); the result "
-                    "equals an uninterrupted run. Empty = start a new run.")}),
+                    "save_every_n_steps, cache_latents_to_disk, gradient_checkpointing and save_precision may "
+                    "change); the result equals an uninterrupted run. Empty = start a new run.")}),
                 "save_precision": (list(SAVE_DTYPES), {"default": "fp16", "tooltip": (
                     "Dtype of the weights in the saved file (kohya's --save_precision): fp16 is what most "
                     "LoRAs ship in and every loader takes; fp32 keeps the trained values exactly (twice the size); "

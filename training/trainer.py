@@ -319,7 +319,7 @@ def concat_conditioning(conds: list[dict]) -> dict:
 def _kohya_fields(settings: TrainSettings, rates, schedule, dataset, access: ModelAccess, started: float,
                   part_rates: dict[str, float], steps_done: int, conv_trained: bool, name: str) -> dict[str, Any]:
     """sd-scripts' ss_* training metadata for this run, as train_network.py names and fills it
-    (tests/unit/test_kohya_metadata.py lists every key and each deliberate difference)."""
+    (tests/comfy/test_kohya_metadata.py lists every key and each deliberate difference)."""
     family = access.family
     network_args: dict[str, str] = {}
     if conv_trained:   # 3x3 convolutions trained (LoCon): kohya records their rank/alpha this way

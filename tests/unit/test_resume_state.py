@@ -103,3 +103,11 @@ def test_resume_from_accepts_a_run_name_a_folder_or_a_file(tmp_path):
     state.write_text(json.dumps({"format": 1, "step": 1, "tensor_file": "resume_state_step00001.safetensors"}))
     with pytest.raises(ValueError, match="not a readable LoRA Lab resume checkpoint"):
         resume.load_state(state)
+
+
+def test_save_precision_may_change_on_resume_and_older_checkpoints_lack_it():
+    """The file's dtype does not change the computation: a checkpoint saved before the setting
+    existed (no key) or with another value resumes."""
+    saved = resume.run_identity({"rank": 4, "steps": 10}, {}, {}, {}, {})
+    current = resume.run_identity({"rank": 4, "steps": 10, "save_precision": "fp32"}, {}, {}, {}, {})
+    assert resume.identity_differences(saved, current) == []
