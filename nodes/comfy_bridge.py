@@ -329,6 +329,20 @@ def output_dir() -> Path:
     return Path(folder_paths.get_output_directory())
 
 
+def input_dir() -> Path:
+    import folder_paths
+    return Path(folder_paths.get_input_directory())
+
+
+def prompt_server():
+    """ComfyUI's running PromptServer, or None (no server: in-process use, tests, tools)."""
+    try:
+        import server
+    except ImportError:
+        return None
+    return getattr(server.PromptServer, "instance", None)
+
+
 def apply_lora_file(model, clip, path: Path) -> tuple[Any, Any]:
     """MODEL and CLIP with the saved file applied through ComfyUI's own LoRA loading."""
     import comfy.sd
@@ -383,10 +397,6 @@ def progress_reporter(total: int, node_id: str | None, chart: Callable[[list[Ste
 
 def send_event(event: str, data: dict) -> None:
     """A custom websocket event, when a PromptServer runs (not in in-process tests)."""
-    try:
-        import server
-        instance = getattr(server.PromptServer, "instance", None)
-    except ImportError:
-        return
+    instance = prompt_server()
     if instance is not None:
         instance.send_sync(event, data, getattr(instance, "client_id", None))

@@ -6,6 +6,7 @@ from pathlib import Path
 from ..training.dataset import (CROP_MODES, DatasetError, DatasetOptions, accepted_extensions_text, require_folder,
                                 build_folder_dataset, build_image_dataset, folder_fingerprint,
                                 preview_grid, summarize)
+from . import comfy_bridge
 from .images import pil_to_image
 
 # Widget name -> DatasetOptions field (same names); order is the public widget order.
@@ -14,20 +15,12 @@ OPTION_NAMES = ("resolution", "repeats", "caption_extension", "trigger_word", "s
                 "bucket_step", "bucket_no_upscale", "crop", "skip_bad_images")
 
 
-def comfy_input_directory() -> Path:
-    # The design concentrates comfy imports in nodes/comfy_bridge.py (written with the trainer);
-    # until it exists, folder_paths is imported here, inside the function, so this module imports
-    # without ComfyUI.
-    import folder_paths
-    return Path(folder_paths.get_input_directory())
-
-
 def resolve_folder(folder: str) -> Path:
     """The folder as typed: absolute, or relative to ComfyUI's input folder; quotes are dropped."""
     text = folder.strip().strip('"').strip("'").strip()
     path = Path(text).expanduser()
     if not path.is_absolute():
-        path = comfy_input_directory() / path
+        path = comfy_bridge.input_dir() / path
     return path
 
 

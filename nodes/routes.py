@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+from . import comfy_bridge
 from .preview import schedule_preview
 
 logger = logging.getLogger("lora_lab")
@@ -17,14 +18,10 @@ def register_routes() -> bool:
     global _registered
     if _registered:
         return True
-    try:
-        from server import PromptServer  # ComfyUI's server module
-        from aiohttp import web
-    except ImportError:
-        return False
-    instance = getattr(PromptServer, "instance", None)
+    instance = comfy_bridge.prompt_server()
     if instance is None or not hasattr(instance, "routes"):
         return False
+    from aiohttp import web   # ComfyUI's server runs on aiohttp
 
     @instance.routes.post("/lora_lab/schedule_preview")
     async def schedule_preview_route(request):
