@@ -242,7 +242,29 @@ def model_access(model, clip, vae, family: str) -> ModelAccess:
         clip_skip=-clip.layer_idx if getattr(clip, "layer_idx", None) is not None else None,
         release_encoders=lambda vae_done, text_done: release_models(
             ([vae.patcher] if vae_done else []) + ([clip.patcher] if text_done else [])),
+        dora_norm=dora_norm_of_loader(),
     )
+
+
+def dora_norm_of_loader() -> str:
+    """Which norm this ComfyUI's LoRA loader divides a per-output-row ``dora_scale`` by: "original"
+    (|W|: ComfyUI up to at least 0.33) or "updated" (|W + dW|: the DoRA paper, peft, LyCORIS,
+    diffusers; what ComfyUI PR #15458 proposes). Asked of the loader itself on a 2x2 weight, so a
+    ComfyUI that changes the rule gets files written for the new rule."""
+    from comfy.weight_adapter.base import weight_decompose
+
+    weight = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    diff = torch.tensor([[3.0, 4.0], [0.0, 0.0]])     # row 0: |W| = 5, |W + dW| = 10
+    result = weight_decompose(torch.ones(2, 1), weight.clone(), diff.clone(), 1.0, 1.0, torch.float32,
+                              lambda tensor: tensor)
+    row = float(result[0].norm())
+    if abs(row - 2.0) < 1e-4:
+        return "original"
+    if abs(row - 1.0) < 1e-4:
+        return "updated"
+    raise RuntimeError(f"LoRA Lab: this ComfyUI's DoRA loader gives a row norm of {row} on a probe "
+                       "(expected 2 or 1); DoRA files could not be written to load as trained. "
+                       "Please report your ComfyUI version.")
 
 
 def release_models(patchers: list) -> None:

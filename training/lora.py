@@ -283,22 +283,27 @@ def checkpointed_forward(module: torch.nn.Module, forward: Callable | None = Non
     return checkpointed
 
 
-def lora_weights(module: LoraModule, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def lora_weights(module: LoraModule, dtype: torch.dtype, dora_norm: str = "updated") -> dict[str, torch.Tensor]:
     """{"down": A, "up": B[, "magnitude": dora_scale]} detached, on CPU, in `dtype`.
 
-    DoRA: peft normalises W + dW per output row by its own norm, ComfyUI's loader (weight_decompose,
-    output-axis case) divides by the norm of the *original* W. Exporting m * |W| / |W + dW| makes
-    ComfyUI's result equal peft's for this base weight (the model the LoRA was trained on).
+    DoRA: peft trains W' = m * (W + dW) / |W + dW| per output row. A loader that divides by the
+    updated norm (`dora_norm` "updated": the DoRA paper, peft, LyCORIS, diffusers) needs m itself.
+    ComfyUI's loader (weight_decompose, output-axis case, up to at least 0.33) divides by the norm
+    of the *original* W ("original"): there m * |W| / |W + dW| gives the trained weights exactly,
+    for the base weights the LoRA was trained on. No single dora_scale serves both rules (README,
+    "The file and other tools").
     """
+    if dora_norm not in ("original", "updated"):
+        raise ValueError(f"dora_norm must be 'original' or 'updated', not {dora_norm!r}")
     down = module.down.detach().float()
     up = module.up.detach().float()
     weights = {"down": down.to("cpu", dtype).contiguous(), "up": up.to("cpu", dtype).contiguous()}
     if module.magnitude is not None:
-        base = module.layer.get_base_layer().weight.detach().float()
-        scaling = module.layer.scaling[ADAPTER_NAME]
-        delta = (up.flatten(1) @ down.flatten(1)).reshape(base.shape) * scaling
-        base_norm = base.flatten(1).norm(dim=1)
-        trained_norm = (base + delta).flatten(1).norm(dim=1)
-        scale = module.magnitude.detach().float().reshape(-1) * base_norm / trained_norm
+        scale = module.magnitude.detach().float().reshape(-1)
+        if dora_norm == "original":
+            base = module.layer.get_base_layer().weight.detach().float()
+            scaling = module.layer.scaling[ADAPTER_NAME]
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(base.shape) * scaling
+            scale = scale * base.flatten(1).norm(dim=1) / (base + delta).flatten(1).norm(dim=1)
         weights["magnitude"] = scale.to("cpu", dtype).contiguous()
     return weights

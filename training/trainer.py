@@ -104,6 +104,8 @@ class ModelAccess:
     release_encoders: Callable[[bool, bool], None] | None = None
     weights_key: Callable[[], str] | None = None            # identifies the base weights (resume checks)
     clip_skip: int | None = None                            # kohya's clip_skip (2 = penultimate layer); None = last
+    # The norm the host's LoRA loader divides a dora_scale by (lora.lora_weights): "original" | "updated"
+    dora_norm: str = "updated"
 
 
 @dataclass
@@ -316,6 +318,14 @@ def concat_conditioning(conds: list[dict]) -> dict:
     return merged
 
 
+# lora_lab_dora_scale: what a DoRA file's dora_scale holds (lora.lora_weights), for tools and people.
+DORA_SCALE_RULES = {
+    "original": "m*|W|/|W+dW| per output row: ComfyUI's loader (<=0.33) divides by |W|; "
+                "DoRA-paper loaders (LyCORIS, diffusers) divide by |W+dW|",
+    "updated": "m per output row: the DoRA magnitude; the loader divides by |W+dW|",
+}
+
+
 def _kohya_fields(settings: TrainSettings, rates, schedule, dataset, access: ModelAccess, started: float,
                   part_rates: dict[str, float], steps_done: int, conv_trained: bool, name: str) -> dict[str, Any]:
     """sd-scripts' ss_* training metadata for this run, as train_network.py names and fills it
@@ -325,12 +335,16 @@ def _kohya_fields(settings: TrainSettings, rates, schedule, dataset, access: Mod
     if conv_trained:   # 3x3 convolutions trained (LoCon): kohya records their rank/alpha this way
         network_args.update({"conv_dim": str(settings.rank), "conv_alpha": str(settings.alpha)})
     if settings.use_dora:
-        network_args.update({"algo": "lora", "dora": "True"})
+        # What sd-scripts writes for a LyCORIS DoRA run (--network_module lycoris.kohya
+        # --network_args algo=lora dora_wd=True): sd-scripts' networks.lora would drop dora_scale
+        # without a word; lycoris.kohya reads it. Which norm the scale assumes: lora_lab_dora_scale.
+        network_args.update({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})
     batches_per_epoch = max(1, batches_per_epoch_of(dataset, settings.batch_size))
     micro_batches = steps_done * settings.gradient_accumulation
     return {
         "ss_output_name": name,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if settings.use_dora else "networks.lora",
+        "lora_lab_dora_scale": DORA_SCALE_RULES[access.dora_norm] if settings.use_dora else None,
         "ss_network_dim": settings.rank,
         "ss_network_alpha": settings.alpha,
         "ss_network_args": network_args or None,
@@ -432,7 +446,8 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
             paths = [module.path for module in lora.modules]
             names = (access.unet_kohya_names(paths) if lora.part == "unet"
                      else access.text_kohya_names(lora.part, paths))
-            entries += [(names[module.path], lora_weights(module, torch.float32)) for module in lora.modules]
+            entries += [(names[module.path], lora_weights(module, torch.float32, access.dora_norm))
+                        for module in lora.modules]
         tensors = kohya.kohya_state_dict(entries, settings.alpha, save_dtype)
         conv_trained = any(isinstance(module.layer.get_base_layer(), torch.nn.Conv2d)
                            and tuple(module.layer.get_base_layer().kernel_size) != (1, 1)

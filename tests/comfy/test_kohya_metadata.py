@@ -67,6 +67,7 @@ NOT_WRITTEN = {
 OURS_ONLY = {
     "ss_text_encoder_2_lr": "SDXL's second text-encoder rate (sd-scripts keeps only the first in ss_text_encoder_lr)",
     "lora_lab_settings": "every LoRA Lab setting as JSON",
+    "lora_lab_dora_scale": "DoRA files: which norm dora_scale assumes (ComfyUI's |W| or the paper's |W + dW|)",
 }
 
 
@@ -121,4 +122,5 @@ def test_conv_layers_and_dora_are_named_in_network_args(comfy, loaded, dataset):
     _, metadata = read_lora(comfy, name)
     arguments = json.loads(metadata["ss_network_args"])
     assert arguments["conv_dim"] == "4" and arguments["conv_alpha"] == "2.0"
-    assert arguments.get("dora") == "True"
+    assert (arguments["algo"], arguments["dora_wd"]) == ("lora", "True")   # LyCORIS's names (lycoris/kohya.py)
+    assert metadata["ss_network_module"] == "lycoris.kohya"
