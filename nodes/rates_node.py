@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 from ..training.plots import rates_chart
-from ..training.rates import DEFAULTS, LearningRates, rates_from_values
+from ..training.rates import LearningRates, rates_from_values
 from ..training.schedules import ScheduleSettings
 from .images import pil_to_image
-
-RATE_RULE = " -1 = inherit, 0 = frozen (not trained, no keys in the file), > 0 = the rate."
+from .widgets import widgets
 
 
 class LearningRatesNode:
@@ -23,28 +22,8 @@ class LearningRatesNode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        rate = {"min": -1.0, "max": 10.0, "step": 1e-6, "round": False}
         return {
-            "required": {
-                "learning_rate": ("FLOAT", {**rate, "min": 0.0, "default": DEFAULTS["learning_rate"], "tooltip":
-                                            "Global rate per optimizer step; UNet and TE inherit it when set to -1. "
-                                            "1e-4 is a common LoRA rate with AdamW."}),
-                "unet_lr": ("FLOAT", {**rate, "default": DEFAULTS["unet_lr"], "tooltip": "UNet rate." + RATE_RULE
-                                      + " -1 inherits learning_rate."}),
-                "text_encoder_lr": ("FLOAT", {**rate, "default": DEFAULTS["text_encoder_lr"], "tooltip": (
-                    "Text encoder rate (SDXL: CLIP-L)." + RATE_RULE + " -1 inherits learning_rate. Usually "
-                    "lower than the UNet's: the encoder overfits fast.")}),
-                "text_encoder_2_lr": ("FLOAT", {**rate, "default": DEFAULTS["text_encoder_2_lr"], "tooltip": (
-                    "SDXL's second text encoder (CLIP-G); ignored for SD1.x/2.x." + RATE_RULE
-                    + " -1 inherits text_encoder_lr.")}),
-                "lora_plus_ratio": ("FLOAT", {"default": DEFAULTS["lora_plus_ratio"], "min": 0.01, "max": 1000.0,
-                                              "step": 0.5, "tooltip": "LoRA+: the B (lora_up) matrices train at this "
-                                                                      "multiple of the part's rate. 1 = off; 16 is the "
-                                                                      "paper's suggestion."}),
-                "unet_block_weights": ("STRING", {"default": DEFAULTS["unet_block_weights"], "tooltip": (
-                    "Scale the UNet rate per block, e.g. 'down=0.5,mid=1,up=1.5' (any subset; empty = all 1; "
-                    "0 freezes a block).")}),
-            },
+            "required": widgets(LearningRates),
             "optional": {
                 "lr_schedule": ("LR_SCHEDULE", {"tooltip": "Only for this node's chart. Train LoRA takes its "
                                                            "schedule from its own lr_schedule input."}),

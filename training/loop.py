@@ -346,19 +346,10 @@ class LoopSettings:
     start_step: int = 0              # first step to run (> 0 when resuming a saved run)
 
     def __post_init__(self) -> None:
-        if self.total_steps < 1:
-            raise ValueError(f"Train LoRA: steps = {self.total_steps} must be at least 1.")
+        # The values come from TrainSettings, which validated them; this is the loop's own invariant.
         if not 0 <= self.start_step < self.total_steps:
             raise ValueError(f"Train LoRA: the run would start at step {self.start_step} of {self.total_steps}: "
                              "nothing is left to train.")
-        if self.gradient_accumulation < 1:
-            raise ValueError(f"Train LoRA: gradient_accumulation = {self.gradient_accumulation} must be >= 1.")
-        if self.precision not in AUTOCAST_DTYPES:
-            raise ValueError(f"Train LoRA: precision = {self.precision!r}; use one of {', '.join(AUTOCAST_DTYPES)}.")
-        for name in ("max_grad_norm", "noise_offset", "min_snr_gamma"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"Train LoRA: {name} = {value} must be a number >= 0 (0 = off).")
 
 
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}

@@ -13,16 +13,13 @@ import math
 from dataclasses import dataclass
 
 from .schedules import ScheduleSettings
+from .settings import SettingError, setting, specs, validate
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 PART_LABELS = {"unet": "UNet", "text_encoder": "TE", "text_encoder_2": "TE2 (SDXL)"}
 BLOCKS = ("down", "mid", "up")
 INHERIT = -1.0
 
-DEFAULTS = {
-    "learning_rate": 1e-4, "unet_lr": -1.0, "text_encoder_lr": 5e-5, "text_encoder_2_lr": -1.0,
-    "lora_plus_ratio": 1.0, "unet_block_weights": "",
-}
 
 
 def parse_block_weights(text: str) -> dict[str, float]:
@@ -36,47 +33,60 @@ def parse_block_weights(text: str) -> dict[str, float]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, separator, value = (piece.strip() for piece in item.partition("="))
         if not separator or name not in BLOCKS:
-            raise ValueError(f"UNet/TE Learning Rates: unet_block_weights = {text!r}: {item!r} is not "
+            raise SettingError(f"UNet/TE Learning Rates: unet_block_weights = {text!r}: {item!r} is not "
                              f"'block=weight'. {fix}")
         if name in seen:
-            raise ValueError(f"UNet/TE Learning Rates: unet_block_weights = {text!r}: {name} is given twice. {fix}")
+            raise SettingError(f"UNet/TE Learning Rates: unet_block_weights = {text!r}: {name} is given twice. {fix}")
         try:
             weight = float(value)
         except ValueError:
-            raise ValueError(f"UNet/TE Learning Rates: unet_block_weights = {text!r}: {value!r} is not a "
+            raise SettingError(f"UNet/TE Learning Rates: unet_block_weights = {text!r}: {value!r} is not a "
                              f"number. {fix}") from None
         if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"UNet/TE Learning Rates: unet_block_weights = {text!r}: weight {value} must be "
+            raise SettingError(f"UNet/TE Learning Rates: unet_block_weights = {text!r}: weight {value} must be "
                              f">= 0 (0 freezes that block). {fix}")
         weights[name] = weight
         seen.add(name)
     return weights
 
 
+RATE_RULE = " -1 = inherit, 0 = frozen (not trained, no keys in the file), > 0 = the rate."
+RATE_WIDGET = {"min": -1.0, "max": 10.0, "step": 1e-6, "round": False}
+
+
+def _inherit_rule(value: float) -> str | None:
+    if INHERIT < value < 0:
+        return "is not allowed. Use -1 to inherit, 0 to freeze that part, or a positive rate."
+    return None
+
+
+def _block_weights_rule(text: str) -> None:
+    parse_block_weights(text)   # raises naming the item and the syntax
+
+
 @dataclass(frozen=True)
 class LearningRates:
-    """The LORA_LEARNING_RATES socket value. Rates are per optimizer step, before the schedule."""
+    """The LORA_LEARNING_RATES socket value (the UNet/TE Learning Rates node's widgets; each field is the
+    one source of its default, range and help). Rates are per optimizer step, before the schedule."""
 
-    learning_rate: float = 1e-4       # global rate; UNet and TE inherit it when set to -1
-    unet_lr: float = -1.0             # UNet rate (-1 inherit global, 0 frozen)
-    text_encoder_lr: float = 5e-5     # text encoder (SDXL: CLIP-L) rate (-1 inherit global, 0 frozen)
-    text_encoder_2_lr: float = -1.0   # SDXL's second encoder (CLIP-G) rate (-1 inherit TE, 0 frozen)
-    lora_plus_ratio: float = 1.0      # B-matrix rate multiplier (LoRA+); 1 = off
-    unet_block_weights: str = ""      # "down=0.5,mid=1,up=1.5" scales UNet block rates; "" = all 1
+    learning_rate: float = setting(1e-4, "Global rate per optimizer step; UNet and TE inherit it when set to -1. "
+                                         "1e-4 is a common LoRA rate with AdamW.",
+                                   **{**RATE_WIDGET, "min": 0.0}, hint="(1e-4 is a common LoRA rate)")
+    unet_lr: float = setting(-1.0, "UNet rate." + RATE_RULE + " -1 inherits learning_rate.", **RATE_WIDGET,
+                             check=_inherit_rule)
+    text_encoder_lr: float = setting(5e-5, "Text encoder rate (SDXL: CLIP-L)." + RATE_RULE + " -1 inherits "
+                                           "learning_rate. Usually lower than the UNet's: the encoder overfits fast.",
+                                     **RATE_WIDGET, check=_inherit_rule)
+    text_encoder_2_lr: float = setting(-1.0, "SDXL's second text encoder (CLIP-G); ignored for SD1.x/2.x." + RATE_RULE
+                                             + " -1 inherits text_encoder_lr.", **RATE_WIDGET, check=_inherit_rule)
+    lora_plus_ratio: float = setting(1.0, "LoRA+: the B (lora_up) matrices train at this multiple of the part's "
+                                          "rate. 1 = off; 16 is the paper's suggestion.", min=0.01, max=1000.0,
+                                     step=0.5, hint="(1 = off; LoRA+ papers use 16)")
+    unet_block_weights: str = setting("", "Scale the UNet rate per block, e.g. 'down=0.5,mid=1,up=1.5' (any subset; "
+                                          "empty = all 1; 0 freezes a block).", check=_block_weights_rule)
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.learning_rate) or self.learning_rate < 0:
-            raise ValueError(f"UNet/TE Learning Rates: learning_rate = {self.learning_rate} must be >= 0 "
-                             "(1e-4 is a common LoRA rate).")
-        for name in ("unet_lr", "text_encoder_lr", "text_encoder_2_lr"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or (value < 0 and value != INHERIT):
-                raise ValueError(f"UNet/TE Learning Rates: {name} = {value} is not allowed. Use -1 to inherit, "
-                                 "0 to freeze that part, or a positive rate.")
-        if not math.isfinite(self.lora_plus_ratio) or self.lora_plus_ratio <= 0:
-            raise ValueError(f"UNet/TE Learning Rates: lora_plus_ratio = {self.lora_plus_ratio} must be > 0 "
-                             "(1 = off; LoRA+ papers use 16).")
-        parse_block_weights(self.unet_block_weights)
+        validate(self, "UNet/TE Learning Rates")
 
     def resolved(self) -> dict[str, float]:
         """Base rate of each part after the inherit rules; 0.0 means frozen."""
@@ -126,13 +136,14 @@ class LearningRates:
 
 def rates_from_values(values: dict) -> LearningRates:
     """Build rates from widget values (missing keys take the node's defaults)."""
-    merged = {**DEFAULTS, **{key: value for key, value in values.items() if key in DEFAULTS}}
+    defaults = {name: default for name, (default, _) in specs(LearningRates).items()}
+    merged = {**defaults, **{key: value for key, value in values.items() if key in defaults}}
     try:
         return LearningRates(
             learning_rate=float(merged["learning_rate"]), unet_lr=float(merged["unet_lr"]),
             text_encoder_lr=float(merged["text_encoder_lr"]), text_encoder_2_lr=float(merged["text_encoder_2_lr"]),
             lora_plus_ratio=float(merged["lora_plus_ratio"]), unet_block_weights=str(merged["unet_block_weights"]))
+    except SettingError:
+        raise
     except (TypeError, ValueError) as error:
-        if str(error).startswith("UNet/TE"):
-            raise
-        raise ValueError(f"UNet/TE Learning Rates: a setting has the wrong type ({error}). Values: {values}") from None
+        raise SettingError(f"UNet/TE Learning Rates: a setting has the wrong type ({error}). Values: {values}") from None

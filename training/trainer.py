@@ -23,9 +23,10 @@ import numpy
 import torch
 
 from . import kohya, resume
+from .settings import SettingError, setting, validate
 from .lora import (InjectedLora, checkpointed_forward, inject_lora, lora_weights, out_of_place_clip_layer_forward,
                    patched_forwards, text_target_paths, trainable_copies, unet_block_of, unet_target_paths, TARGETS)
-from .loop import (AUTOCAST_DTYPES, DiffusionObjective, LoopCallbacks, LoopSettings, StepRecord, TrainedLayer,
+from .loop import (OPTIMIZERS, AUTOCAST_DTYPES, DiffusionObjective, LoopCallbacks, LoopSettings, StepRecord, TrainedLayer,
                    batches_per_epoch_of,
                    TrainingDiverged, TrainingOutOfMemory, bucket_batches, build_optimizer, build_param_groups,
                    check_optimizer, largest_bucket_size, make_grad_scaler, random_state_from_json,
@@ -38,47 +39,86 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 LATENT_CACHE_FOLDER = ".latent_cache"  # under <output>/lora_lab/; lora names cannot start with "."
 
 
+PRECISIONS = ("bf16", "fp16", "fp32")
+# TrainSettings fields that came after the node's first release: they sit in its "optional" section.
+OPTIONAL_SETTINGS = ("save_precision",)
+
+
+def _lora_name_problem(name: str) -> None:
+    kohya.sanitize_lora_name(name)   # raises naming the problem and the fix
+
+
 @dataclass(frozen=True)
 class TrainSettings:
-    """The Train LoRA node's widgets (units in the comments)."""
+    """The Train LoRA node's widgets: each field is the one source of its default, range and help
+    (the node's INPUT_TYPES and the README's reference are generated from it)."""
 
-    steps: int = 1000                    # optimizer updates
-    batch_size: int = 1                  # images per micro-batch (one bucket per batch)
-    gradient_accumulation: int = 1       # micro-batches per optimizer update
-    rank: int = 16                       # LoRA rank (network_dim)
-    alpha: float = 16.0                  # LoRA alpha: scale = alpha / rank
-    target: str = "attention_ff"         # a key of lora.TARGETS
-    use_dora: bool = False
-    optimizer: str = "AdamW"             # a key of loop.OPTIMIZERS
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0           # 0 = no clipping
-    precision: str = "bf16"              # "bf16" | "fp16" | "fp32"
-    gradient_checkpointing: bool = True
-    training_seed: int = 0               # drives data order, augmentation, noise, timesteps, LoRA init
-    noise_offset: float = 0.0
-    min_snr_gamma: float = 0.0           # 0 = off
-    lora_name: str = "lora_lab"
-    save_every_n_steps: int = 0          # 0 = off
-    cache_latents_to_disk: bool = False
-    save_precision: str = "fp16"         # dtype of the tensors in the saved file: "fp16" | "bf16" | "fp32"
+    steps: int = setting(1000, "Optimizer updates. One step = batch_size x gradient_accumulation images.",
+                         min=1, max=1_000_000)
+    batch_size: int = setting(1, "Images per forward pass (all from one aspect-ratio bucket).", min=1, max=256)
+    gradient_accumulation: int = setting(1, "Forward passes summed into one update (bigger effective batch, "
+                                            "same memory).", min=1, max=1024)
+    rank: int = setting(16, "LoRA rank (network_dim): capacity and file size.", min=1, max=1024)
+    alpha: float = setting(16.0, "LoRA alpha: the update is scaled by alpha / rank.", min=0.01, max=1024.0,
+                           step=0.5, hint="(alpha = rank gives scale 1)")
+    target: str = setting("attention_ff", "Which layers get LoRA: attention only, attention + feed-forward, every "
+                                          "linear and conv layer of the UNet blocks, or kohya_default: exactly "
+                                          "sd-scripts' default LoRA (every linear / 1x1 conv of the UNet's "
+                                          "transformers, proj_in/proj_out included; 192 modules on SD1.5).",
+                          choices=tuple(TARGETS))
+    use_dora: bool = setting(False, "Weight-decomposed LoRA (DoRA).")
+    optimizer: str = setting("AdamW", "AdamW is the safe choice. 8-bit ones need bitsandbytes and an NVIDIA "
+                                      "GPU; Prodigy needs prodigyopt (use rates near 1.0).", choices=tuple(OPTIMIZERS))
+    weight_decay: float = setting(0.01, "Decoupled weight decay of the LoRA matrices. The DoRA magnitude gets "
+                                        "none: it is a per-row norm, and decay would shrink every layer.",
+                                  min=0.0, max=10.0, step=0.001)
+    max_grad_norm: float = setting(1.0, "Clip the gradient norm to this; 0 = off.", min=0.0, max=1000.0, step=0.1)
+    precision: str = setting("bf16", "Compute precision. bf16 on modern GPUs; fp16 uses loss scaling; fp32 on "
+                                     "CPU (bf16 is very slow there). The file's dtype is save_precision.",
+                             choices=PRECISIONS)
+    gradient_checkpointing: bool = setting(True, "Recompute activations in backward: much less memory, "
+                                                 "~20-30% slower.")
+    training_seed: int = setting(0, "Drives data order, caption shuffle/dropout, flips, crops, noise, "
+                                    "timesteps and LoRA init. Same seed + settings = same LoRA.",
+                                 min=0, max=0xFFFFFFFF)
+    noise_offset: float = setting(0.0, "kohya noise offset (0.05-0.1 helps very dark/bright images); 0 = off.",
+                                  min=0.0, max=1.0, step=0.01)
+    min_snr_gamma: float = setting(0.0, "Min-SNR loss weighting (5 is typical); 0 = off.", min=0.0, max=100.0,
+                                   step=0.5)
+    lora_name: str = setting("lora_lab", "File name in models/loras (sub-folders allowed). A taken name gets "
+                                         "_2, _3...", check=_lora_name_problem)
+    save_every_n_steps: int = setting(0, "Also save <lora_name>_stepNNNNN every N steps; 0 = off.", min=0,
+                                      max=1_000_000)
+    cache_latents_to_disk: bool = setting(False, "Keep encoded latents in the run folder (output/lora_lab/<name>) "
+                                                 "so re-runs skip the VAE. Not possible with random crop.")
+    save_precision: str = setting("fp16", "Dtype of the weights in the saved file (kohya's --save_precision): fp16 "
+                                          "is what most LoRAs ship in and every loader takes; fp32 keeps the "
+                                          "trained values exactly (twice the size); bf16 keeps fp32's range at "
+                                          "fp16's size.", choices=tuple(SAVE_DTYPES))
 
     def __post_init__(self) -> None:
-        for name, minimum in (("steps", 1), ("batch_size", 1), ("gradient_accumulation", 1), ("rank", 1),
-                              ("save_every_n_steps", 0)):
-            value = getattr(self, name)
-            if value < minimum:
-                raise ValueError(f"Train LoRA: {name} = {value} must be at least {minimum}.")
-        if not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ValueError(f"Train LoRA: alpha = {self.alpha} must be > 0 (alpha = rank gives scale 1).")
-        if self.target not in TARGETS:
-            raise ValueError(f"Train LoRA: target = {self.target!r} is unknown; use one of {', '.join(TARGETS)}.")
-        if self.precision not in AUTOCAST_DTYPES:
-            raise ValueError(f"Train LoRA: precision = {self.precision!r}; use one of {', '.join(AUTOCAST_DTYPES)}.")
-        if self.save_precision not in SAVE_DTYPES:
-            raise ValueError(f"Train LoRA: save_precision = {self.save_precision!r}; use one of {', '.join(SAVE_DTYPES)}.")
-        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
-            raise ValueError(f"Train LoRA: weight_decay = {self.weight_decay} must be >= 0.")
-        kohya.sanitize_lora_name(self.lora_name)
+        validate(self, "Train LoRA")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Train LoRA's optional inputs that are not training settings: previews and resume."""
+
+    sample_prompt: str = setting("", (
+        "Preview prompts drawn with the model being trained, one per line, kohya options allowed: "
+        "'a photo of sks --n blurry --w 512 --h 512 --d 42 --l 7 --s 20' (negative, size, seed, cfg, "
+        "steps; Euler sampler). Saved in output/lora_lab/<name>/samples/ and shown on this node."), multiline=True)
+    sample_every_n_steps: int = setting(0, "Draw the sample prompts every N optimizer steps; 0 = off.", min=0,
+                                        max=1_000_000)
+    resume_from: str = setting("", (
+        "Continue a stopped run from its last checkpoint: the run folder (output/lora_lab/<name>, or "
+        "just <name>) or its resume_state.json. Checkpoints are written every save_every_n_steps and on "
+        "Cancel. The model, dataset, rates, schedule and settings must match the saved run (lora_name, "
+        "save_every_n_steps, cache_latents_to_disk, gradient_checkpointing and save_precision may "
+        "change); the result equals an uninterrupted run. Empty = start a new run."))
+
+    def __post_init__(self) -> None:
+        validate(self, "Train LoRA")
 
 
 @dataclass
@@ -414,6 +454,7 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
     callbacks = callbacks or TrainCallbacks()
     started = time.time()
     part_rates = part_rates_for(rates, access.family, access.text_encoders)
+    check_inputs(settings, dataset, part_rates, schedule, access.family, access.device.type)
     trained_text = [part for part in TEXT_PARTS if part_rates[part] > 0]
     identity = run_identity(settings, rates, schedule, dataset, access)
     resumed = load_resume_state(resume_from, output_dir / "lora_lab", identity, settings) if resume_from else None

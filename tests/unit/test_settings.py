@@ -1,0 +1,60 @@
+"""Settings dataclasses are the one source of each widget: their fields validate themselves, with
+errors that name the node, the input, the value and the fix, as SettingError."""
+from __future__ import annotations
+
+import pytest
+
+from lora_lab.training.rates import LearningRates, rates_from_values
+from lora_lab.training.settings import SettingError, specs
+from lora_lab.training.trainer import RunOptions, TrainSettings
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"steps": 0}, r"Train LoRA: steps = 0 must be at least 1\."),
+    ({"steps": 2_000_000}, r"steps = 2000000 must be at most 1e\+06"),
+    ({"alpha": 0.0}, r"alpha = 0\.0 must be at least 0\.01 \(alpha = rank gives scale 1\)"),
+    ({"alpha": float("nan")}, r"alpha = nan must be a finite number"),
+    ({"rank": 2.5}, r"rank = 2\.5 must be a whole number"),
+    ({"target": "everything"}, r"target = 'everything' is unknown; use one of attention, attention_ff"),
+    ({"optimizer": "Adam"}, r"optimizer = 'Adam' is unknown; use one of AdamW"),
+    ({"precision": "fp8"}, r"precision = 'fp8' is unknown; use one of bf16, fp16, fp32"),
+    ({"save_precision": "int8"}, r"save_precision = 'int8' is unknown"),
+    ({"use_dora": "yes"}, r"use_dora = 'yes' must be true or false"),
+    ({"weight_decay": -0.1}, r"weight_decay = -0\.1 must be at least 0"),
+    ({"max_grad_norm": float("inf")}, r"max_grad_norm = inf must be a finite number"),
+    ({"lora_name": "../escape"}, r"lora_name"),
+])
+def test_train_settings_refuse_bad_values_naming_input_value_and_fix(values, message):
+    with pytest.raises(ValueError, match=message):
+        TrainSettings(**values)
+
+
+def test_every_setting_has_help_and_its_default_passes_its_own_checks():
+    for cls in (TrainSettings, RunOptions, LearningRates):
+        declared = specs(cls)
+        assert declared, cls
+        for name, (default, spec) in declared.items():
+            assert spec.help.strip(), (cls.__name__, name)
+            if spec.choices is not None:
+                assert default in spec.choices, (cls.__name__, name)
+            if spec.min is not None and isinstance(default, (int, float)) and default != spec.special:
+                assert spec.min <= default <= spec.max, (cls.__name__, name)
+    TrainSettings(), RunOptions(), LearningRates()
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"unet_lr": -0.5}, r"unet_lr = -0\.5 is not allowed\. Use -1 to inherit, 0 to freeze"),
+    ({"text_encoder_lr": -3.0}, r"text_encoder_lr = -3\.0 must be at least -1"),
+    ({"learning_rate": -1.0}, r"learning_rate = -1\.0 must be at least 0 \(1e-4 is a common LoRA rate\)"),
+    ({"lora_plus_ratio": 0.0}, r"lora_plus_ratio = 0\.0 must be at least 0\.01 \(1 = off"),
+    ({"unet_block_weights": "down=x"}, r"unet_block_weights = 'down=x': 'x' is not a number"),
+    ({"learning_rate": "fast"}, r"UNet/TE Learning Rates: a setting has the wrong type"),
+])
+def test_rates_errors_are_setting_errors(values, message):
+    with pytest.raises(SettingError, match=message):
+        rates_from_values(values)
+
+
+def test_inherit_and_freeze_values_pass():
+    rates = LearningRates(learning_rate=1e-4, unet_lr=-1.0, text_encoder_lr=0.0, text_encoder_2_lr=-1.0)
+    assert rates.resolved() == {"unet": 1e-4, "text_encoder": 0.0, "text_encoder_2": 0.0}
