@@ -64,7 +64,7 @@ class TrainSettings:
     target: str = setting("attention_ff", "Which layers get LoRA: attention only, attention + feed-forward, every "
                                           "linear and conv layer of the UNet blocks, or kohya_default: exactly "
                                           "sd-scripts' default LoRA (every linear / 1x1 conv of the UNet's "
-                                          "transformers, proj_in/proj_out included; 192 modules on SD1.5).",
+                                          "transformers, proj_in/proj_out included; 192 modules on SD1.5, 722 on SDXL).",
                           choices=tuple(TARGETS))
     use_dora: bool = setting(False, "Weight-decomposed LoRA (DoRA).")
     optimizer: str = setting("AdamW", "AdamW is the safe choice. 8-bit ones need bitsandbytes and an NVIDIA "
@@ -94,7 +94,8 @@ class TrainSettings:
     save_precision: str = setting("fp16", "Dtype of the weights in the saved file (kohya's --save_precision): fp16 "
                                           "is what most LoRAs ship in and every loader takes; fp32 keeps the "
                                           "trained values exactly (twice the size); bf16 keeps fp32's range at "
-                                          "fp16's size.", choices=tuple(SAVE_DTYPES))
+                                          "fp16's size. Weights beyond fp16's range (a diverging run) are saved in "
+                                          "fp32 rather than as inf.", choices=tuple(SAVE_DTYPES))
 
     def __post_init__(self) -> None:
         validate(self, "Train LoRA")
