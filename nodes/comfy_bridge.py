@@ -20,7 +20,9 @@ from PIL import Image
 from ..training import kohya
 from ..training.loop import DiffusionObjective, StepRecord
 from ..training.sampling import PreviewSampler, SamplePrompt
-from ..training.trainer import ModelAccess, check_fits, concat_conditioning
+from ..training.feeder import concat_conditioning
+from ..training.host import ModelAccess
+from ..training.trainer import check_fits
 
 logger = logging.getLogger("lora_lab")
 

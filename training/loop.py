@@ -1,4 +1,4 @@
-"""The step loop (ComfyUI-agnostic): diffusion loss, parameter groups, optimizers, rates, log.
+"""The step loop (ComfyUI-agnostic): diffusion loss, divergence checks, precision, the loop and its log.
 
 The loss follows ComfyUI's model_sampling parametrisation (x_t = x0 + sigma * noise for the
 discrete VP schedule, sigma = sqrt((1 - alphas_cumprod) / alphas_cumprod)); the model returns the
@@ -7,16 +7,17 @@ denoised x0 estimate, from which the epsilon or v prediction is recovered.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
+
+from .host import TrainCallbacks
+from .optimizers import applied_rates
 
 logger = logging.getLogger("lora_lab")
 
@@ -103,203 +104,6 @@ def diffusion_loss(objective: DiffusionObjective, x0: torch.Tensor, cond: dict, 
 
 
 # --------------------------------------------------------------------------------------------
-# Parameter groups and optimizers
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TrainedLayer:
-    """One LoRA layer's trainable tensors and where it sits (for grouping)."""
-
-    part: str                          # "unet" | "text_encoder" | "text_encoder_2"
-    block: str                         # "down" | "mid" | "up" for the UNet, "" for encoders
-    down: torch.nn.Parameter           # A
-    up: torch.nn.Parameter             # B
-    magnitude: torch.nn.Parameter | None = None   # DoRA magnitude (A rate, no weight decay)
-
-
-def build_param_groups(layers: list[TrainedLayer], part_rates: dict[str, float], lora_plus_ratio: float,
-                       block_weight: Callable[[str], float]) -> list[dict[str, Any]]:
-    """One group per (part, UNet block, A/B/M). Base rate = part rate x block weight (x LoRA+ ratio for B).
-
-    "M" holds the DoRA magnitudes: trained at the A rate, with no weight decay (a per-row norm, like
-    a normalisation scale: decay would pull every layer's norm toward zero, not the update toward 0).
-    Every group carries "base_lr" (rate before the schedule) and "part"/"block"/"matrix" tags.
-    """
-    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for layer in layers:
-        rate = part_rates[layer.part] * (block_weight(layer.block) if layer.part == "unet" else 1.0)
-        magnitudes = [layer.magnitude] if layer.magnitude is not None else []
-        for matrix, tensors in (("A", [layer.down]), ("B", [layer.up]), ("M", magnitudes)):
-            if not tensors:
-                continue
-            base = rate * (lora_plus_ratio if matrix == "B" else 1.0)
-            key = (layer.part, layer.block, matrix)
-            group = groups.setdefault(key, {"params": [], "lr": base, "base_lr": base, "part": layer.part,
-                                            "block": layer.block, "matrix": matrix,
-                                            "name": "/".join(filter(None, key))})
-            if matrix == "M":
-                group["weight_decay"] = 0.0
-            group["params"].extend(tensors)
-    return list(groups.values())
-
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    module: str                 # importable module that must exist
-    install_hint: str           # what to tell the user when it does not
-    needs_cuda: bool            # bitsandbytes 8-bit optimizers run on CUDA only
-    build: Callable[[list[dict], float], torch.optim.Optimizer]
-
-
-def _adamw(groups, weight_decay):
-    return torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=weight_decay)
-
-
-def _sgd(groups, weight_decay):
-    return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.9, weight_decay=weight_decay)
-
-
-def _adamw8bit(groups, weight_decay):
-    import bitsandbytes
-    return bitsandbytes.optim.AdamW8bit(groups, lr=groups[0]["lr"], weight_decay=weight_decay)
-
-
-def _lion8bit(groups, weight_decay):
-    import bitsandbytes
-    return bitsandbytes.optim.Lion8bit(groups, lr=groups[0]["lr"], weight_decay=weight_decay)
-
-
-def _prodigy(groups, weight_decay):
-    import prodigyopt
-    return prodigyopt.Prodigy(groups, lr=groups[0]["lr"], weight_decay=weight_decay)
-
-
-def _adafactor(groups, weight_decay):
-    # Fixed rates (no relative step) so our schedule drives the rate, as kohya does with an explicit lr.
-    from transformers.optimization import Adafactor
-    return Adafactor(groups, lr=groups[0]["lr"], weight_decay=weight_decay, relative_step=False,
-                     scale_parameter=False, warmup_init=False)
-
-
-OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "AdamW": OptimizerSpec("torch", "", False, _adamw),
-    "AdamW8bit": OptimizerSpec("bitsandbytes", "pip install bitsandbytes", True, _adamw8bit),
-    "Lion8bit": OptimizerSpec("bitsandbytes", "pip install bitsandbytes", True, _lion8bit),
-    "Prodigy": OptimizerSpec("prodigyopt", "pip install prodigyopt", False, _prodigy),
-    "Adafactor": OptimizerSpec("transformers", "pip install transformers", False, _adafactor),
-    "SGD": OptimizerSpec("torch", "", False, _sgd),
-}
-
-
-def check_optimizer(name: str, device_type: str) -> None:
-    """Raise ValueError when `name` cannot run here (unknown, package missing, no CUDA)."""
-    spec = OPTIMIZERS.get(name)
-    if spec is None:
-        raise ValueError(f"Train LoRA: optimizer = {name!r} is unknown. Pick one of: {', '.join(OPTIMIZERS)}.")
-    if importlib.util.find_spec(spec.module) is None:
-        raise ValueError(f"Train LoRA: optimizer = {name!r} needs the package '{spec.module}', which is not "
-                         f"installed in ComfyUI's Python. Run `{spec.install_hint}` with ComfyUI's Python and "
-                         "restart ComfyUI, or pick AdamW.")
-    if spec.needs_cuda and device_type != "cuda":
-        raise ValueError(f"Train LoRA: optimizer = {name!r} runs on NVIDIA GPUs only and this ComfyUI runs "
-                         f"on {device_type}. Pick AdamW (or Adafactor to save memory).")
-
-
-def build_optimizer(name: str, groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
-    return OPTIMIZERS[name].build(groups, weight_decay)
-
-
-def applied_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """Rate per trained part read back from the optimizer: its A-matrix groups' rate (with UNet block
-    weights, the largest block rate, which is the UNet rate itself when no block is up-weighted)."""
-    rates: dict[str, float] = {}
-    for group in optimizer.param_groups:
-        if group.get("matrix") == "A":
-            rates[group["part"]] = max(rates.get(group["part"], 0.0), float(group["lr"]))
-    return rates
-
-
-# --------------------------------------------------------------------------------------------
-# Batches
-# --------------------------------------------------------------------------------------------
-
-def largest_bucket_size(dataset) -> int:
-    """Images per epoch (repeats counted) in the fullest bucket: the largest possible batch."""
-    return max((sum(dataset.samples[index].repeats for index in indices)
-                for indices in dataset.buckets().values()), default=0)
-
-
-def batches_per_epoch_of(dataset, batch_size: int) -> int:
-    """Batches in one epoch: per bucket, its images (repeats counted) in whole batches (a bucket's
-    leftover images wait for the next epoch's draw, as BucketBatches deals them)."""
-    return sum(sum(dataset.samples[index].repeats for index in indices) // batch_size
-               for indices in dataset.buckets().values())
-
-
-class BucketBatches:
-    """Endless batches of sample indices, each from one bucket, epoch after epoch; an iterator whose
-    position can be saved and restored exactly (resume).
-
-    Each epoch is ``dataset.epoch_indices(rng)`` (shuffled, repeats expanded); a batch is emitted when
-    a bucket has `batch_size` pending samples. A bucket's leftover at the end of an epoch is dropped
-    (it comes again, reshuffled, in the next epoch).
-    """
-
-    def __init__(self, dataset, batch_size: int, rng: random.Random) -> None:
-        if batch_size > largest_bucket_size(dataset):
-            raise ValueError(f"batch_size {batch_size} exceeds the largest bucket")
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.rng = rng
-        self.epoch: list[int] = []                          # this epoch's shuffled sample indices
-        self.position = 0                                   # next index of `epoch` to place
-        self.pending: dict[tuple[int, int], list[int]] = {}  # bucket -> indices waiting for a full batch
-
-    def __iter__(self) -> "BucketBatches":
-        return self
-
-    def __next__(self) -> list[int]:
-        while True:
-            if self.position >= len(self.epoch):
-                self.epoch, self.position, self.pending = self.dataset.epoch_indices(self.rng), 0, {}
-            index = self.epoch[self.position]
-            self.position += 1
-            bucket = self.pending.setdefault(tuple(self.dataset.samples[index].bucket), [])
-            bucket.append(index)
-            if len(bucket) == self.batch_size:
-                batch = list(bucket)
-                bucket.clear()
-                return batch
-
-    def state(self) -> dict[str, Any]:
-        """JSON-ready position: the epoch's order, where it stands, pending buckets and the rng."""
-        return {"epoch": list(self.epoch), "position": self.position,
-                "pending": [[list(bucket), list(indices)] for bucket, indices in self.pending.items()],
-                "rng": random_state_to_json(self.rng)}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position = list(state["epoch"]), int(state["position"])
-        self.pending = {tuple(bucket): list(indices) for bucket, indices in state["pending"]}
-        self.rng.setstate(random_state_from_json(state["rng"]))
-
-
-def bucket_batches(dataset, batch_size: int, rng: random.Random) -> BucketBatches:
-    """Endless one-bucket batches (see :class:`BucketBatches`)."""
-    return BucketBatches(dataset, batch_size, rng)
-
-
-def random_state_to_json(rng: random.Random) -> list:
-    """``random.Random.getstate()`` as JSON-ready lists."""
-    version, internal, gauss_next = rng.getstate()
-    return [version, list(internal), gauss_next]
-
-
-def random_state_from_json(state: list) -> tuple:
-    version, internal, gauss_next = state
-    return version, tuple(internal), gauss_next
-
-
-# --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
 
@@ -365,12 +169,6 @@ class StepRecord:
         return json.dumps({"step": self.step, "loss": self.loss, "lr": self.lr})
 
 
-@dataclass
-class LoopCallbacks:
-    on_step: Callable[[StepRecord], None] | None = None   # after each optimizer step
-    check_cancel: Callable[[], None] | None = None         # raises to stop (called before each micro-batch)
-
-
 def make_grad_scaler(settings: LoopSettings) -> torch.amp.GradScaler | None:
     """fp16's loss scaler (None for bf16/fp32, which need none)."""
     return torch.amp.GradScaler(settings.device_type) if settings.precision == "fp16" else None
@@ -386,16 +184,17 @@ def autocast_context(settings: LoopSettings):
 def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective: DiffusionObjective,
              next_batch: Callable[[], tuple[torch.Tensor, dict]], multiplier: Callable[[int], float],
              generator: torch.Generator, log_path: Path | None = None,
-             callbacks: LoopCallbacks | None = None,
+             callbacks: TrainCallbacks | None = None,
              scaler: torch.amp.GradScaler | None = None) -> list[StepRecord]:
     """Train steps settings.start_step .. total_steps - 1; returns one record per step run (also
-    appended to log_path). With fp16, `scaler` is the loss scaler to use (one is made when None).
+    appended to log_path). Of `callbacks`, on_step (after each update) and check_cancel (before each
+    micro-batch) are used. With fp16, `scaler` is the loss scaler to use (one is made when None).
 
     Each step: every group's lr = its base_lr x multiplier(step) (set explicitly), then
     `gradient_accumulation` micro-batches, gradient clipping, the update; the rates are read back from
     ``optimizer.param_groups`` and logged with the step's mean loss.
     """
-    callbacks = callbacks or LoopCallbacks()
+    callbacks = callbacks or TrainCallbacks()
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     if settings.precision == "fp16" and scaler is None:
         scaler = make_grad_scaler(settings)
@@ -448,7 +247,7 @@ def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective
                 log_file.write(record.as_json() + "\n")
                 log_file.flush()
             if callbacks.on_step is not None:
-                callbacks.on_step(record)
+                callbacks.on_step(record, settings.total_steps)
     finally:
         if log_file is not None:
             log_file.close()

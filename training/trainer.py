@@ -8,29 +8,25 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import json
 import logging
 import math
-import random
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import numpy
 import torch
 
 from . import kohya, resume
-from .settings import SettingError, setting, validate
+from .feeder import BatchFeeder, batches_per_epoch_of, largest_bucket_size
+from .host import ModelAccess, TrainCallbacks, TrainingResult
 from .lora import (InjectedLora, checkpointed_forward, inject_lora, lora_weights, out_of_place_clip_layer_forward,
                    patched_forwards, text_target_paths, trainable_copies, unet_block_of, unet_target_paths, TARGETS)
-from .loop import (OPTIMIZERS, AUTOCAST_DTYPES, DiffusionObjective, LoopCallbacks, LoopSettings, StepRecord, TrainedLayer,
-                   batches_per_epoch_of,
-                   TrainingDiverged, TrainingOutOfMemory, bucket_batches, build_optimizer, build_param_groups,
-                   check_optimizer, largest_bucket_size, make_grad_scaler, random_state_from_json,
-                   random_state_to_json, run_loop)
+from .loop import LoopSettings, StepRecord, TrainingDiverged, TrainingOutOfMemory, make_grad_scaler, run_loop
+from .optimizers import OPTIMIZERS, TrainedLayer, build_optimizer, build_param_groups, check_optimizer
+from .settings import setting, validate
 
 logger = logging.getLogger("lora_lab")
 
@@ -122,51 +118,6 @@ class RunOptions:
         validate(self, "Train LoRA")
 
 
-@dataclass
-class ModelAccess:
-    """What the trainer needs from the host application (built by nodes/comfy_bridge.py)."""
-
-    family: str                                             # "sd1" | "sd2" | "sdxl"
-    device: torch.device
-    unet: torch.nn.Module                                   # the diffusion model (ldm layout)
-    unet_blocks: list[torch.nn.Module]                      # modules to checkpoint (each called by the UNet)
-    text_encoders: dict[str, torch.nn.Module]               # part -> CLIP root (e.g. clip_l)
-    text_layers: dict[str, list[torch.nn.Module]]           # part -> CLIP layers (in-place forward fix)
-    objective: DiffusionObjective
-    encode_pixels: Callable[[torch.Tensor], torch.Tensor]   # IMAGE [B,H,W,3] 0..1 -> model latent x0
-    encode_captions: Callable[[list[str]], dict]            # captions -> {"c_crossattn", "pooled"?}
-    extra_conditioning: Callable[[dict, list[dict]], dict]  # (text cond, per-sample sizes) -> cond kwargs
-    unet_kohya_names: Callable[[list[str]], dict[str, str]]
-    text_kohya_names: Callable[[str, list[str]], dict[str, str]]
-    latent_key: str = ""                                    # identifies VAE weights + latent format (disk cache)
-    offload_device: torch.device | None = None              # where frozen originals wait while training (GPU runs)
-    # Called once every latent / frozen caption encoding is cached: (VAE done, text encoders done) ->
-    # the host moves those models off the GPU (they come back by themselves if a preview needs them).
-    release_encoders: Callable[[bool, bool], None] | None = None
-    weights_key: Callable[[], str] | None = None            # identifies the base weights (resume checks)
-    clip_skip: int | None = None                            # kohya's clip_skip (2 = penultimate layer); None = last
-    # The norm the host's LoRA loader divides a dora_scale by (lora.lora_weights): "original" | "updated"
-    dora_norm: str = "updated"
-
-
-@dataclass
-class TrainingResult:
-    path: Path                    # the final LoRA file
-    records: list[StepRecord]
-    run_dir: Path
-    seconds: float
-    cache_bytes: dict[str, int] = field(default_factory=dict)   # in-memory caches at the end (latents, text)
-
-
-@dataclass
-class TrainCallbacks:
-    on_step: Callable[[StepRecord, int], None] | None = None   # (record, total steps)
-    check_cancel: Callable[[], None] | None = None
-    is_cancel: Callable[[BaseException], bool] = lambda error: False
-    # Preview images: called after every optimizer step with (steps done, run folder), the LoRA in place.
-    on_sample: Callable[[int, Path], None] | None = None
-
-
 def part_rates_for(rates, family: str, text_parts: Iterable[str] | None = None) -> dict[str, float]:
     """Base rate per part for this model family (0 = frozen): TE2 exists only on SDXL, and a text
     encoder the model lacks (when `text_parts` is given) is frozen too."""
@@ -199,164 +150,11 @@ def check_inputs(settings: TrainSettings, dataset, part_rates: dict[str, float],
     check_optimizer(settings.optimizer, device_type)
 
 
-def _dataset_key(dataset) -> str:
-    return getattr(dataset, "fingerprint", "") or "no-fingerprint"
-
-
-class BatchFeeder:
-    """Turns sample indices into (x0 latents, conditioning), caching what does not change."""
-
-    def __init__(self, dataset, access: ModelAccess, train_text: bool, settings: TrainSettings, cache_dir: Path):
-        self.dataset = dataset
-        self.access = access
-        self.train_text = train_text
-        self.order_rng = random.Random(settings.training_seed)
-        self.augment_rng = random.Random(settings.training_seed + 1)
-        self.batches = bucket_batches(dataset, settings.batch_size, self.order_rng)
-        self.latent_cache: dict[tuple, torch.Tensor] = {}   # in memory only when not cached on disk
-        self.text_cache: dict[str, dict] = {}
-        # Shared by runs (a re-run gets a new run folder); keyed by dataset content + settings, the VAE
-        # weights and the latent format, so a changed image, bucket or VAE never hits a stale entry.
-        # With a disk cache, latents are read back from disk each time (the OS page cache keeps hot
-        # files fast), so host memory stays bounded however large the dataset is.
-        self.disk_dir = cache_dir if settings.cache_latents_to_disk and access.latent_key else None
-        self.cache_latents = dataset.caching_possible
-        # Shuffled or dropped-out captions make a new string nearly every step: caching those would grow
-        # without bound, so only static captions are cached.
-        self.cache_text = not train_text and dataset.static_captions
-
-    def _pixels(self, image) -> torch.Tensor:
-        return torch.from_numpy(numpy.asarray(image, dtype=numpy.float32) / 255.0).unsqueeze(0)
-
-    def _disk_path(self, key: tuple) -> Path | None:
-        """Where the disk cache keeps this latent (None without a disk cache)."""
-        if not (self.cache_latents and self.disk_dir is not None):
-            return None
-        name = hashlib.sha256(repr((_dataset_key(self.dataset), self.access.latent_key, key)).encode()).hexdigest()[:32]
-        return self.disk_dir / f"{name}.pt"
-
-    def _latent(self, index: int, offset, flipped) -> torch.Tensor:
-        key = (index, tuple(offset), bool(flipped))
-        if self.cache_latents and key in self.latent_cache:
-            return self.latent_cache[key]
-        disk_path = self._disk_path(key)
-        if disk_path is not None and disk_path.is_file():
-            return torch.load(disk_path, map_location="cpu", weights_only=True)
-        image = self.dataset.render(index, tuple(offset), bool(flipped))
-        with torch.no_grad():
-            latent = self.access.encode_pixels(self._pixels(image)).detach().clone().to("cpu", torch.float32)
-        if disk_path is not None:
-            disk_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(latent, disk_path)
-        elif self.cache_latents:
-            self.latent_cache[key] = latent
-        return latent
-
-    def prepare(self, check_cancel: Callable[[], None] | None = None) -> tuple[bool, bool]:
-        """Encode, once and up front, every latent and caption that will not change during training,
-        so the VAE and frozen text encoders can leave the GPU before the first step.
-
-        Returns (all latents cached, all captions cached). Cancel is checked between images.
-        """
-        if self.cache_latents:
-            flips = (False, True) if self.dataset.flip else (False,)
-            for index in range(len(self.dataset.samples)):
-                if check_cancel is not None:
-                    check_cancel()
-                offset, _ = self.dataset.augmentation(index, None)   # the centre crop: no rng draw
-                for flipped in flips:
-                    key = (index, tuple(offset), flipped)
-                    disk_path = self._disk_path(key)
-                    if key in self.latent_cache or (disk_path is not None and disk_path.is_file()):
-                        continue  # already cached: no need to read it now
-                    self._latent(index, offset, flipped)
-        if self.cache_text:
-            fixed = random.Random(0)  # static captions never draw from it
-            self._cache_captions([self.dataset.caption_for_step(index, fixed)
-                                  for index in range(len(self.dataset.samples))])
-        return self.cache_latents, self.cache_text
-
-    def cached_bytes(self) -> dict[str, int]:
-        """Memory held by the in-memory caches (latents on the host, text encodings on the device)."""
-        def size(tensors) -> int:
-            return sum(tensor.numel() * tensor.element_size() for tensor in tensors if torch.is_tensor(tensor))
-        return {"latents": size(self.latent_cache.values()),
-                "text": size(value for cond in self.text_cache.values() for value in cond.values())}
-
-    def state(self) -> dict[str, Any]:
-        """Data order and augmentation rng (JSON): with the generators, all randomness of a run."""
-        return {"batches": self.batches.state(), "augment_rng": random_state_to_json(self.augment_rng)}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.batches.load_state(state["batches"])
-        self.augment_rng.setstate(random_state_from_json(state["augment_rng"]))
-
-    def _text(self, captions: list[str]) -> dict:
-        if not self.cache_text:
-            if self.train_text:
-                return self.access.encode_captions(captions)
-            with torch.no_grad():
-                return self.access.encode_captions(captions)
-        self._cache_captions(captions)
-        return concat_conditioning([self.text_cache[caption] for caption in captions])
-
-    def _cache_captions(self, captions: list[str]) -> None:
-        """Encode (once each) the captions not cached yet."""
-        for caption in dict.fromkeys(captions):
-            if caption in self.text_cache:
-                continue
-            with torch.no_grad():
-                encoded = self.access.encode_captions([caption])
-            self.text_cache[caption] = {key: value.detach().clone() if torch.is_tensor(value) else value
-                                        for key, value in encoded.items()}
-
-    def __call__(self) -> tuple[torch.Tensor, dict]:
-        indices = next(self.batches)
-        latents, captions, sizes = [], [], []
-        for index in indices:
-            sample = self.dataset.samples[index]
-            # The augmentation (crop offset, flip) is drawn first, so a cached latent is found
-            # without decoding the image.
-            offset, flipped = self.dataset.augmentation(index, self.augment_rng)
-            latents.append(self._latent(index, offset, flipped))
-            captions.append(self.dataset.caption_for_step(index, self.augment_rng))
-            sizes.append({"original_size": tuple(sample.original_size),
-                          "crop_offset": conditioning_crop(offset, flipped, sample.resized_size, sample.bucket),
-                          "target_size": tuple(sample.bucket)})
-        x0 = torch.cat(latents).to(self.access.device)
-        cond = self._text(captions)
-        return x0, self.access.extra_conditioning(cond, sizes)
-
-
 def text_layer_forward(layer: torch.nn.Module, gradient_checkpointing: bool) -> Callable:
     """A trained CLIP layer's forward: out of place (ComfyUI's adds in place), and checkpointed like
     the UNet blocks when gradient checkpointing is on."""
     forward = out_of_place_clip_layer_forward(layer)
     return checkpointed_forward(layer, forward) if gradient_checkpointing else forward
-
-
-def conditioning_crop(offset, flipped: bool, resized_size, bucket) -> tuple[int, int]:
-    """SDXL's crop (left, top) for an image as the model sees it: in a flipped image the crop's left
-    edge is the mirror of its right edge in the unflipped one (as sd-scripts conditions it)."""
-    left, top = offset
-    if flipped:
-        left = resized_size[0] - (left + bucket[0])
-    return (int(left), int(top))
-
-
-def concat_conditioning(conds: list[dict]) -> dict:
-    """Batch per-caption conditioning. Captions longer than 75 tokens give longer sequences: shorter
-    ones are repeated to the least common multiple length, as ComfyUI batches conds."""
-    if len(conds) == 1:
-        return conds[0]
-    lengths = [cond["c_crossattn"].shape[1] for cond in conds]
-    target = math.lcm(*lengths)
-    crossattn = torch.cat([cond["c_crossattn"].repeat(1, target // cond["c_crossattn"].shape[1], 1)
-                           for cond in conds])
-    merged = {"c_crossattn": crossattn}
-    if conds[0].get("pooled") is not None:
-        merged["pooled"] = torch.cat([cond["pooled"] for cond in conds])
-    return merged
 
 
 # lora_lab_dora_scale: what a DoRA file's dora_scale holds (lora.lora_weights), for tools and people.
@@ -451,12 +249,61 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
 
     resume_from: a run folder or resume_state.json (see training/resume.py) to continue from; the run
     must have had the same model, dataset and settings (checked before anything is trained).
+
+    The phases, in order: plan (every check and path, no heavy work), attach (trainable copies and
+    LoRA layers), prepare (optimizer, cached latents/captions, generators, a resumed state), run (the
+    step loop, with periodic saves), and on an exception the interruption policy; detach always.
     """
-    callbacks = callbacks or TrainCallbacks()
+    plan = plan_run(settings, access, dataset, rates, schedule, loras_dir, output_dir, resume_from)
+    run = Run(plan, callbacks or TrainCallbacks())
+    with torch.inference_mode(False), contextlib.ExitStack() as stack:
+        try:
+            run.attach(stack)
+            run.prepare(stack)
+            try:
+                records = run.run()
+            except BaseException as error:
+                run.interrupted(error)
+                raise
+            path = run.export(plan.base_name, settings.steps)
+        finally:
+            run.detach()
+    if plan.resumed is not None:
+        records = [StepRecord(**json.loads(line)) for line in plan.previous_lines] + records
+    return TrainingResult(path=path, records=records, run_dir=plan.run_dir, seconds=time.time() - plan.started,
+                          cache_bytes=run.feeder.cached_bytes())
+
+
+@dataclass
+class RunPlan:
+    """Everything decided before training starts: checked inputs, rates per part, the file and run
+    folder, a resumed state (checked against this run), and the settings recorded in the file."""
+
+    settings: TrainSettings
+    access: ModelAccess
+    dataset: Any
+    rates: Any
+    schedule: Any
+    loras_dir: Path
+    output_dir: Path
+    started: float
+    part_rates: dict[str, float]
+    trained_text: list[str]
+    identity: dict[str, Any]
+    resumed: resume.ResumeState | None
+    run_dir: Path
+    log_path: Path
+    previous_lines: list[str]
+    base_name: str
+    lora_settings: dict[str, Any]
+
+
+def plan_run(settings: TrainSettings, access: ModelAccess, dataset, rates, schedule, loras_dir: Path,
+             output_dir: Path, resume_from: str | Path) -> RunPlan:
+    """Phase 1: every check that needs no heavy work, then the run folder and its log."""
     started = time.time()
     part_rates = part_rates_for(rates, access.family, access.text_encoders)
     check_inputs(settings, dataset, part_rates, schedule, access.family, access.device.type)
-    trained_text = [part for part in TEXT_PARTS if part_rates[part] > 0]
     identity = run_identity(settings, rates, schedule, dataset, access)
     resumed = load_resume_state(resume_from, output_dir / "lora_lab", identity, settings) if resume_from else None
     # The run folder mirrors the file's name inside models/loras ("styles/alice_2" -> lora_lab/styles/alice_2).
@@ -467,138 +314,179 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
     log_path = run_dir / "log.jsonl"
     previous_lines = previous_log_lines(resumed) if resumed else []
     log_path.write_text("".join(previous_lines), encoding="utf-8")
-    save_dtype = SAVE_DTYPES[settings.save_precision]
-    base_name = kohya.sanitize_lora_name(settings.lora_name)   # no extension: suffixes go before it
     lora_settings = {"train": asdict(settings), "learning_rates": asdict(rates), "lr_schedule": asdict(schedule),
                      "dataset": {"source": getattr(dataset, "source", ""), "fingerprint": getattr(dataset, "fingerprint", ""),
                                  "resolution": dataset.resolution}}
     if resumed is not None:
         lora_settings["resumed_from"] = {"state": str(resumed.path), "step": resumed.step}
+    return RunPlan(settings=settings, access=access, dataset=dataset, rates=rates, schedule=schedule,
+                   loras_dir=loras_dir, output_dir=output_dir, started=started, part_rates=part_rates,
+                   trained_text=[part for part in TEXT_PARTS if part_rates[part] > 0], identity=identity,
+                   resumed=resumed, run_dir=run_dir, log_path=log_path, previous_lines=previous_lines,
+                   base_name=kohya.sanitize_lora_name(settings.lora_name),   # no extension: suffixes go before it
+                   lora_settings=lora_settings)
 
-    roots = [access.unet] + [access.text_encoders[part] for part in trained_text]
-    injected: list[InjectedLora] = []
-    forward_patches = [(layer, text_layer_forward(layer, settings.gradient_checkpointing))
-                       for part in trained_text for layer in access.text_layers.get(part, [])]
-    if settings.gradient_checkpointing:
-        forward_patches += [(block, checkpointed_forward(block)) for block in access.unet_blocks]
 
-    def export(name: str, steps_done: int) -> Path:
+class Run:
+    """One run's moving parts (LoRA layers, optimizer, feeder, generators) and its progress: what a
+    checkpoint or an interrupted save must hold."""
+
+    def __init__(self, plan: RunPlan, callbacks: TrainCallbacks) -> None:
+        self.plan = plan
+        self.callbacks = callbacks
+        self.injected: list[InjectedLora] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.feeder: BatchFeeder | None = None
+        self.generator: torch.Generator | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self.loop_settings: LoopSettings | None = None
+        self.progress: resume.Progress | None = None          # after the last finished step
+        self.checkpoint_steps: list[int] = [plan.resumed.step] if plan.resumed else []
+        self.checkpoint_dirs: list[Path] = [plan.resumed.path.parent] if plan.resumed else []   # latest last
+        self.out_of_memory = False
+
+    # Phase 2 ------------------------------------------------------------------------------------
+    def attach(self, stack: contextlib.ExitStack) -> None:
+        """Trainable copies of the trained parts, their patched forwards, then the LoRA layers."""
+        plan, settings, access = self.plan, self.plan.settings, self.plan.access
+        roots = [access.unet] + [access.text_encoders[part] for part in plan.trained_text]
+        forward_patches = [(layer, text_layer_forward(layer, settings.gradient_checkpointing))
+                           for part in plan.trained_text for layer in access.text_layers.get(part, [])]
+        if settings.gradient_checkpointing:
+            forward_patches += [(block, checkpointed_forward(block)) for block in access.unet_blocks]
+        stack.enter_context(trainable_copies(*roots, offload_device=access.offload_device))
+        stack.enter_context(patched_forwards(forward_patches))
+        unet_paths = unet_target_paths(access.unet, settings.target)
+        if plan.part_rates["unet"] > 0:
+            self.injected.append(inject_lora(access.unet, "unet", unet_paths, settings.rank, settings.alpha,
+                                             settings.use_dora, settings.training_seed))
+        for offset, part in enumerate(plan.trained_text, start=1):
+            paths = text_target_paths(access.text_encoders[part], settings.target)
+            self.injected.append(inject_lora(access.text_encoders[part], part, paths, settings.rank, settings.alpha,
+                                             settings.use_dora, settings.training_seed + offset))
+        for lora in self.injected:
+            for parameter in lora.parameters():
+                parameter.data = parameter.data.to(access.device)
+
+    # Phase 3 ------------------------------------------------------------------------------------
+    def prepare(self, stack: contextlib.ExitStack) -> None:
+        """Optimizer, the feeder with everything static encoded up front (then the encoders may leave
+        the GPU), the generators, and a resumed run's state."""
+        plan, settings, access = self.plan, self.plan.settings, self.plan.access
+        layers = [TrainedLayer(part=module.part, block=unet_block_of(module.path) if module.part == "unet" else "",
+                               down=module.down, up=module.up, magnitude=module.magnitude)
+                  for lora in self.injected for module in lora.modules]
+        groups = build_param_groups(layers, plan.part_rates, plan.rates.lora_plus_ratio, plan.rates.block_weight)
+        self.optimizer = build_optimizer(settings.optimizer, groups, settings.weight_decay)
+        self.feeder = BatchFeeder(plan.dataset, access, bool(plan.trained_text), settings,
+                                  plan.output_dir / "lora_lab" / LATENT_CACHE_FOLDER)
+        latents_ready, captions_ready = self.feeder.prepare(self.callbacks.check_cancel)
+        if access.release_encoders is not None:
+            access.release_encoders(latents_ready, captions_ready)
+        self.generator = torch.Generator(device=access.device).manual_seed(settings.training_seed)
+        self.loop_settings = LoopSettings(
+            total_steps=settings.steps, gradient_accumulation=settings.gradient_accumulation,
+            max_grad_norm=settings.max_grad_norm, noise_offset=settings.noise_offset,
+            min_snr_gamma=settings.min_snr_gamma, precision=settings.precision, device_type=access.device.type,
+            start_step=plan.resumed.step if plan.resumed else 0)
+        self.scaler = make_grad_scaler(self.loop_settings)
+        stack.enter_context(seeded_global_rng(settings.training_seed, access.device))
+        if plan.resumed is not None:
+            restore_run(plan.resumed, self.injected, self.optimizer, self.feeder, self.generator, self.scaler,
+                        access.device)
+        self.progress = self._capture(self.loop_settings.start_step)
+
+    # Phase 4 ------------------------------------------------------------------------------------
+    def run(self) -> list[StepRecord]:
+        plan = self.plan
+        return run_loop(self.loop_settings, self.optimizer, plan.access.objective, self.feeder,
+                        lambda step: plan.schedule.multiplier(step, plan.settings.steps), self.generator,
+                        plan.log_path, TrainCallbacks(on_step=self._after_step, check_cancel=self.callbacks.check_cancel),
+                        self.scaler)
+
+    def _after_step(self, record: StepRecord, total: int) -> None:
+        settings = self.plan.settings
+        done = record.step + 1
+        self.progress = self._capture(done)
+        if settings.save_every_n_steps and done % settings.save_every_n_steps == 0 and done < settings.steps:
+            self.export(f"{self.plan.base_name}_step{done:05d}", done)
+            self.checkpoint()
+        if self.callbacks.on_step is not None:
+            self.callbacks.on_step(record, total)
+        if self.callbacks.on_sample is not None:
+            self.callbacks.on_sample(done, self.plan.run_dir)
+
+    def _capture(self, step: int) -> resume.Progress:
+        return capture_progress(step, self.feeder, self.generator, self.scaler, self.plan.access.device)
+
+    # Phase 5: the interruption policy -------------------------------------------------------------
+    def interrupted(self, error: BaseException) -> None:
+        """Cancel, divergence or out of memory: keep what was trained so far (the last good weights)
+        when at least one step was trained, and a checkpoint on Cancel; re-raise with what was saved.
+        Returns only for other errors (the caller re-raises them unchanged)."""
+        plan, settings = self.plan, self.plan.settings
+        cancelled = self.callbacks.is_cancel(error)
+        self.out_of_memory = isinstance(error, torch.OutOfMemoryError)
+        if self.out_of_memory:
+            # The failed step's activations hang off the traceback's finished frames: free them
+            # before anything else needs memory.
+            traceback.clear_frames(error.__traceback__)
+            release_device_memory(plan.access.device)
+        step = self.progress.step if self.progress is not None else 0
+        saved_name = ""
+        if self.injected and step > 0 and (cancelled or self.out_of_memory or isinstance(error, TrainingDiverged)):
+            saved_name = kohya.lora_name_for(self.export(f"{plan.base_name}_interrupted", step), plan.loras_dir)
+            logger.warning("LoRA Lab: training stopped (%s); saved what was trained so far to %s",
+                           type(error).__name__, saved_name)
+            if cancelled and step not in self.checkpoint_steps and step < settings.steps:
+                self.checkpoint()   # cancel comes between steps: weights and progress agree
+        if isinstance(error, TrainingDiverged):
+            raise TrainingDiverged(error.step, error.loss, settings.precision, saved=saved_name,
+                                   what=error.what, history=error.history) from None
+        if self.out_of_memory:
+            raise TrainingOutOfMemory(out_of_memory_message(
+                settings, plan.dataset, step, saved_name,
+                self.checkpoint_dirs[-1] if self.checkpoint_dirs else None)) from None
+
+    # Saving -------------------------------------------------------------------------------------
+    def export(self, name: str, steps_done: int) -> Path:
+        """Write the LoRA as it is now into models/loras under `name` (kohya keys and metadata)."""
+        plan, settings, access = self.plan, self.plan.settings, self.plan.access
         entries = []
-        for lora in injected:
+        for lora in self.injected:
             paths = [module.path for module in lora.modules]
             names = (access.unet_kohya_names(paths) if lora.part == "unet"
                      else access.text_kohya_names(lora.part, paths))
             entries += [(names[module.path], lora_weights(module, torch.float32, access.dora_norm))
                         for module in lora.modules]
-        tensors = kohya.kohya_state_dict(entries, settings.alpha, save_dtype)
+        tensors = kohya.kohya_state_dict(entries, settings.alpha, SAVE_DTYPES[settings.save_precision])
         conv_trained = any(isinstance(module.layer.get_base_layer(), torch.nn.Conv2d)
                            and tuple(module.layer.get_base_layer().kernel_size) != (1, 1)
-                           for lora in injected for module in lora.modules)
-        fields = _kohya_fields(settings, rates, schedule, dataset, access, started, part_rates, steps_done,
-                               conv_trained, name)
-        metadata = file_metadata(fields, lora_settings, tensors, access, name, dataset.resolution, started)
-        return kohya.save_lora(tensors, metadata, loras_dir, name)
+                           for lora in self.injected for module in lora.modules)
+        fields = _kohya_fields(settings, plan.rates, plan.schedule, plan.dataset, access, plan.started,
+                               plan.part_rates, steps_done, conv_trained, name)
+        metadata = file_metadata(fields, plan.lora_settings, tensors, access, name, plan.dataset.resolution,
+                                 plan.started)
+        return kohya.save_lora(tensors, metadata, plan.loras_dir, name)
 
-    optimizer: torch.optim.Optimizer | None = None
-    out_of_memory = False
-    with torch.inference_mode(False), contextlib.ExitStack() as stack:
-        stack.enter_context(trainable_copies(*roots, offload_device=access.offload_device))
-        stack.enter_context(patched_forwards(forward_patches))
-        try:
-            unet_paths = unet_target_paths(access.unet, settings.target)
-            if part_rates["unet"] > 0:
-                injected.append(inject_lora(access.unet, "unet", unet_paths, settings.rank, settings.alpha,
-                                            settings.use_dora, settings.training_seed))
-            for offset, part in enumerate(trained_text, start=1):
-                paths = text_target_paths(access.text_encoders[part], settings.target)
-                injected.append(inject_lora(access.text_encoders[part], part, paths, settings.rank, settings.alpha,
-                                            settings.use_dora, settings.training_seed + offset))
-            for lora in injected:
-                for parameter in lora.parameters():
-                    parameter.data = parameter.data.to(access.device)
-            layers = [TrainedLayer(part=module.part, block=unet_block_of(module.path) if module.part == "unet" else "",
-                                   down=module.down, up=module.up, magnitude=module.magnitude)
-                      for lora in injected for module in lora.modules]
-            groups = build_param_groups(layers, part_rates, rates.lora_plus_ratio, rates.block_weight)
-            optimizer = build_optimizer(settings.optimizer, groups, settings.weight_decay)
-            feeder = BatchFeeder(dataset, access, bool(trained_text), settings,
-                                 output_dir / "lora_lab" / LATENT_CACHE_FOLDER)
-            latents_ready, captions_ready = feeder.prepare(callbacks.check_cancel)
-            if access.release_encoders is not None:
-                access.release_encoders(latents_ready, captions_ready)
-            generator = torch.Generator(device=access.device).manual_seed(settings.training_seed)
-            loop_settings = LoopSettings(total_steps=settings.steps, gradient_accumulation=settings.gradient_accumulation,
-                                         max_grad_norm=settings.max_grad_norm, noise_offset=settings.noise_offset,
-                                         min_snr_gamma=settings.min_snr_gamma, precision=settings.precision,
-                                         device_type=access.device.type, start_step=resumed.step if resumed else 0)
-            scaler = make_grad_scaler(loop_settings)
-            stack.enter_context(seeded_global_rng(settings.training_seed, access.device))
-            if resumed is not None:
-                restore_run(resumed, injected, optimizer, feeder, generator, scaler, access.device)
-            # After each step: the state a checkpoint (periodic, or on Cancel) must hold with the weights.
-            progress = [capture_progress(loop_settings.start_step, feeder, generator, scaler, access.device)]
-            checkpoint_steps: list[int] = [resumed.step] if resumed else []
-            checkpoint_dirs: list[Path] = [resumed.path.parent] if resumed else []   # the latest is last
+    def checkpoint(self) -> None:
+        """A resume checkpoint of the last finished step (output/lora_lab/<run>/)."""
+        plan = self.plan
+        resume.save_state(plan.run_dir, plan.identity, self.progress, resume_weights(self.injected),
+                          self.optimizer.state_dict(),
+                          extra={"lora_name": plan.base_name, "steps": plan.settings.steps})
+        self.checkpoint_steps.append(self.progress.step)
+        self.checkpoint_dirs.append(plan.run_dir)
 
-            def checkpoint() -> None:
-                resume.save_state(run_dir, identity, progress[0], resume_weights(injected), optimizer.state_dict(),
-                                  extra={"lora_name": base_name, "steps": settings.steps})
-                checkpoint_steps.append(progress[0].step)
-                checkpoint_dirs.append(run_dir)
-
-            def on_step(record: StepRecord) -> None:
-                done = record.step + 1
-                progress[0] = capture_progress(done, feeder, generator, scaler, access.device)
-                if settings.save_every_n_steps and done % settings.save_every_n_steps == 0 and done < settings.steps:
-                    export(f"{base_name}_step{done:05d}", done)
-                    checkpoint()
-                if callbacks.on_step is not None:
-                    callbacks.on_step(record, settings.steps)
-                if callbacks.on_sample is not None:
-                    callbacks.on_sample(done, run_dir)
-
-            try:
-                records = run_loop(loop_settings, optimizer, access.objective, feeder,
-                                   lambda step: schedule.multiplier(step, settings.steps), generator, log_path,
-                                   LoopCallbacks(on_step=on_step, check_cancel=callbacks.check_cancel), scaler)
-            except BaseException as error:
-                cancelled = callbacks.is_cancel(error)
-                out_of_memory = isinstance(error, torch.OutOfMemoryError)
-                if out_of_memory:
-                    # The failed step's activations hang off the traceback's finished frames: free them
-                    # before anything else needs memory.
-                    traceback.clear_frames(error.__traceback__)
-                    release_device_memory(access.device)
-                # Cancel, divergence or out of memory: keep what was trained so far (the last good
-                # weights), when at least one step was trained.
-                saved_name = ""
-                if injected and progress[0].step > 0 and (cancelled or out_of_memory
-                                                          or isinstance(error, TrainingDiverged)):
-                    saved_name = kohya.lora_name_for(export(f"{base_name}_interrupted", progress[0].step), loras_dir)
-                    logger.warning("LoRA Lab: training stopped (%s); saved what was trained so far to %s",
-                                   type(error).__name__, saved_name)
-                    if cancelled and progress[0].step not in checkpoint_steps and progress[0].step < settings.steps:
-                        checkpoint()   # cancel comes between steps: weights and progress agree
-                if isinstance(error, TrainingDiverged):
-                    raise TrainingDiverged(error.step, error.loss, settings.precision, saved=saved_name,
-                                           what=error.what, history=error.history) from None
-                if out_of_memory:
-                    raise TrainingOutOfMemory(out_of_memory_message(
-                        settings, dataset, progress[0].step, saved_name,
-                        checkpoint_dirs[-1] if checkpoint_dirs else None)) from None
-                raise
-            path = export(base_name, settings.steps)
-        finally:
-            for lora in reversed(injected):
-                lora.remove()
-            if optimizer is not None:
-                optimizer.state.clear()   # optimizer moments live on the device: release them now
-            if out_of_memory:
-                release_device_memory(access.device)
-    if resumed is not None:
-        records = [StepRecord(**json.loads(line)) for line in previous_lines] + records
-    return TrainingResult(path=path, records=records, run_dir=run_dir, seconds=time.time() - started,
-                          cache_bytes=feeder.cached_bytes())
+    # Always -------------------------------------------------------------------------------------
+    def detach(self) -> None:
+        """Remove the LoRA layers (the ExitStack then restores forwards and the original tensors)."""
+        for lora in reversed(self.injected):
+            lora.remove()
+        if self.optimizer is not None:
+            self.optimizer.state.clear()   # optimizer moments live on the device: release them now
+        if self.out_of_memory:
+            release_device_memory(self.plan.access.device)
 
 
 # --------------------------------------------------------------------------------------------

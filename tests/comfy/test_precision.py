@@ -108,11 +108,11 @@ def test_precision_trains_every_tensor_of_every_part_in_fp32(comfy, load_in_dtyp
 
 def test_dora_magnitude_gets_no_weight_decay(comfy):
     """Weight decay pulls toward zero: right for the low-rank update, wrong for DoRA's per-row norms."""
-    loop = comfy.pack.training.loop
+    optimizers = comfy.pack.training.optimizers
     down, up, magnitude = (torch.nn.Parameter(torch.ones(2, 2)) for _ in range(3))
-    layer = loop.TrainedLayer(part="unet", block="down", down=down, up=up, magnitude=magnitude)
-    groups = loop.build_param_groups([layer], {"unet": 1e-3}, 1.0, lambda block: 1.0)
-    optimizer = loop.build_optimizer("AdamW", groups, weight_decay=0.1)
+    layer = optimizers.TrainedLayer(part="unet", block="down", down=down, up=up, magnitude=magnitude)
+    groups = optimizers.build_param_groups([layer], {"unet": 1e-3}, 1.0, lambda block: 1.0)
+    optimizer = optimizers.build_optimizer("AdamW", groups, weight_decay=0.1)
     decay = {id(parameter): group["weight_decay"] for group in optimizer.param_groups for parameter in group["params"]}
     assert decay[id(magnitude)] == 0.0 and decay[id(down)] == decay[id(up)] == 0.1
     assert {group["lr"] for group in optimizer.param_groups

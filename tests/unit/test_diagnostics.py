@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from lora_lab.training.loop import TrainingDiverged
-from lora_lab.training.trainer import conditioning_crop
+from lora_lab.training.feeder import conditioning_crop
 
 
 def test_crop_of_an_unflipped_image_is_its_offset():

@@ -1,4 +1,5 @@
-"""The loss pieces, parameter groups and batching of training/loop.py (no ComfyUI)."""
+"""The loss pieces (training/loop.py), parameter groups and optimizers (optimizers.py) and batching
+(feeder.py), without ComfyUI."""
 from __future__ import annotations
 
 import random
@@ -7,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lora_lab.training import loop
+from lora_lab.training import feeder, loop, optimizers
 
 
 def discrete_schedule():
@@ -55,24 +56,24 @@ def test_param_groups_split_parts_blocks_and_lora_plus():
     def parameter():
         return torch.nn.Parameter(torch.zeros(2, 2))
 
-    layers = [loop.TrainedLayer("unet", "down", parameter(), parameter()),
-              loop.TrainedLayer("unet", "up", parameter(), parameter()),
-              loop.TrainedLayer("text_encoder", "", parameter(), parameter())]
-    groups = loop.build_param_groups(layers, {"unet": 1e-4, "text_encoder": 1e-5, "text_encoder_2": 0.0},
+    layers = [optimizers.TrainedLayer("unet", "down", parameter(), parameter()),
+              optimizers.TrainedLayer("unet", "up", parameter(), parameter()),
+              optimizers.TrainedLayer("text_encoder", "", parameter(), parameter())]
+    groups = optimizers.build_param_groups(layers, {"unet": 1e-4, "text_encoder": 1e-5, "text_encoder_2": 0.0},
                                      lora_plus_ratio=16.0, block_weight={"down": 0.5, "mid": 1.0, "up": 2.0}.get)
     rates = {group["name"]: group["base_lr"] for group in groups}
     assert rates == pytest.approx({"unet/down/A": 0.5e-4, "unet/down/B": 8e-4, "unet/up/A": 2e-4,
                                    "unet/up/B": 32e-4, "text_encoder/A": 1e-5, "text_encoder/B": 16e-5})
-    optimizer = loop.build_optimizer("AdamW", groups, 0.0)
-    assert loop.applied_rates(optimizer) == pytest.approx({"unet": 2e-4, "text_encoder": 1e-5})
+    optimizer = optimizers.build_optimizer("AdamW", groups, 0.0)
+    assert optimizers.applied_rates(optimizer) == pytest.approx({"unet": 2e-4, "text_encoder": 1e-5})
 
 
 def test_optimizer_checks_name_the_fix():
     with pytest.raises(ValueError, match="unknown"):
-        loop.check_optimizer("Adam9000", "cpu")
+        optimizers.check_optimizer("Adam9000", "cpu")
     with pytest.raises(ValueError, match="NVIDIA|bitsandbytes"):
-        loop.check_optimizer("AdamW8bit", "cpu")
-    loop.check_optimizer("AdamW", "cpu")
+        optimizers.check_optimizer("AdamW8bit", "cpu")
+    optimizers.check_optimizer("AdamW", "cpu")
 
 
 def test_bucket_batches_never_mix_buckets():
@@ -93,9 +94,9 @@ def test_bucket_batches_never_mix_buckets():
                 grouped.setdefault(sample.bucket, []).append(index)
             return grouped
 
-    batches = loop.bucket_batches(Dataset(), 2, random.Random(0))
+    batches = feeder.bucket_batches(Dataset(), 2, random.Random(0))
     for _ in range(20):
         batch = next(batches)
         assert len(batch) == 2 and len({samples[index].bucket for index in batch}) == 1
     with pytest.raises(ValueError):
-        next(loop.bucket_batches(Dataset(), 6, random.Random(0)))
+        next(feeder.bucket_batches(Dataset(), 6, random.Random(0)))

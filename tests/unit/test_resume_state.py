@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lora_lab.training import loop, resume
+from lora_lab.training import feeder, resume
 
 
 class TwoBuckets:
@@ -32,11 +32,11 @@ class TwoBuckets:
 @pytest.mark.parametrize("taken", [0, 1, 5, 7, 13])
 def test_batch_order_continues_exactly_from_a_saved_position(taken):
     dataset = TwoBuckets()
-    running = loop.bucket_batches(dataset, 3, random.Random(4))
+    running = feeder.bucket_batches(dataset, 3, random.Random(4))
     for _ in range(taken):
         next(running)
     saved = json.loads(json.dumps(running.state()))          # through JSON, as on disk
-    restored = loop.bucket_batches(dataset, 3, random.Random(999))
+    restored = feeder.bucket_batches(dataset, 3, random.Random(999))
     restored.load_state(saved)
     assert [next(restored) for _ in range(20)] == [next(running) for _ in range(20)]
 
@@ -53,7 +53,7 @@ def test_batch_order_is_the_one_the_trainer_always_had():
             if len(bucket) == 3:
                 expected.append(list(bucket))
                 bucket.clear()
-    batches = loop.bucket_batches(dataset, 3, random.Random(4))
+    batches = feeder.bucket_batches(dataset, 3, random.Random(4))
     assert [next(batches) for _ in range(12)] == expected[:12]
 
 

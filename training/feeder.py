@@ -1,0 +1,233 @@
+"""Batches for the step loop (ComfyUI-agnostic): which samples go together (one bucket per batch,
+epoch after epoch, resumable) and how they become (latents, conditioning), caching what does not
+change."""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy
+import torch
+
+from .host import ModelAccess
+from .resume import random_state_from_json, random_state_to_json
+
+def largest_bucket_size(dataset) -> int:
+    """Images per epoch (repeats counted) in the fullest bucket: the largest possible batch."""
+    return max((sum(dataset.samples[index].repeats for index in indices)
+                for indices in dataset.buckets().values()), default=0)
+
+
+def batches_per_epoch_of(dataset, batch_size: int) -> int:
+    """Batches in one epoch: per bucket, its images (repeats counted) in whole batches (a bucket's
+    leftover images wait for the next epoch's draw, as BucketBatches deals them)."""
+    return sum(sum(dataset.samples[index].repeats for index in indices) // batch_size
+               for indices in dataset.buckets().values())
+
+
+class BucketBatches:
+    """Endless batches of sample indices, each from one bucket, epoch after epoch; an iterator whose
+    position can be saved and restored exactly (resume).
+
+    Each epoch is ``dataset.epoch_indices(rng)`` (shuffled, repeats expanded); a batch is emitted when
+    a bucket has `batch_size` pending samples. A bucket's leftover at the end of an epoch is dropped
+    (it comes again, reshuffled, in the next epoch).
+    """
+
+    def __init__(self, dataset, batch_size: int, rng: random.Random) -> None:
+        if batch_size > largest_bucket_size(dataset):
+            raise ValueError(f"batch_size {batch_size} exceeds the largest bucket")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.rng = rng
+        self.epoch: list[int] = []                          # this epoch's shuffled sample indices
+        self.position = 0                                   # next index of `epoch` to place
+        self.pending: dict[tuple[int, int], list[int]] = {}  # bucket -> indices waiting for a full batch
+
+    def __iter__(self) -> "BucketBatches":
+        return self
+
+    def __next__(self) -> list[int]:
+        while True:
+            if self.position >= len(self.epoch):
+                self.epoch, self.position, self.pending = self.dataset.epoch_indices(self.rng), 0, {}
+            index = self.epoch[self.position]
+            self.position += 1
+            bucket = self.pending.setdefault(tuple(self.dataset.samples[index].bucket), [])
+            bucket.append(index)
+            if len(bucket) == self.batch_size:
+                batch = list(bucket)
+                bucket.clear()
+                return batch
+
+    def state(self) -> dict[str, Any]:
+        """JSON-ready position: the epoch's order, where it stands, pending buckets and the rng."""
+        return {"epoch": list(self.epoch), "position": self.position,
+                "pending": [[list(bucket), list(indices)] for bucket, indices in self.pending.items()],
+                "rng": random_state_to_json(self.rng)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position = list(state["epoch"]), int(state["position"])
+        self.pending = {tuple(bucket): list(indices) for bucket, indices in state["pending"]}
+        self.rng.setstate(random_state_from_json(state["rng"]))
+
+
+def bucket_batches(dataset, batch_size: int, rng: random.Random) -> BucketBatches:
+    """Endless one-bucket batches (see :class:`BucketBatches`)."""
+    return BucketBatches(dataset, batch_size, rng)
+
+
+def conditioning_crop(offset, flipped: bool, resized_size, bucket) -> tuple[int, int]:
+    """SDXL's crop (left, top) for an image as the model sees it: in a flipped image the crop's left
+    edge is the mirror of its right edge in the unflipped one (as sd-scripts conditions it)."""
+    left, top = offset
+    if flipped:
+        left = resized_size[0] - (left + bucket[0])
+    return (int(left), int(top))
+
+
+def concat_conditioning(conds: list[dict]) -> dict:
+    """Batch per-caption conditioning. Captions longer than 75 tokens give longer sequences: shorter
+    ones are repeated to the least common multiple length, as ComfyUI batches conds."""
+    if len(conds) == 1:
+        return conds[0]
+    lengths = [cond["c_crossattn"].shape[1] for cond in conds]
+    target = math.lcm(*lengths)
+    crossattn = torch.cat([cond["c_crossattn"].repeat(1, target // cond["c_crossattn"].shape[1], 1)
+                           for cond in conds])
+    merged = {"c_crossattn": crossattn}
+    if conds[0].get("pooled") is not None:
+        merged["pooled"] = torch.cat([cond["pooled"] for cond in conds])
+    return merged
+
+
+def _dataset_key(dataset) -> str:
+    return getattr(dataset, "fingerprint", "") or "no-fingerprint"
+
+
+class BatchFeeder:
+    """Turns sample indices into (x0 latents, conditioning), caching what does not change."""
+
+    def __init__(self, dataset, access: ModelAccess, train_text: bool, settings, cache_dir: Path):
+        self.dataset = dataset
+        self.access = access
+        self.train_text = train_text
+        self.order_rng = random.Random(settings.training_seed)
+        self.augment_rng = random.Random(settings.training_seed + 1)
+        self.batches = bucket_batches(dataset, settings.batch_size, self.order_rng)
+        self.latent_cache: dict[tuple, torch.Tensor] = {}   # in memory only when not cached on disk
+        self.text_cache: dict[str, dict] = {}
+        # Shared by runs (a re-run gets a new run folder); keyed by dataset content + settings, the VAE
+        # weights and the latent format, so a changed image, bucket or VAE never hits a stale entry.
+        # With a disk cache, latents are read back from disk each time (the OS page cache keeps hot
+        # files fast), so host memory stays bounded however large the dataset is.
+        self.disk_dir = cache_dir if settings.cache_latents_to_disk and access.latent_key else None
+        self.cache_latents = dataset.caching_possible
+        # Shuffled or dropped-out captions make a new string nearly every step: caching those would grow
+        # without bound, so only static captions are cached.
+        self.cache_text = not train_text and dataset.static_captions
+
+    def _pixels(self, image) -> torch.Tensor:
+        return torch.from_numpy(numpy.asarray(image, dtype=numpy.float32) / 255.0).unsqueeze(0)
+
+    def _disk_path(self, key: tuple) -> Path | None:
+        """Where the disk cache keeps this latent (None without a disk cache)."""
+        if not (self.cache_latents and self.disk_dir is not None):
+            return None
+        name = hashlib.sha256(repr((_dataset_key(self.dataset), self.access.latent_key, key)).encode()).hexdigest()[:32]
+        return self.disk_dir / f"{name}.pt"
+
+    def _latent(self, index: int, offset, flipped) -> torch.Tensor:
+        key = (index, tuple(offset), bool(flipped))
+        if self.cache_latents and key in self.latent_cache:
+            return self.latent_cache[key]
+        disk_path = self._disk_path(key)
+        if disk_path is not None and disk_path.is_file():
+            return torch.load(disk_path, map_location="cpu", weights_only=True)
+        image = self.dataset.render(index, tuple(offset), bool(flipped))
+        with torch.no_grad():
+            latent = self.access.encode_pixels(self._pixels(image)).detach().clone().to("cpu", torch.float32)
+        if disk_path is not None:
+            disk_path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(latent, disk_path)
+        elif self.cache_latents:
+            self.latent_cache[key] = latent
+        return latent
+
+    def prepare(self, check_cancel: Callable[[], None] | None = None) -> tuple[bool, bool]:
+        """Encode, once and up front, every latent and caption that will not change during training,
+        so the VAE and frozen text encoders can leave the GPU before the first step.
+
+        Returns (all latents cached, all captions cached). Cancel is checked between images.
+        """
+        if self.cache_latents:
+            flips = (False, True) if self.dataset.flip else (False,)
+            for index in range(len(self.dataset.samples)):
+                if check_cancel is not None:
+                    check_cancel()
+                offset, _ = self.dataset.augmentation(index, None)   # the centre crop: no rng draw
+                for flipped in flips:
+                    key = (index, tuple(offset), flipped)
+                    disk_path = self._disk_path(key)
+                    if key in self.latent_cache or (disk_path is not None and disk_path.is_file()):
+                        continue  # already cached: no need to read it now
+                    self._latent(index, offset, flipped)
+        if self.cache_text:
+            fixed = random.Random(0)  # static captions never draw from it
+            self._cache_captions([self.dataset.caption_for_step(index, fixed)
+                                  for index in range(len(self.dataset.samples))])
+        return self.cache_latents, self.cache_text
+
+    def cached_bytes(self) -> dict[str, int]:
+        """Memory held by the in-memory caches (latents on the host, text encodings on the device)."""
+        def size(tensors) -> int:
+            return sum(tensor.numel() * tensor.element_size() for tensor in tensors if torch.is_tensor(tensor))
+        return {"latents": size(self.latent_cache.values()),
+                "text": size(value for cond in self.text_cache.values() for value in cond.values())}
+
+    def state(self) -> dict[str, Any]:
+        """Data order and augmentation rng (JSON): with the generators, all randomness of a run."""
+        return {"batches": self.batches.state(), "augment_rng": random_state_to_json(self.augment_rng)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.batches.load_state(state["batches"])
+        self.augment_rng.setstate(random_state_from_json(state["augment_rng"]))
+
+    def _text(self, captions: list[str]) -> dict:
+        if not self.cache_text:
+            if self.train_text:
+                return self.access.encode_captions(captions)
+            with torch.no_grad():
+                return self.access.encode_captions(captions)
+        self._cache_captions(captions)
+        return concat_conditioning([self.text_cache[caption] for caption in captions])
+
+    def _cache_captions(self, captions: list[str]) -> None:
+        """Encode (once each) the captions not cached yet."""
+        for caption in dict.fromkeys(captions):
+            if caption in self.text_cache:
+                continue
+            with torch.no_grad():
+                encoded = self.access.encode_captions([caption])
+            self.text_cache[caption] = {key: value.detach().clone() if torch.is_tensor(value) else value
+                                        for key, value in encoded.items()}
+
+    def __call__(self) -> tuple[torch.Tensor, dict]:
+        indices = next(self.batches)
+        latents, captions, sizes = [], [], []
+        for index in indices:
+            sample = self.dataset.samples[index]
+            # The augmentation (crop offset, flip) is drawn first, so a cached latent is found
+            # without decoding the image.
+            offset, flipped = self.dataset.augmentation(index, self.augment_rng)
+            latents.append(self._latent(index, offset, flipped))
+            captions.append(self.dataset.caption_for_step(index, self.augment_rng))
+            sizes.append({"original_size": tuple(sample.original_size),
+                          "crop_offset": conditioning_crop(offset, flipped, sample.resized_size, sample.bucket),
+                          "target_size": tuple(sample.bucket)})
+        x0 = torch.cat(latents).to(self.access.device)
+        cond = self._text(captions)
+        return x0, self.access.extra_conditioning(cond, sizes)

@@ -1,0 +1,58 @@
+"""The contract between the trainer and the application hosting it (built by nodes/comfy_bridge.py):
+what the trainer needs from the models (ModelAccess), how it reports (TrainCallbacks) and what it
+returns (TrainingResult). ComfyUI-agnostic: plain torch modules and callables."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+if TYPE_CHECKING:
+    from .loop import DiffusionObjective, StepRecord
+
+
+@dataclass
+class ModelAccess:
+    """What the trainer needs from the host application (built by nodes/comfy_bridge.py)."""
+
+    family: str                                             # "sd1" | "sd2" | "sdxl"
+    device: torch.device
+    unet: torch.nn.Module                                   # the diffusion model (ldm layout)
+    unet_blocks: list[torch.nn.Module]                      # modules to checkpoint (each called by the UNet)
+    text_encoders: dict[str, torch.nn.Module]               # part -> CLIP root (e.g. clip_l)
+    text_layers: dict[str, list[torch.nn.Module]]           # part -> CLIP layers (in-place forward fix)
+    objective: DiffusionObjective
+    encode_pixels: Callable[[torch.Tensor], torch.Tensor]   # IMAGE [B,H,W,3] 0..1 -> model latent x0
+    encode_captions: Callable[[list[str]], dict]            # captions -> {"c_crossattn", "pooled"?}
+    extra_conditioning: Callable[[dict, list[dict]], dict]  # (text cond, per-sample sizes) -> cond kwargs
+    unet_kohya_names: Callable[[list[str]], dict[str, str]]
+    text_kohya_names: Callable[[str, list[str]], dict[str, str]]
+    latent_key: str = ""                                    # identifies VAE weights + latent format (disk cache)
+    offload_device: torch.device | None = None              # where frozen originals wait while training (GPU runs)
+    # Called once every latent / frozen caption encoding is cached: (VAE done, text encoders done) ->
+    # the host moves those models off the GPU (they come back by themselves if a preview needs them).
+    release_encoders: Callable[[bool, bool], None] | None = None
+    weights_key: Callable[[], str] | None = None            # identifies the base weights (resume checks)
+    clip_skip: int | None = None                            # kohya's clip_skip (2 = penultimate layer); None = last
+    # The norm the host's LoRA loader divides a dora_scale by (lora.lora_weights): "original" | "updated"
+    dora_norm: str = "updated"
+
+
+@dataclass
+class TrainingResult:
+    path: Path                    # the final LoRA file
+    records: list[StepRecord]
+    run_dir: Path
+    seconds: float
+    cache_bytes: dict[str, int] = field(default_factory=dict)   # in-memory caches at the end (latents, text)
+
+
+@dataclass
+class TrainCallbacks:
+    on_step: Callable[[StepRecord, int], None] | None = None   # (record, total steps)
+    check_cancel: Callable[[], None] | None = None
+    is_cancel: Callable[[BaseException], bool] = lambda error: False
+    # Preview images: called after every optimizer step with (steps done, run folder), the LoRA in place.
+    on_sample: Callable[[int, Path], None] | None = None
