@@ -258,7 +258,7 @@ def warmup_stable_decay(step: int, total: int, settings: ScheduleSettings) -> fl
     decay = decay_steps(settings, total, warmup)
     decay_start = total - decay
     if step < decay_start:
-        return _floored(1.0, settings)
+        return 1.0  # the stable phase; r + (1 - r) x 1 rounds to exactly 1 for every r, so no floor to apply
     progress = (step - decay_start) / max(1, decay)
     return _floored(0.5 * (1.0 + math.cos(math.pi * progress)), settings)
 
