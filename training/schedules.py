@@ -4,9 +4,11 @@ One code path drives the optimizer during training, the LR Schedule node's chart
 graph editor's live preview (POST /lora_lab/schedule_preview), so what users see is what trains.
 
 A step is one optimizer update, numbered from 0; a schedule of T steps is evaluated at 0..T-1.
-Where diffusers (`diffusers.optimization`) or transformers (`transformers.optimization`) define a
-schedule, we evaluate *their* lambda (taken from the LambdaLR they build around a one-parameter
-dummy optimizer) so our curves cannot drift from theirs; REX and the min-LR floor are ours.
+Each schedule is a few lines of plain math (no optimizer, no torch, no library scheduler). Where
+diffusers (`diffusers.optimization`) or transformers (`transformers.optimization`) define a
+schedule of the same name, ours does the same floating-point operations, so the curves are equal
+to the last bit; tests/unit/test_schedules.py steps the real libraries' schedulers to keep it so.
+REX and the min-LR floor are ours.
 
 min_lr_ratio = r > 0 turns the decaying part m(s) into r + (1 - r) * m(s), so the rate never
 falls below r x base; warmup always ramps linearly from 0 to 1 and is not affected.
@@ -18,26 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-SCHEDULER_NAMES = (
-    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-    "cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt", "rex", "piecewise_constant",
-)
 WARMUP_UNITS = ("steps", "percent")
-
-# Which settings each scheduler reads (the chart and tooltips name the ones it ignores).
-SETTINGS_USED: dict[str, tuple[str, ...]] = {
-    "constant": (),
-    "constant_with_warmup": ("warmup",),
-    "linear": ("warmup", "min_lr_ratio"),
-    "cosine": ("warmup", "min_lr_ratio"),
-    "cosine_with_restarts": ("warmup", "num_cycles", "min_lr_ratio"),
-    "polynomial": ("warmup", "power", "min_lr_ratio"),
-    "cosine_with_min_lr": ("warmup", "min_lr_ratio"),
-    "warmup_stable_decay": ("warmup", "decay_ratio", "min_lr_ratio"),
-    "inverse_sqrt": ("warmup",),
-    "rex": ("warmup", "min_lr_ratio"),
-    "piecewise_constant": ("step_rules",),
-}
 
 DEFAULTS = {
     "scheduler": "cosine", "warmup": 5.0, "warmup_unit": "percent", "num_cycles": 1, "power": 1.0,
@@ -131,7 +114,7 @@ class ScheduleSettings:
 
     def warmup_steps(self, total_steps: int) -> int:
         """Warmup length in optimizer steps for a run of `total_steps` (0 when unused)."""
-        if "warmup" not in SETTINGS_USED[self.scheduler]:
+        if "warmup" not in SCHEDULES[self.scheduler].uses:
             return 0
         if self.warmup_unit == "percent":
             return int(math.floor(self.warmup / 100.0 * total_steps + 0.5))
@@ -147,16 +130,20 @@ class ScheduleSettings:
                              f"steps). Lower warmup to at most {total_steps} steps, or give it in percent.")
 
     def multiplier(self, step: int, total_steps: int) -> float:
-        """Factor of the base learning rate applied at optimizer step `step` (0-based) of `total_steps`."""
-        return multipliers_for(self, total_steps)[min(max(step, 0), total_steps - 1)]
+        """Factor of the base learning rate applied at optimizer step `step` (0-based) of `total_steps`;
+        steps outside 0..total_steps-1 take the value of the nearest end."""
+        self.check_total(total_steps)
+        return SCHEDULES[self.scheduler].curve(min(max(step, 0), total_steps - 1), total_steps, self)
 
     def multipliers(self, total_steps: int) -> list[float]:
         """The factor for every step 0..total_steps-1."""
-        return list(multipliers_for(self, total_steps))
+        self.check_total(total_steps)
+        curve = SCHEDULES[self.scheduler].curve
+        return [curve(step, total_steps, self) for step in range(total_steps)]
 
     def describe(self) -> str:
         """One line naming the schedule and the settings it uses (chart titles, summaries)."""
-        used = SETTINGS_USED[self.scheduler]
+        used = SCHEDULES[self.scheduler].uses
         parts = []
         if "warmup" in used:
             unit = "%" if self.warmup_unit == "percent" else " steps"
@@ -182,139 +169,164 @@ class ScheduleSettings:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference lambdas from diffusers / transformers (each maps step -> multiplier of lr = 1).
+# The curves. Each is a pure function of (step, total, settings) -> multiplier of the base rate,
+# for step in 0..total-1. Where diffusers or transformers define the schedule, the formula is
+# written so that it rounds as theirs does, so the values are equal to the last bit (the tests step
+# their schedulers to check); the min_lr_ratio floor and REX are ours.
 
-def _library_lambda(build: Callable) -> Callable[[int], float]:
-    """Build the library's LambdaLR around a dummy optimizer with lr = 1 and return its lambda."""
-    import torch
-
-    parameter = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([parameter], lr=1.0)
-    return build(optimizer).lr_lambdas[0]
-
-
-def _diffusers(name: str, **options) -> Callable[[int], float]:
-    from diffusers.optimization import get_scheduler
-
-    return _library_lambda(lambda optimizer: get_scheduler(name, optimizer, **options))
-
-
-def _with_floor(settings: ScheduleSettings, warmup: int, decay: Callable[[int], float]) -> Callable[[int], float]:
-    """Warmup untouched; after it, r + (1 - r) * m(step) (the min_lr_ratio floor)."""
-    floor = settings.min_lr_ratio
-
-    def multiplier(step: int) -> float:
-        value = decay(step)
-        if step < warmup or floor == 0.0:
-            return value
-        return floor + (1.0 - floor) * value
-
-    return multiplier
-
-
-def _linear_warmup(step: int, warmup: int) -> float:
+def _warmup_ramp(step: int, warmup: int) -> float:
+    """Linear warmup: 0 at step 0, (w-1)/w at the last warmup step; step w is the first at full rate."""
     return step / max(1, warmup)
 
 
-def schedule_constant(settings: ScheduleSettings, total: int, warmup: int) -> Callable[[int], float]:
-    return lambda step: 1.0
+def _floored(value: float, settings: ScheduleSettings) -> float:
+    """The min_lr_ratio floor r: r + (1 - r) * value (with r = 0, exactly `value`)."""
+    return settings.min_lr_ratio + (1.0 - settings.min_lr_ratio) * value
 
 
-def schedule_constant_with_warmup(settings, total, warmup):
-    return _diffusers("constant_with_warmup", num_warmup_steps=warmup)
+def _progress(step: int, total: int, warmup: int) -> float:
+    """Share of the post-warmup steps already done: 0 at step `warmup`, 1 at step `total` (one past the end)."""
+    return (step - warmup) / max(1, total - warmup)
 
 
-def schedule_linear(settings, total, warmup):
-    return _with_floor(settings, warmup, _diffusers("linear", num_warmup_steps=warmup, num_training_steps=total))
+def constant(step: int, total: int, settings: ScheduleSettings) -> float:
+    """The base rate throughout."""
+    return 1.0
 
 
-def schedule_cosine(settings, total, warmup):
-    return _with_floor(settings, warmup, _diffusers("cosine", num_warmup_steps=warmup, num_training_steps=total))
+def constant_with_warmup(step: int, total: int, settings: ScheduleSettings) -> float:
+    """Warmup, then the base rate (diffusers' constant_with_warmup)."""
+    warmup = settings.warmup_steps(total)
+    return _warmup_ramp(step, warmup) if step < warmup else 1.0
 
 
-def schedule_cosine_with_restarts(settings, total, warmup):
-    reference = _diffusers("cosine_with_restarts", num_warmup_steps=warmup, num_training_steps=total,
-                           num_cycles=settings.num_cycles)
-    return _with_floor(settings, warmup, reference)
+def linear(step: int, total: int, settings: ScheduleSettings) -> float:
+    """Warmup, then a straight line from 1 down to 0 at step `total` (diffusers' linear), floored."""
+    warmup = settings.warmup_steps(total)
+    if step < warmup:
+        return _warmup_ramp(step, warmup)
+    # The remaining share, computed as (total - step) / span rather than 1 - progress: diffusers' rounding.
+    return _floored((total - step) / max(1, total - warmup), settings)
 
 
-def schedule_polynomial(settings, total, warmup):
-    reference = _diffusers("polynomial", num_warmup_steps=warmup, num_training_steps=total, power=settings.power)
-    return _with_floor(settings, warmup, reference)
+def cosine(step: int, total: int, settings: ScheduleSettings) -> float:
+    """Warmup, then half a cosine period from 1 toward 0 at step `total`, floored: diffusers' cosine,
+    and transformers' cosine_with_min_lr, whose min_lr_rate is this floor."""
+    warmup = settings.warmup_steps(total)
+    if step < warmup:
+        return _warmup_ramp(step, warmup)
+    return _floored(0.5 * (1.0 + math.cos(math.pi * _progress(step, total, warmup))), settings)
 
 
-def schedule_cosine_with_min_lr(settings, total, warmup):
-    # transformers applies min_lr_rate to the decay only, exactly our floor rule.
-    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+def cosine_with_restarts(step: int, total: int, settings: ScheduleSettings) -> float:
+    """Warmup, then num_cycles half-cosine decays from 1 toward 0, each restarting at 1 (diffusers'
+    cosine_with_restarts, i.e. hard restarts), floored."""
+    warmup = settings.warmup_steps(total)
+    if step < warmup:
+        return _warmup_ramp(step, warmup)
+    cycle_progress = (settings.num_cycles * _progress(step, total, warmup)) % 1.0
+    return _floored(0.5 * (1.0 + math.cos(math.pi * cycle_progress)), settings)
 
-    return _library_lambda(lambda optimizer: get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, num_warmup_steps=warmup, num_training_steps=total, min_lr_rate=settings.min_lr_ratio))
+
+# diffusers' polynomial decays toward its lr_end (default 1e-7 with lr = 1), not to 0; the curves
+# users trained with have that end, so it stays.
+POLYNOMIAL_END = 1e-7
+
+
+def polynomial(step: int, total: int, settings: ScheduleSettings) -> float:
+    """Warmup, then (1 - E) * remaining^power + E, remaining going from 1 toward 0 at step `total` and
+    E = POLYNOMIAL_END (diffusers' polynomial at lr = 1), floored."""
+    warmup = settings.warmup_steps(total)
+    if step < warmup:
+        return _warmup_ramp(step, warmup)
+    remaining = 1.0 - _progress(step, total, warmup)
+    return _floored((1.0 - POLYNOMIAL_END) * remaining ** settings.power + POLYNOMIAL_END, settings)
 
 
 def decay_steps(settings: ScheduleSettings, total: int, warmup: int) -> int:
-    """warmup_stable_decay: steps in the final decay, at most what warmup leaves."""
+    """warmup_stable_decay: steps in the final decay, decay_ratio of all (half up), at most what warmup leaves."""
     return min(int(math.floor(settings.decay_ratio * total + 0.5)), total - warmup)
 
 
-def schedule_warmup_stable_decay(settings, total, warmup):
-    # transformers' WSD also lifts the warmup by min_lr_ratio; we keep warmup 0 -> 1 like every
-    # other schedule here and apply the floor to the decay ourselves.
-    from transformers.optimization import get_wsd_schedule
-
+def warmup_stable_decay(step: int, total: int, settings: ScheduleSettings) -> float:
+    """Warmup, a flat stretch at 1, then half a cosine over the last decay_steps steps (transformers'
+    get_wsd_schedule with its defaults), floored. transformers' own min_lr_ratio would also lift the
+    warmup; ours leaves warmup at 0 -> 1 like every other schedule here and floors the rest."""
+    warmup = settings.warmup_steps(total)
+    if step < warmup:
+        return _warmup_ramp(step, warmup)
     decay = decay_steps(settings, total, warmup)
-    reference = _library_lambda(lambda optimizer: get_wsd_schedule(
-        optimizer, num_warmup_steps=warmup, num_decay_steps=decay, num_training_steps=total, min_lr_ratio=0.0))
-    return _with_floor(settings, warmup, reference)
+    decay_start = total - decay
+    if step < decay_start:
+        return 1.0  # the stable phase; r + (1 - r) x 1 rounds to exactly 1 for every r, so no floor to apply
+    progress = (step - decay_start) / max(1, decay)
+    return _floored(0.5 * (1.0 + math.cos(math.pi * progress)), settings)
 
 
-def schedule_inverse_sqrt(settings, total, warmup):
-    from transformers.optimization import get_inverse_sqrt_schedule
-
-    return _library_lambda(lambda optimizer: get_inverse_sqrt_schedule(optimizer, num_warmup_steps=warmup))
+# transformers' timescale for inverse_sqrt without warmup (a decay to 1/sqrt(2) over 10,000 steps).
+INVERSE_SQRT_TIMESCALE = 10_000
 
 
-def schedule_rex(settings, total, warmup):
-    """REX (Chen et al. 2022, "REX: Revisiting Budgeted Training with an Improved Schedule"):
-    m(z) = (1 - z) / (1 - z / 2) with z the post-warmup progress in [0, 1]."""
-    span = max(1, total - warmup)
-
-    def decay(step: int) -> float:
-        if step < warmup:
-            return _linear_warmup(step, warmup)
-        progress = min(1.0, (step - warmup) / span)
-        return (1.0 - progress) / (1.0 - progress / 2.0)
-
-    return _with_floor(settings, warmup, decay)
+def inverse_sqrt(step: int, total: int, settings: ScheduleSettings) -> float:
+    """Warmup w, then 1 / sqrt(step / w), so 1 at the end of warmup (transformers' inverse_sqrt); with no
+    warmup, 1 / sqrt((step + t) / t) with t = INVERSE_SQRT_TIMESCALE. Not floored: it never ends."""
+    warmup = settings.warmup_steps(total)
+    if step < warmup:
+        return _warmup_ramp(step, warmup)
+    timescale = warmup or INVERSE_SQRT_TIMESCALE
+    return 1.0 / math.sqrt((step + timescale - warmup) / timescale)
 
 
-def schedule_piecewise_constant(settings, total, warmup):
-    parse_step_rules(settings.step_rules)  # our clear errors first; the values are diffusers'
-    return _diffusers("piecewise_constant", step_rules=settings.step_rules.strip().replace(" ", ""))
+def rex(step: int, total: int, settings: ScheduleSettings) -> float:
+    """Warmup, then REX (Chen et al. 2022, "REX: Revisiting Budgeted Training with an Improved
+    Schedule"): (1 - z) / (1 - z / 2) with z the post-warmup progress, floored."""
+    warmup = settings.warmup_steps(total)
+    if step < warmup:
+        return _warmup_ramp(step, warmup)
+    progress = _progress(step, total, warmup)
+    return _floored((1.0 - progress) / (1.0 - progress / 2.0), settings)
 
 
-SCHEDULES: dict[str, Callable[[ScheduleSettings, int, int], Callable[[int], float]]] = {
-    "constant": schedule_constant,
-    "constant_with_warmup": schedule_constant_with_warmup,
-    "linear": schedule_linear,
-    "cosine": schedule_cosine,
-    "cosine_with_restarts": schedule_cosine_with_restarts,
-    "polynomial": schedule_polynomial,
-    "cosine_with_min_lr": schedule_cosine_with_min_lr,
-    "warmup_stable_decay": schedule_warmup_stable_decay,
-    "inverse_sqrt": schedule_inverse_sqrt,
-    "rex": schedule_rex,
-    "piecewise_constant": schedule_piecewise_constant,
+@functools.lru_cache(maxsize=32)
+def _step_rules(step_rules: str) -> tuple[tuple[tuple[float, int], ...], float]:
+    """parse_step_rules once per rule string rather than once per step."""
+    rules, final = parse_step_rules(step_rules)
+    return tuple(rules), final
+
+
+def piecewise_constant(step: int, total: int, settings: ScheduleSettings) -> float:
+    """step_rules "1:10,0.1:20,0.01": x1 before step 10, x0.1 before step 20, then x0.01 (diffusers'
+    piecewise_constant). No warmup, no floor: the rules say everything."""
+    rules, final = _step_rules(settings.step_rules)
+    for multiplier, until_step in rules:
+        if step < until_step:
+            return multiplier
+    return final
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One option of the scheduler widget."""
+
+    curve: Callable[[int, int, ScheduleSettings], float]  # (step, total, settings) -> multiplier
+    uses: tuple[str, ...]  # settings it reads (no "warmup": 0 warmup steps); chart titles name only these
+
+
+# Option name (shown in the UI, stored in saved workflows) -> schedule. The order is the widget's.
+SCHEDULES: dict[str, Schedule] = {
+    "constant": Schedule(constant, ()),
+    "constant_with_warmup": Schedule(constant_with_warmup, ("warmup",)),
+    "linear": Schedule(linear, ("warmup", "min_lr_ratio")),
+    "cosine": Schedule(cosine, ("warmup", "min_lr_ratio")),
+    "cosine_with_restarts": Schedule(cosine_with_restarts, ("warmup", "num_cycles", "min_lr_ratio")),
+    "polynomial": Schedule(polynomial, ("warmup", "power", "min_lr_ratio")),
+    "cosine_with_min_lr": Schedule(cosine, ("warmup", "min_lr_ratio")),  # transformers' name for cosine
+    "warmup_stable_decay": Schedule(warmup_stable_decay, ("warmup", "decay_ratio", "min_lr_ratio")),
+    "inverse_sqrt": Schedule(inverse_sqrt, ("warmup",)),
+    "rex": Schedule(rex, ("warmup", "min_lr_ratio")),
+    "piecewise_constant": Schedule(piecewise_constant, ("step_rules",)),
 }
-assert tuple(SCHEDULES) == SCHEDULER_NAMES
-
-
-@functools.lru_cache(maxsize=64)
-def multipliers_for(settings: ScheduleSettings, total_steps: int) -> tuple[float, ...]:
-    """All multipliers of a run, computed once per (settings, total) and shared by chart and optimizer."""
-    settings.check_total(total_steps)
-    warmup = settings.warmup_steps(total_steps)
-    function = SCHEDULES[settings.scheduler](settings, total_steps, warmup)
-    return tuple(float(function(step)) for step in range(total_steps))
+SCHEDULER_NAMES = tuple(SCHEDULES)
 
 
 def settings_from_values(values: dict) -> ScheduleSettings:
