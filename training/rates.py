@@ -55,7 +55,7 @@ RATE_WIDGET = {"min": -1.0, "max": 10.0, "step": 1e-6, "round": False}
 
 
 def _inherit_rule(value: float) -> str | None:
-    if INHERIT < value < 0:
+    if value < 0 and value != INHERIT:
         return "is not allowed. Use -1 to inherit, 0 to freeze that part, or a positive rate."
     return None
 

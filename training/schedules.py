@@ -20,24 +20,22 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from .settings import SettingError, setting, specs, validate
+
 WARMUP_UNITS = ("steps", "percent")
 
-DEFAULTS = {
-    "scheduler": "cosine", "warmup": 5.0, "warmup_unit": "percent", "num_cycles": 1, "power": 1.0,
-    "min_lr_ratio": 0.0, "decay_ratio": 0.2, "step_rules": "", "preview_steps": 1000,
-}
 
 
 def parse_step_rules(step_rules: str) -> tuple[list[tuple[float, int]], float]:
     """Parse diffusers' piecewise rule string "1:10,0.1:20,0.01" -> ([(1.0, 10), (0.1, 20)], 0.01).
 
-    Means: x1 until step 10, x0.1 until step 20, then x0.01. Raises ValueError naming the bad part.
+    Means: x1 until step 10, x0.1 until step 20, then x0.01. Raises SettingError naming the bad part.
     """
     fix = ('Write "multiplier:until_step,...,final_multiplier", e.g. "1:100,0.1:200,0.01" '
            "(x1 until step 100, x0.1 until 200, then x0.01).")
     text = step_rules.strip()
     if not text:
-        raise ValueError(f"LR Schedule: step_rules is empty but scheduler is piecewise_constant. {fix}")
+        raise SettingError(f"LR Schedule: step_rules is empty but scheduler is piecewise_constant. {fix}")
     parts = [part.strip() for part in text.split(",")]
     rules: list[tuple[float, int]] = []
     previous_step = 0
@@ -48,124 +46,24 @@ def parse_step_rules(step_rules: str) -> tuple[list[tuple[float, int]], float]:
                 raise ValueError
             multiplier, until_step = float(pieces[0]), int(pieces[1])
         except ValueError:
-            raise ValueError(f"LR Schedule: step_rules = {step_rules!r}: {part!r} is not "
+            raise SettingError(f"LR Schedule: step_rules = {step_rules!r}: {part!r} is not "
                              f"'multiplier:step'. {fix}") from None
         if until_step <= previous_step:
-            raise ValueError(f"LR Schedule: step_rules = {step_rules!r}: steps must increase and be "
+            raise SettingError(f"LR Schedule: step_rules = {step_rules!r}: steps must increase and be "
                              f"positive ({until_step} after {previous_step}). {fix}")
         if not math.isfinite(multiplier) or multiplier < 0:
-            raise ValueError(f"LR Schedule: step_rules = {step_rules!r}: multiplier {pieces[0]!r} "
+            raise SettingError(f"LR Schedule: step_rules = {step_rules!r}: multiplier {pieces[0]!r} "
                              f"must be a number >= 0. {fix}")
         rules.append((multiplier, until_step))
         previous_step = until_step
     try:
         final = float(parts[-1])
     except ValueError:
-        raise ValueError(f"LR Schedule: step_rules = {step_rules!r}: the last item {parts[-1]!r} must be "
+        raise SettingError(f"LR Schedule: step_rules = {step_rules!r}: the last item {parts[-1]!r} must be "
                          f"a plain multiplier (no ':step'). {fix}") from None
     if not math.isfinite(final) or final < 0:
-        raise ValueError(f"LR Schedule: step_rules = {step_rules!r}: final multiplier must be >= 0. {fix}")
+        raise SettingError(f"LR Schedule: step_rules = {step_rules!r}: final multiplier must be >= 0. {fix}")
     return rules, final
-
-
-@dataclass(frozen=True)
-class ScheduleSettings:
-    """The LR_SCHEDULE socket value: how the base rate is scaled over training."""
-
-    scheduler: str = "cosine"     # a key of SCHEDULES
-    warmup: float = 5.0           # warmup length, in `warmup_unit`
-    warmup_unit: str = "percent"  # "steps", or "percent" of total steps (rounded half up)
-    num_cycles: int = 1           # hard restarts of cosine_with_restarts (cosine periods)
-    power: float = 1.0            # exponent of polynomial decay (1 = linear)
-    min_lr_ratio: float = 0.0     # floor of the decaying part, as a fraction of the base rate
-    decay_ratio: float = 0.2      # warmup_stable_decay: fraction of all steps spent decaying
-    step_rules: str = ""          # piecewise_constant rules, diffusers syntax "1:10,0.1:20,0.01"
-    preview_steps: int = 1000     # total steps drawn when no trainer supplies the real total
-
-    def __post_init__(self) -> None:
-        if self.scheduler not in SCHEDULES:
-            raise ValueError(f"LR Schedule: scheduler = {self.scheduler!r} is unknown. "
-                             f"Pick one of: {', '.join(SCHEDULER_NAMES)}.")
-        if self.warmup_unit not in WARMUP_UNITS:
-            raise ValueError(f"LR Schedule: warmup_unit = {self.warmup_unit!r} is unknown. Use 'steps' or 'percent'.")
-        if not math.isfinite(self.warmup) or self.warmup < 0:
-            raise ValueError(f"LR Schedule: warmup = {self.warmup} is negative. Use 0 for no warmup.")
-        if self.warmup_unit == "percent" and self.warmup > 100:
-            raise ValueError(f"LR Schedule: warmup = {self.warmup}% is longer than training (100%). "
-                             "Use a value between 0 and 100 (5-10% is typical).")
-        if self.warmup_unit == "steps" and self.warmup != int(self.warmup):
-            raise ValueError(f"LR Schedule: warmup = {self.warmup} steps is not a whole number of steps. "
-                             f"Use {round(self.warmup)}, or warmup_unit = percent.")
-        if self.num_cycles < 1:
-            raise ValueError(f"LR Schedule: num_cycles = {self.num_cycles} must be at least 1 "
-                             "(1 = a single cosine decay with no restart).")
-        if not math.isfinite(self.power) or self.power <= 0:
-            raise ValueError(f"LR Schedule: power = {self.power} must be > 0 (1 = linear decay, 2 = quadratic).")
-        if not math.isfinite(self.min_lr_ratio) or not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"LR Schedule: min_lr_ratio = {self.min_lr_ratio} is outside [0, 1]. Use 0 to "
-                             "decay to zero, 0.1 to stop at 10% of the base rate, 1 for no decay.")
-        if not math.isfinite(self.decay_ratio) or not 0.0 <= self.decay_ratio <= 1.0:
-            raise ValueError(f"LR Schedule: decay_ratio = {self.decay_ratio} is outside [0, 1]. It is the "
-                             "fraction of steps spent decaying (0.2 = the last 20%).")
-        if self.preview_steps < 1:
-            raise ValueError(f"LR Schedule: preview_steps = {self.preview_steps} must be at least 1.")
-        if self.scheduler == "piecewise_constant":
-            parse_step_rules(self.step_rules)
-
-    def warmup_steps(self, total_steps: int) -> int:
-        """Warmup length in optimizer steps for a run of `total_steps` (0 when unused)."""
-        if "warmup" not in SCHEDULES[self.scheduler].uses:
-            return 0
-        if self.warmup_unit == "percent":
-            return int(math.floor(self.warmup / 100.0 * total_steps + 0.5))
-        return int(self.warmup)
-
-    def check_total(self, total_steps: int) -> None:
-        """Raise ValueError when these settings cannot run for `total_steps` steps."""
-        if total_steps < 1:
-            raise ValueError(f"LR Schedule: total steps = {total_steps} must be at least 1.")
-        warmup = self.warmup_steps(total_steps)
-        if warmup > total_steps:
-            raise ValueError(f"LR Schedule: warmup = {warmup} steps is longer than training ({total_steps} "
-                             f"steps). Lower warmup to at most {total_steps} steps, or give it in percent.")
-
-    def multiplier(self, step: int, total_steps: int) -> float:
-        """Factor of the base learning rate applied at optimizer step `step` (0-based) of `total_steps`;
-        steps outside 0..total_steps-1 take the value of the nearest end."""
-        self.check_total(total_steps)
-        return SCHEDULES[self.scheduler].curve(min(max(step, 0), total_steps - 1), total_steps, self)
-
-    def multipliers(self, total_steps: int) -> list[float]:
-        """The factor for every step 0..total_steps-1."""
-        self.check_total(total_steps)
-        curve = SCHEDULES[self.scheduler].curve
-        return [curve(step, total_steps, self) for step in range(total_steps)]
-
-    def describe(self) -> str:
-        """One line naming the schedule and the settings it uses (chart titles, summaries)."""
-        used = SCHEDULES[self.scheduler].uses
-        parts = []
-        if "warmup" in used:
-            unit = "%" if self.warmup_unit == "percent" else " steps"
-            parts.append(f"warmup {self.warmup:g}{unit}")
-        if "num_cycles" in used:
-            parts.append(f"cycles {self.num_cycles}")
-        if "power" in used:
-            parts.append(f"power {self.power:g}")
-        if "decay_ratio" in used:
-            parts.append(f"decay {self.decay_ratio:g}")
-        if "min_lr_ratio" in used and self.min_lr_ratio > 0:
-            parts.append(f"min ratio {self.min_lr_ratio:g}")
-        if "step_rules" in used:
-            parts.append(f"rules {self.step_rules.strip()}")
-        return self.scheduler + (" (" + ", ".join(parts) + ")" if parts else "")
-
-    def ignored_note(self) -> str:
-        """Why warmup has no effect for this scheduler, or "" when it has."""
-        if self.scheduler in ("constant", "piecewise_constant") and self.warmup > 0:
-            alternative = "constant_with_warmup" if self.scheduler == "constant" else "another scheduler"
-            return f"warmup is not used by {self.scheduler}; choose {alternative} to warm up"
-        return ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,9 +227,112 @@ SCHEDULES: dict[str, Schedule] = {
 SCHEDULER_NAMES = tuple(SCHEDULES)
 
 
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """The LR_SCHEDULE socket value (the LR Schedule node's widgets; each field is the one source of its
+    default, range and help): how the base rate is scaled over training."""
+
+    scheduler: str = setting("cosine", (
+        "Shape of the rate after warmup. constant: flat, no warmup (use constant_with_warmup to warm up). "
+        "linear/cosine: decay to min_lr_ratio. cosine_with_restarts: num_cycles cosine decays. "
+        "polynomial: (1-progress)^power. cosine_with_min_lr: cosine to min_lr_ratio (transformers' name). "
+        "warmup_stable_decay: flat, then cosine over the last decay_ratio of steps. inverse_sqrt: "
+        "1/sqrt(step), timescale = warmup. rex: REX (Chen et al. 2022). piecewise_constant: step_rules."),
+        choices=SCHEDULER_NAMES)
+    warmup: float = setting(5.0, "Warmup length (rate ramps linearly from 0 to the base rate), in warmup_unit. "
+                                 "Not used by constant and piecewise_constant.", min=0.0, max=1_000_000.0, step=1.0,
+                            hint="(0 = no warmup)")
+    warmup_unit: str = setting("percent", (
+        "steps: warmup is a number of optimizer steps. percent: a share of the total steps, "
+        "round(warmup/100 x steps), so it follows the trainer's step count."), choices=WARMUP_UNITS)
+    num_cycles: int = setting(1, "cosine_with_restarts only: number of cosine decays (hard restarts between).",
+                              min=1, max=1000, hint="(1 = a single cosine decay with no restart)")
+    power: float = setting(1.0, "polynomial only: exponent of the decay (1 = linear, 2 = faster early drop).",
+                           min=0.01, max=100.0, step=0.1, hint="(1 = linear decay, 2 = quadratic)")
+    min_lr_ratio: float = setting(0.0, "Floor of the decaying part as a fraction of the base rate: the decay "
+                                       "becomes r + (1-r) x curve. 0 = decay to zero. Used by linear, cosine, "
+                                       "cosine_with_restarts, polynomial, cosine_with_min_lr, warmup_stable_decay, "
+                                       "rex.", min=0.0, max=1.0, step=0.01,
+                                  hint="(0 = decay to zero, 0.1 = stop at 10% of the base rate, 1 = no decay)")
+    decay_ratio: float = setting(0.2, "warmup_stable_decay only: fraction of all steps spent in the final cosine "
+                                      "decay (0.2 = the last 20%).", min=0.0, max=1.0, step=0.01,
+                                 hint="(the fraction of steps spent decaying; 0.2 = the last 20%)")
+    step_rules: str = setting("", "piecewise_constant only, diffusers syntax: '1:100,0.1:200,0.01' = x1 until "
+                                  "step 100, x0.1 until step 200, then x0.01.")
+    preview_steps: int = setting(1000, "Total steps drawn on this chart. Train LoRA uses its own steps.", min=1,
+                                 max=1_000_000)
+
+    def __post_init__(self) -> None:
+        validate(self, "LR Schedule")
+        if self.warmup_unit == "percent" and self.warmup > 100:
+            raise SettingError(f"LR Schedule: warmup = {self.warmup}% is longer than training (100%). "
+                               "Use a value between 0 and 100 (5-10% is typical).")
+        if self.warmup_unit == "steps" and self.warmup != int(self.warmup):
+            raise SettingError(f"LR Schedule: warmup = {self.warmup} steps is not a whole number of steps. "
+                               f"Use {round(self.warmup)}, or warmup_unit = percent.")
+        if self.scheduler == "piecewise_constant":
+            parse_step_rules(self.step_rules)
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """Warmup length in optimizer steps for a run of `total_steps` (0 when unused)."""
+        if "warmup" not in SCHEDULES[self.scheduler].uses:
+            return 0
+        if self.warmup_unit == "percent":
+            return int(math.floor(self.warmup / 100.0 * total_steps + 0.5))
+        return int(self.warmup)
+
+    def check_total(self, total_steps: int) -> None:
+        """Raise SettingError when these settings cannot run for `total_steps` steps."""
+        if total_steps < 1:
+            raise SettingError(f"LR Schedule: total steps = {total_steps} must be at least 1.")
+        warmup = self.warmup_steps(total_steps)
+        if warmup > total_steps:
+            raise SettingError(f"LR Schedule: warmup = {warmup} steps is longer than training ({total_steps} "
+                             f"steps). Lower warmup to at most {total_steps} steps, or give it in percent.")
+
+    def multiplier(self, step: int, total_steps: int) -> float:
+        """Factor of the base learning rate applied at optimizer step `step` (0-based) of `total_steps`;
+        steps outside 0..total_steps-1 take the value of the nearest end."""
+        self.check_total(total_steps)
+        return SCHEDULES[self.scheduler].curve(min(max(step, 0), total_steps - 1), total_steps, self)
+
+    def multipliers(self, total_steps: int) -> list[float]:
+        """The factor for every step 0..total_steps-1."""
+        self.check_total(total_steps)
+        curve = SCHEDULES[self.scheduler].curve
+        return [curve(step, total_steps, self) for step in range(total_steps)]
+
+    def describe(self) -> str:
+        """One line naming the schedule and the settings it uses (chart titles, summaries)."""
+        used = SCHEDULES[self.scheduler].uses
+        parts = []
+        if "warmup" in used:
+            unit = "%" if self.warmup_unit == "percent" else " steps"
+            parts.append(f"warmup {self.warmup:g}{unit}")
+        if "num_cycles" in used:
+            parts.append(f"cycles {self.num_cycles}")
+        if "power" in used:
+            parts.append(f"power {self.power:g}")
+        if "decay_ratio" in used:
+            parts.append(f"decay {self.decay_ratio:g}")
+        if "min_lr_ratio" in used and self.min_lr_ratio > 0:
+            parts.append(f"min ratio {self.min_lr_ratio:g}")
+        if "step_rules" in used:
+            parts.append(f"rules {self.step_rules.strip()}")
+        return self.scheduler + (" (" + ", ".join(parts) + ")" if parts else "")
+
+    def ignored_note(self) -> str:
+        """Why warmup has no effect for this scheduler, or "" when it has."""
+        if self.scheduler in ("constant", "piecewise_constant") and self.warmup > 0:
+            alternative = "constant_with_warmup" if self.scheduler == "constant" else "another scheduler"
+            return f"warmup is not used by {self.scheduler}; choose {alternative} to warm up"
+        return ""
+
+
 def settings_from_values(values: dict) -> ScheduleSettings:
     """Build settings from widget values (missing keys take the node's defaults); types coerced."""
-    merged = {**DEFAULTS, **{key: value for key, value in values.items() if key in DEFAULTS}}
+    defaults = {name: default for name, (default, _) in specs(ScheduleSettings).items()}
+    merged = {**defaults, **{key: value for key, value in values.items() if key in defaults}}
     try:
         return ScheduleSettings(
             scheduler=str(merged["scheduler"]), warmup=float(merged["warmup"]),
@@ -342,4 +343,4 @@ def settings_from_values(values: dict) -> ScheduleSettings:
     except (TypeError, ValueError) as error:
         if str(error).startswith("LR Schedule"):
             raise
-        raise ValueError(f"LR Schedule: a setting has the wrong type ({error}). Values: {values}") from None
+        raise SettingError(f"LR Schedule: a setting has the wrong type ({error}). Values: {values}") from None

@@ -73,7 +73,7 @@ def _problem(value: Any, default: Any, spec: Spec) -> str | None:
             return problem
     if spec.choices is not None:
         if value not in spec.choices:
-            return f"is unknown; use one of {', '.join(spec.choices)}."
+            return f"is unknown. Use one of: {', '.join(spec.choices)}."
     elif isinstance(default, bool):
         if not isinstance(value, bool):
             return "must be true or false."

@@ -58,7 +58,7 @@ def test_chart_changes_with_settings(comfy):
 
 
 @pytest.mark.parametrize("schedule,rates,fragment", [
-    ({"min_lr_ratio": 1.5}, {}, "min_lr_ratio = 1.5 is outside [0, 1]"),
+    ({"min_lr_ratio": 1.5}, {}, "min_lr_ratio = 1.5 must be at most 1 (0 = decay to zero"),
     ({"warmup": 2000, "warmup_unit": "steps"}, {}, "warmup = 2000 steps is longer than training (1000 steps)"),
     ({"num_cycles": 0}, {}, "num_cycles = 0 must be at least 1"),
     ({"scheduler": "piecewise_constant", "step_rules": "1:x,0.1"}, {}, "step_rules"),

@@ -71,7 +71,7 @@ def test_schedule_preview_route(server):
 
 
 @pytest.mark.parametrize("body,fragment", [
-    ({"min_lr_ratio": 2, "total_steps": 10}, "min_lr_ratio = 2.0 is outside [0, 1]"),
+    ({"min_lr_ratio": 2, "total_steps": 10}, "min_lr_ratio = 2.0 must be at most 1 (0 = decay to zero"),
     ({"warmup": 50, "warmup_unit": "steps", "total_steps": 10}, "warmup = 50 steps is longer than training"),
     ({"total_steps": 0}, "total_steps = 0"),
     ({"total_steps": 10, "rates": {"unet_lr": -2}}, "unet_lr = -2.0 is not allowed"),

@@ -15,9 +15,9 @@ from lora_lab.training.trainer import RunOptions, TrainSettings
     ({"alpha": 0.0}, r"alpha = 0\.0 must be at least 0\.01 \(alpha = rank gives scale 1\)"),
     ({"alpha": float("nan")}, r"alpha = nan must be a finite number"),
     ({"rank": 2.5}, r"rank = 2\.5 must be a whole number"),
-    ({"target": "everything"}, r"target = 'everything' is unknown; use one of attention, attention_ff"),
-    ({"optimizer": "Adam"}, r"optimizer = 'Adam' is unknown; use one of AdamW"),
-    ({"precision": "fp8"}, r"precision = 'fp8' is unknown; use one of bf16, fp16, fp32"),
+    ({"target": "everything"}, r"target = 'everything' is unknown\. Use one of: attention, attention_ff"),
+    ({"optimizer": "Adam"}, r"optimizer = 'Adam' is unknown\. Use one of: AdamW"),
+    ({"precision": "fp8"}, r"precision = 'fp8' is unknown\. Use one of: bf16, fp16, fp32"),
     ({"save_precision": "int8"}, r"save_precision = 'int8' is unknown"),
     ({"use_dora": "yes"}, r"use_dora = 'yes' must be true or false"),
     ({"weight_decay": -0.1}, r"weight_decay = -0\.1 must be at least 0"),
@@ -44,7 +44,7 @@ def test_every_setting_has_help_and_its_default_passes_its_own_checks():
 
 @pytest.mark.parametrize("values, message", [
     ({"unet_lr": -0.5}, r"unet_lr = -0\.5 is not allowed\. Use -1 to inherit, 0 to freeze"),
-    ({"text_encoder_lr": -3.0}, r"text_encoder_lr = -3\.0 must be at least -1"),
+    ({"text_encoder_lr": -3.0}, r"text_encoder_lr = -3\.0 is not allowed\. Use -1 to inherit"),
     ({"learning_rate": -1.0}, r"learning_rate = -1\.0 must be at least 0 \(1e-4 is a common LoRA rate\)"),
     ({"lora_plus_ratio": 0.0}, r"lora_plus_ratio = 0\.0 must be at least 0\.01 \(1 = off"),
     ({"unet_block_weights": "down=x"}, r"unet_block_weights = 'down=x': 'x' is not a number"),
