@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: LoRA Lab's Train LoRA vs ComfyUI's built-in TrainLoraNode, same process, same settings.
 
-Both train the tiny generated SD1.5-layout checkpoint (scripts/make_tiny_checkpoint.py) on the same
+Both train the tiny generated SD1.5-layout checkpoint (lora_lab_devtools/tiny_checkpoint.py) on the same
 images, same steps, batch, rank, UNet only, fp32, gradient checkpointing off, AdamW at the same
 rate. Layers: the built-in trains every linear/conv weight of the UNet; LoRA Lab runs with
 target=all_linear_conv (every linear/conv inside the UNet blocks, as kohya's LoCon). Each trainer's
@@ -22,10 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import _repo_path  # noqa: F401  (puts the checkout on sys.path)
+from lora_lab_devtools.environment import SETUP_SCRIPT
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "tests"))
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 
 def comfyui_dir() -> Path:
@@ -33,7 +33,7 @@ def comfyui_dir() -> Path:
     configured = os.environ.get("LORA_LAB_COMFYUI_DIR")
     if configured:
         return Path(configured)
-    printed = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "setup_env.py"), "print", "comfyui-dir"],
+    printed = subprocess.run([sys.executable, str(SETUP_SCRIPT), "print", "comfyui-dir"],
                              check=True, capture_output=True, text=True)
     return Path(printed.stdout.strip())
 
@@ -69,7 +69,7 @@ GPU_MATRIX = [  # (shape, resolution, batch) as the trainer issue asks; each at 
 
 
 def checkpoint_for(shape: str) -> Path:
-    from make_tiny_checkpoint import ensure_full_sd15, ensure_full_sdxl, ensure_tiny_sd15
+    from lora_lab_devtools.tiny_checkpoint import ensure_full_sd15, ensure_full_sdxl, ensure_tiny_sd15
 
     return {"tiny": ensure_tiny_sd15, "sd15": ensure_full_sd15, "sdxl": ensure_full_sdxl}[shape]()
 
@@ -198,7 +198,7 @@ def main() -> int:
     parser.add_argument("--cpu", action="store_true", help="force CPU even where CUDA is available")
     arguments = parser.parse_args()
 
-    from support.inprocess import boot
+    from lora_lab_devtools.inprocess import boot
 
     comfy = boot(comfyui_dir(), Path(tempfile.mkdtemp(prefix="lora_lab_bench_")), cpu=not arguments.gpu)
     if not arguments.gpu:

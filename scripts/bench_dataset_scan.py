@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if "lora_lab" not in sys.modules:  # import the library without running the pack's ComfyUI __init__
-    package = types.ModuleType("lora_lab")
-    package.__path__ = [str(REPO_ROOT)]
-    sys.modules["lora_lab"] = package
+import _repo_path  # noqa: F401  (puts the checkout on sys.path)
+from lora_lab_devtools.environment import register_lora_lab_package
 
+register_lora_lab_package()  # the library without the pack's ComfyUI __init__
 from lora_lab.training.dataset import DatasetOptions, build_folder_dataset, folder_fingerprint  # noqa: E402
 
 SIZES = [(64, 64), (96, 64), (64, 96), (128, 72), (72, 128)]

@@ -21,9 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-sys.path.insert(0, str(REPO_ROOT / "tests"))
+import _repo_path  # noqa: F401  (puts the checkout on sys.path)
 
 
 def make_dataset(folder: Path, count: int, size: int, distinct_captions: int) -> None:
@@ -53,9 +51,9 @@ def run_child(arguments: argparse.Namespace) -> dict:
     """One training run in this process; returns the measurements."""
     import torch
 
-    from conftest import find_comfyui_dir
-    from make_tiny_checkpoint import ensure_tiny_sd15
-    from support.inprocess import boot
+    from lora_lab_devtools.environment import find_comfyui_dir
+    from lora_lab_devtools.inprocess import boot
+    from lora_lab_devtools.tiny_checkpoint import ensure_tiny_sd15
 
     base = Path(tempfile.mkdtemp(prefix="lora_lab_bench_memory_"))
     comfy = boot(find_comfyui_dir(), base)

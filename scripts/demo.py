@@ -3,9 +3,9 @@
 
 Without arguments: generates (never commits) a tiny random-weight SD1.5-layout checkpoint and a
 small sample dataset into the cache, and runs example_workflows/sd15_train_lora.json with the
-declared overrides (workflow_api.DEMO_OVERRIDES: checkpoint, dataset folder and the tiny size,
-precision and step count). With ``--checkpoint`` and ``--data``: the same graph on your files, at
-the workflow's own resolution and step count (fp32 when there is no CUDA GPU).
+declared overrides (lora_lab_devtools.workflow_api.DEMO_OVERRIDES: checkpoint, dataset folder and
+the tiny size, precision and step count). With ``--checkpoint`` and ``--data``: the same graph on
+your files, at the workflow's own resolution and step count (fp32 when there is no CUDA GPU).
 
 Prints the absolute paths of the LoRA file, the charts and the sample image; exits 1 with the
 error (and the end of the server log) when anything failed.
@@ -15,55 +15,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfy_server import ComfyServer  # noqa: E402
-from make_sample_dataset import ensure_sample_dataset  # noqa: E402
-from workflow_api import TINY_RUN, declared_overrides, to_api_prompt  # noqa: E402
+import _repo_path  # noqa: F401  (puts the checkout on sys.path)
+from lora_lab_devtools.comfy_server import ComfyServer
+from lora_lab_devtools.environment import cache_dir
+from lora_lab_devtools.sample_dataset import ensure_sample_dataset
+from lora_lab_devtools.tiny_checkpoint import link_checkpoint, tiny_checkpoint
+from lora_lab_devtools.workflow_api import DEMO_WORKFLOW, TINY_RUN, declared_overrides, to_api_prompt
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW = REPO_ROOT / "example_workflows" / "sd15_train_lora.json"
 TINY_STEPS = 40
 # Titles of the workflow's image outputs, in the order they are printed.
 OUTPUTS = {"Training chart (loss + rates)": "training chart (loss + rates)",
            "Learning-rate chart": "learning-rate chart", "Sample with the LoRA": "sample image"}
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("LORA_LAB_CACHE", Path.home() / ".cache" / "lora_lab")).expanduser()
-
-
 def has_cuda(python: str) -> bool:
     answer = subprocess.run([python, "-c", "import torch; print(torch.cuda.is_available())"],
                             capture_output=True, text=True)
     return answer.stdout.strip() == "True"
-
-
-def link_checkpoint(source: Path, checkpoints_dir: Path) -> str:
-    """Make source visible to CheckpointLoaderSimple (symlink, copy where links are not allowed)."""
-    target = checkpoints_dir / source.name
-    if target.is_symlink() or target.exists():
-        if target.exists() and target.resolve() == source.resolve():
-            return source.name
-        target.unlink()
-    try:
-        target.symlink_to(source)
-    except OSError:  # Windows without developer mode
-        shutil.copy2(source, target)
-    return source.name
-
-
-def tiny_checkpoint(checkpoints_dir: Path, *options: str) -> Path:
-    """The generated tiny SD1.5 checkpoint, or with "--vega" the SDXL-family one (needs ComfyUI
-    importable, so in a child process)."""
-    fixture = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "make_tiny_checkpoint.py"), *options],
-                             check=True, capture_output=True, text=True).stdout.strip()
-    return checkpoints_dir / link_checkpoint(Path(fixture), checkpoints_dir)
 
 
 def overrides_for(arguments, server: ComfyServer) -> dict:
@@ -117,9 +90,9 @@ def main() -> int:
     try:
         overrides = overrides_for(arguments, server)
         server.start()
-        workflow = json.loads(WORKFLOW.read_text(encoding="utf-8"))
+        workflow = json.loads(DEMO_WORKFLOW.read_text(encoding="utf-8"))
         prompt = to_api_prompt(workflow, server.get("/object_info"), overrides)
-        print(f"running {WORKFLOW.name} with {json.dumps(overrides)}", flush=True)
+        print(f"running {DEMO_WORKFLOW.name} with {json.dumps(overrides)}", flush=True)
         entry = server.run(prompt, timeout=24 * 3600)
         for line in report(entry, prompt, server):
             print(line)

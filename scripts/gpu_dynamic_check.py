@@ -26,13 +26,12 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfy_server import ComfyServer  # noqa: E402
-from demo import WORKFLOW, link_checkpoint  # noqa: E402
-from make_sample_dataset import ensure_sample_dataset  # noqa: E402
-from workflow_api import declared_overrides, to_api_prompt  # noqa: E402
+import _repo_path  # noqa: F401  (puts the checkout on sys.path)
+from lora_lab_devtools.comfy_server import ComfyServer
+from lora_lab_devtools.sample_dataset import ensure_sample_dataset
+from lora_lab_devtools.tiny_checkpoint import MAKER_SCRIPT, link_checkpoint
+from lora_lab_devtools.workflow_api import DEMO_WORKFLOW, declared_overrides, to_api_prompt
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MIB = 1024 ** 2
 
 
@@ -52,7 +51,7 @@ def main() -> int:
     arguments = parser.parse_args()
 
     environment = {**os.environ, "LORA_LAB_COMFYUI_DIR": arguments.comfyui}
-    fixture = subprocess.run([arguments.python, str(REPO_ROOT / "scripts" / "make_tiny_checkpoint.py"), "--full-sd15"],
+    fixture = subprocess.run([arguments.python, str(MAKER_SCRIPT), "--full-sd15"],
                              check=True, capture_output=True, text=True, env=environment).stdout.strip()
     base_dir = Path(tempfile.mkdtemp(prefix="lora_lab_gpu_check_"))
     server = ComfyServer(Path(arguments.comfyui), base_dir, python=arguments.python, cpu=arguments.cpu)
@@ -65,7 +64,8 @@ def main() -> int:
         overrides = declared_overrides(checkpoint=checkpoint, dataset_folder=str(ensure_sample_dataset()),
                                        resolution=arguments.resolution, steps=arguments.steps,
                                        precision="fp32" if arguments.cpu else "bf16")
-        prompt = to_api_prompt(json.loads(WORKFLOW.read_text(encoding="utf-8")), server.get("/object_info"), overrides)
+        workflow = json.loads(DEMO_WORKFLOW.read_text(encoding="utf-8"))
+        prompt = to_api_prompt(workflow, server.get("/object_info"), overrides)
         before = free_vram(server)
         lowest = [before]
         done = threading.Event()

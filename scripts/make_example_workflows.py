@@ -9,7 +9,7 @@ compare_schedules.json is not rebuilt here (it was saved from the editor by hand
 
 The values are a real user's starting point (their checkpoint name, 512/1024 px, bf16, 1500 steps,
 a dataset folder in ComfyUI's input folder); demo and tests change only the inputs declared in
-workflow_api.DEMO_OVERRIDES.
+lora_lab_devtools.workflow_api.DEMO_OVERRIDES.
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfy_server import ComfyServer  # noqa: E402
-from workflow_api import check_workflow  # noqa: E402
+import _repo_path  # noqa: F401  (puts the checkout on sys.path)
+from lora_lab_devtools.comfy_server import ComfyServer
+from lora_lab_devtools.environment import REPO_ROOT
+from lora_lab_devtools.workflow_api import check_workflow
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = REPO_ROOT / "example_workflows"
 # Debian's chromium on these machines: no sandbox as root, and no background network traffic.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -18,9 +18,9 @@ import tempfile
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
+from setup_env import DEFAULT_COMFYUI, available  # scripts/ is on sys.path: it holds this script
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-from setup_env import DEFAULT_COMFYUI, available  # noqa: E402
 
 # On the second ComfyUI only what can behave differently there: everything that boots ComfyUI. The
 # servers' tiers first: the in-process tier leaves the test process large (an SDXL-family model was

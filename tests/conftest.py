@@ -1,36 +1,19 @@
 """Shared test set-up.
 
 The pack's root folder is a ComfyUI custom-node package whose ``__init__.py`` needs ComfyUI. Unit
-tests import the ComfyUI-agnostic library as ``lora_lab.training...``: we register ``lora_lab`` as
-a package rooted at the checkout *without* running its ``__init__.py``.
+tests import the ComfyUI-agnostic library as ``lora_lab.training...``: ``lora_lab`` is registered
+as a package rooted at the checkout *without* running its ``__init__.py``. The import path (the
+checkout for ``lora_lab_devtools``, tests/ for ``support``) is set by pyproject.toml's pythonpath.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import types
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from lora_lab_devtools.environment import REPO_ROOT, find_comfyui_dir, register_lora_lab_package
 
-if "lora_lab" not in sys.modules:
-    package = types.ModuleType("lora_lab")
-    package.__path__ = [str(REPO_ROOT)]
-    package.__file__ = str(REPO_ROOT / "__init__.py")
-    sys.modules["lora_lab"] = package
-
-
-def find_comfyui_dir() -> Path:
-    """The ComfyUI folder `make setup` provisioned (or the user's COMFYUI_DIR)."""
-    configured = os.environ.get("LORA_LAB_COMFYUI_DIR")
-    if configured:
-        return Path(configured)
-    printed = subprocess.run(["python3", str(REPO_ROOT / "scripts" / "setup_env.py"),
-                              "print", "comfyui-dir"], check=True, capture_output=True, text=True)
-    return Path(printed.stdout.strip())
+register_lora_lab_package()
 
 
 @pytest.fixture(scope="session")

@@ -3,16 +3,14 @@ training run with its live chart, and the sampled image (Chromium + ComfyUI's ow
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from browser.conftest import artifact
 from browser.test_lr_visualizer import canvas_pixel_spread, set_widget, wait_state
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from demo import tiny_checkpoint  # noqa: E402
-from make_sample_dataset import ensure_sample_dataset  # noqa: E402
-from workflow_api import TINY_RUN, declared_overrides  # noqa: E402
+from lora_lab_devtools.sample_dataset import ensure_sample_dataset
+from lora_lab_devtools.tiny_checkpoint import tiny_checkpoint
+from lora_lab_devtools.workflow_api import TINY_RUN, declared_overrides
 
 WORKFLOW = Path(__file__).resolve().parents[2] / "example_workflows" / "sd15_train_lora.json"
 STEPS = 16

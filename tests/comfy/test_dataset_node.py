@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from support.images import hash_tree, write_image
-from support.inprocess import PromptFailed
+from lora_lab_devtools.inprocess import PromptFailed
 
 DEFAULTS = {"folder": "", "resolution": 512, "repeats": 1, "caption_extension": ".txt", "trigger_word": "",
             "shuffle_captions": False, "keep_tokens": 0, "caption_dropout": 0.0, "flip": False, "bucketing": True,

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import (CAPTIONS, checkpoint, clip_outputs, dataset, loaded, pattern_images, probe,  # noqa: F401
-                        rates, read_lora, schedule, stock_lora_loader, train, unet_outputs)
+from .test_train import (CAPTIONS, checkpoint, clip_outputs, dataset, loaded, pattern_images, probe,  # noqa: F401
+                         rates, read_lora, schedule, stock_lora_loader, train, unet_outputs)
 
 UNET_ONLY = dict(learning_rate=1e-3, text_encoder_lr=0.0)
 

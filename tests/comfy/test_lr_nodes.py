@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from support.inprocess import PromptFailed
+from lora_lab_devtools.inprocess import PromptFailed
 
 SCHEDULE_DEFAULTS = {"scheduler": "cosine", "warmup": 5.0, "warmup_unit": "percent", "num_cycles": 1, "power": 1.0,
                      "min_lr_ratio": 0.0, "decay_ratio": 0.2, "step_rules": "", "preview_steps": 1000}

@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-from update_schema_snapshot import SNAPSHOT, compatibility_problems, node_schema  # noqa: E402
+from lora_lab_devtools.node_schema import SNAPSHOT, compatibility_problems, node_schema
 
 
 @pytest.fixture(scope="module")

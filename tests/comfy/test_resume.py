@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import (CAPTIONS, InterruptingDataset, checkpoint, dataset, loaded, pattern_images,  # noqa: F401
-                        rates, read_lora, schedule, train)
+from .test_train import (CAPTIONS, InterruptingDataset, checkpoint, dataset, loaded, pattern_images,  # noqa: F401
+                         rates, read_lora, schedule, train)
 
 STEPS, EVERY = 6, 3
 WIDGETS = dict(steps=STEPS, save_every_n_steps=EVERY, batch_size=2, rank=4, alpha=8.0, noise_offset=0.05,

@@ -8,15 +8,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-from make_tiny_checkpoint import ensure_tiny_sd15  # noqa: E402
+from lora_lab_devtools.tiny_checkpoint import ensure_tiny_sd15
 
 CHECKPOINT = "lora_lab_tiny_sd15.safetensors"
 CAPTIONS = ["a red square on black", "a blue circle on white", "green stripes", "a yellow cross"]
@@ -474,7 +471,7 @@ def tiny_sdxl(comfy, loaded):
     import comfy.model_management as model_management
     import comfy.model_patcher
     import comfy.supported_models
-    from make_tiny_checkpoint import _initialise
+    from lora_lab_devtools.tiny_checkpoint import _initialise
 
     unet_config = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 64,
                    "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1],
@@ -617,7 +614,7 @@ def unload_models_after():
 @pytest.mark.slow
 def test_vega_sdxl_checkpoint_trains_both_text_encoders_with_their_own_rates(comfy, dataset, unload_models_after):
     """A generated Segmind-Vega-shaped SDXL checkpoint through CheckpointLoaderSimple (~3 GB, ~10 GB RAM)."""
-    from make_tiny_checkpoint import ensure_vega_sdxl
+    from lora_lab_devtools.tiny_checkpoint import ensure_vega_sdxl
 
     link = comfy.models_dir / "checkpoints" / "lora_lab_vega_sdxl.safetensors"
     if not link.exists():
@@ -673,7 +670,7 @@ def test_sample_previews_draw_with_the_model_being_trained(comfy, loaded, datase
 
 
 def test_bad_sample_prompt_is_refused_before_training(comfy, loaded, dataset):
-    from support.inprocess import PromptFailed  # noqa: F401  (same message path as the graph)
+    from lora_lab_devtools.inprocess import PromptFailed  # noqa: F401  (same message path as the graph)
 
     with pytest.raises(ValueError, match=r"sample_prompt line 1: '--q' is not a sample option"):
         train(comfy, loaded, dataset, rates(comfy), schedule(comfy), sample_prompt="a cat --q 3",

@@ -1,12 +1,8 @@
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from support.server import ComfyServer  # noqa: E402
+from lora_lab_devtools.comfy_server import ComfyServer
 
 
 @pytest.fixture(scope="session")

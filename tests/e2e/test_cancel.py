@@ -5,7 +5,6 @@ LoRA file left is complete, nothing half-written remains, and the next queued ru
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -13,10 +12,8 @@ import numpy
 import pytest
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-from comfy_server import widget_defaults  # noqa: E402
-from make_tiny_checkpoint import ensure_tiny_sd15  # noqa: E402
+from lora_lab_devtools.comfy_server import widget_defaults
+from lora_lab_devtools.tiny_checkpoint import ensure_tiny_sd15
 
 CHECKPOINT = "lora_lab_tiny_sd15.safetensors"
 STEPS = 200          # never reached: every run here is cancelled or short

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from comfy_server import ComfyServer  # noqa: E402
-from demo import tiny_checkpoint  # noqa: E402
-from make_sample_dataset import ensure_sample_dataset  # noqa: E402
-from workflow_api import DEMO_OVERRIDES, TINY_RUN, check_workflow, declared_overrides, to_api_prompt  # noqa: E402
+from lora_lab_devtools.comfy_server import ComfyServer
+from lora_lab_devtools.sample_dataset import ensure_sample_dataset
+from lora_lab_devtools.tiny_checkpoint import tiny_checkpoint
+from lora_lab_devtools.workflow_api import DEMO_OVERRIDES, TINY_RUN, check_workflow, declared_overrides, to_api_prompt
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
 # Inputs whose value names a user's file (checked as strings only).

@@ -14,7 +14,7 @@ RATES = {"learning_rate": 1e-4, "unet_lr": -1.0, "text_encoder_lr": 5e-5, "text_
 
 
 def test_quick_test_for_ci_imports_the_pack(comfyui_dir, tmp_path):
-    from support.server import prepare_base_dir
+    from lora_lab_devtools.comfy_server import prepare_base_dir
 
     prepare_base_dir(tmp_path)
     completed = subprocess.run(

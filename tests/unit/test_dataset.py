@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import random
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -12,11 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from support.images import gradient_image, hash_tree, write_image  # noqa: E402
+from support.images import gradient_image, hash_tree, write_image
 
-from lora_lab.training import dataset  # noqa: E402
-from lora_lab.training.dataset import DatasetError, DatasetOptions  # noqa: E402
+from lora_lab.training import dataset
+from lora_lab.training.dataset import DatasetError, DatasetOptions
 
 
 def build(folder: Path, **options) -> dataset.LoraDataset:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import random
-import sys
 import tempfile
 from pathlib import Path
 
@@ -15,10 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from support.images import gradient_image, hash_tree  # noqa: E402
+from support.images import gradient_image, hash_tree
 
-from lora_lab.training.dataset import DatasetError, DatasetOptions, build_folder_dataset, caption_for_step  # noqa: E402
+from lora_lab.training.dataset import DatasetError, DatasetOptions, build_folder_dataset, caption_for_step
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "bmp": "BMP"}
 

@@ -12,7 +12,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .environment import REPO_ROOT
 
 
 def free_port() -> int:

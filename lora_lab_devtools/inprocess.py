@@ -17,9 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-from comfy_server import BaseDirectoryFolders, prepare_base_dir, widget_defaults  # noqa: E402
+from .comfy_server import BaseDirectoryFolders, prepare_base_dir, widget_defaults
 
 
 class ServerStub:
@@ -127,7 +125,7 @@ def boot(comfyui_dir: Path, base_dir: Path, cpu: bool = True) -> ComfyInProcess:
     prepare_base_dir(base_dir)
     sys.argv = [sys.argv[0], *(["--cpu"] if cpu else []), "--base-directory", str(base_dir), "--disable-api-nodes",
                 "--front-end-root", str(base_dir / "user")]
-    sys.path.insert(0, str(comfyui_dir))
+    sys.path.insert(0, str(comfyui_dir))  # ComfyUI is a folder of top-level modules, not a package
     import comfy.options
     comfy.options.enable_args_parsing()
     import folder_paths  # noqa: F401  (reads --base-directory)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 
+from .environment import REPO_ROOT
+
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 CONTROL_NAMES = ("seed", "noise_seed")  # the editor adds a control widget to these by name
 
@@ -159,6 +161,8 @@ def to_api_prompt(workflow: dict, object_info: dict, overrides: dict | None = No
     return copy.deepcopy(prompt)
 
 
+# The example workflow `make demo` runs.
+DEMO_WORKFLOW = REPO_ROOT / "example_workflows" / "sd15_train_lora.json"
 # The one declared list of inputs that `make demo` and the tests change in the example workflows
 # (sd15_train_lora.json, sdxl_train_lora.json); every other value runs as the user would start.
 # Keys: what is overridden -> the (node type, input) pairs that carry it. "resolution" is the size
