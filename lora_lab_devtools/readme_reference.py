@@ -1,0 +1,67 @@
+"""The README's "Node reference", generated from the nodes themselves (whose widgets come from the
+settings dataclasses: training/settings.py), so the README cannot drift from the editor. Command
+line: scripts/update_readme_reference.py; check: tests/unit/test_readme_reference.py."""
+from __future__ import annotations
+
+import importlib
+
+from .environment import REPO_ROOT, register_lora_lab_package
+
+README = REPO_ROOT / "README.md"
+START = "## Node reference\n"
+END = "## The file and other tools\n"
+INTRO = """Every input of the four nodes, in widget order (the order is a public API: saved workflows store
+widget values by position, so new inputs are only ever appended). The text is the tooltip the editor
+shows on hover. A step is one optimizer update.
+"""
+ORDER = ("LoRALabDataset", "LoRALabLRSchedule", "LoRALabLearningRates", "LoRALabTrain")
+
+
+def pack_nodes():
+    """The pack's nodes package, imported without the root __init__ (which registers HTTP routes)."""
+    register_lora_lab_package()
+    return importlib.import_module("lora_lab.nodes")
+
+
+def _number(value, kind: str) -> str:
+    return str(int(value)) if kind == "INT" else f"{value:g}"
+
+
+def _row(name: str, spec: tuple, optional: bool) -> str:
+    kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+    label = f"`{name}`" + (" (optional)" if optional else "")
+    if isinstance(kind, (list, tuple)):
+        shown_type = "choice: " + ", ".join(f"`{choice}`" for choice in kind)
+        default = f"`{options['default']}`"
+    elif kind in ("INT", "FLOAT"):
+        shown_type = f"{kind} {_number(options['min'], kind)}..{_number(options['max'], kind)}"
+        default = _number(options["default"], kind)
+    elif kind == "BOOLEAN":
+        shown_type, default = kind, "true" if options["default"] else "false"
+    elif kind == "STRING":
+        shown_type = kind
+        default = f"`{options['default']}`" if options.get("default") else '""'
+    else:
+        shown_type, default = kind, "(socket)"
+    return f"| {label} | {shown_type} | {default} | {options.get('tooltip', '')} |"
+
+
+def reference() -> str:
+    nodes = pack_nodes()
+    parts = [START, "\n", INTRO]
+    for node_id in ORDER:
+        node = nodes.NODE_CLASS_MAPPINGS[node_id]
+        inputs = node.INPUT_TYPES()
+        parts += [f"\n### {nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id]} (`{node_id}`)\n\n", node.DESCRIPTION, "\n\n",
+                  "| input | type | default | meaning |\n|---|---|---|---|\n"]
+        for section in ("required", "optional"):
+            for name, spec in inputs.get(section, {}).items():
+                parts.append(_row(name, spec, section == "optional") + "\n")
+    parts.append("\n")
+    return "".join(parts)
+
+
+def current_and_generated() -> tuple[str, str]:
+    text = README.read_text(encoding="utf-8")
+    start, end = text.index(START), text.index(END)
+    return text, text[:start] + reference() + text[end:]
