@@ -68,10 +68,12 @@ def schedule(comfy, **values):
 def train(comfy, loaded, dataset, learning_rates, lr_schedule, **widgets):
     """Call the node the way ComfyUI's executor does (inside inference_mode)."""
     model, clip, vae = loaded
-    defaults = dict(steps=4, batch_size=2, gradient_accumulation=1, rank=4, alpha=4.0, target="attention_ff",
-                    use_dora=False, optimizer="AdamW", weight_decay=0.0, max_grad_norm=1.0, precision="fp32",
-                    gradient_checkpointing=False, training_seed=0, noise_offset=0.0, min_snr_gamma=0.0,
-                    lora_name="test_lora", save_every_n_steps=0, cache_latents_to_disk=False)
+    trainer = comfy.pack.training.trainer
+    # The node's own defaults (from TrainSettings' fields), made tiny and CPU-friendly for tests.
+    defaults = {name: default for name, (default, _) in comfy.pack.training.settings.specs(trainer.TrainSettings).items()
+                if name not in trainer.OPTIONAL_SETTINGS}
+    defaults.update(steps=4, batch_size=2, rank=4, alpha=4.0, weight_decay=0.0, precision="fp32",
+                    gradient_checkpointing=False, lora_name="test_lora")
     defaults.update(widgets)
     with torch.inference_mode():
         output = comfy.node_class("LoRALabTrain")().train(
@@ -535,8 +537,10 @@ def test_diverging_loss_stops_with_a_clear_error_and_keeps_the_last_good_weights
     model, clip, _ = loaded
     before_unet = unet_outputs(model, latent, context)
     with pytest.raises(RuntimeError, match=r"the (loss|gradient norm) became (nan|inf) at step [0-9].*learning rate") as caught:
-        train(comfy, loaded, dataset, rates(comfy, learning_rate=1e6, text_encoder_lr=0.0), schedule(comfy),
-              steps=8, optimizer="SGD", max_grad_norm=0.0, lora_name="diverged")
+        # The highest rates the widgets allow: 10, and x1000 for the B matrices (LoRA+).
+        train(comfy, loaded, dataset, rates(comfy, learning_rate=10.0, lora_plus_ratio=1000.0, text_encoder_lr=0.0),
+              schedule(comfy),
+              steps=30, optimizer="SGD", max_grad_norm=0.0, lora_name="diverged")
     assert "diverged_interrupted" in str(caught.value)
     tensors, _ = read_lora(comfy, "diverged_interrupted.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in tensors.values())
