@@ -12,7 +12,7 @@ from ..training.sampling import parse_sample_prompts
 from ..training.train_plots import training_chart
 from ..training.trainer import SAVE_DTYPES, TEXT_PARTS, TrainCallbacks, TrainSettings, check_inputs, part_rates_for, train_lora
 from . import comfy_bridge
-from .images import pil_to_image
+from ..training.image_tensors import pil_to_image
 
 logger = logging.getLogger("lora_lab")
 
