@@ -50,30 +50,31 @@ def build_folder_dataset(folder: str | Path, options: DatasetOptions) -> LoraDat
     fingerprint_rows: list[list] = []
     missing = 0
     for scanned in files:
+        path = scanned.path
         try:
-            width, height = probe_image(scanned.path)
+            width, height = probe_image(path)
             try:
                 choice = choose_bucket(width, height, options, resolutions)
             except ValueError as error:
-                raise BadImageError(scanned.path, str(error)) from error
+                raise BadImageError(path, str(error)) from error
         except BadImageError as error:
             if not options.skip_bad_images:
                 raise
-            logger.warning("LoRA Dataset: skipping %s: %s", scanned.path, error.reason)
-            skipped.append((str(scanned.path), error.reason))
+            logger.warning("LoRA Dataset: skipping %s: %s", path, error.reason)
+            skipped.append((str(path), error.reason))
             continue
-        caption = read_caption(_caption_path(scanned.path, extension))
+        caption = read_caption(_caption_path(path, extension))
         if caption is None:
             missing += 1
             caption = ""
-        sample = DatasetSample(path=str(scanned.path), image_index=-1, caption=caption,
+        sample = DatasetSample(path=str(path), image_index=-1, caption=caption,
                                repeats=scanned.repeats, original_size=(width, height),
                                bucket=choice.bucket, resized_size=choice.resized_size,
                                crop_offset=choice.crop_offset)
         samples.append(sample)
         groups.append((scanned.group, place_trigger_word(caption, options.trigger_word)))
-        stat = scanned.path.stat()
-        fingerprint_rows.append([str(scanned.path.relative_to(root)), stat.st_size, stat.st_mtime_ns,
+        stat = path.stat()
+        fingerprint_rows.append([str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns,
                                  caption, scanned.repeats])
     if not samples:
         raise DatasetError(f"folder {str(root)!r}: all {len(skipped)} images are unreadable "

@@ -19,9 +19,16 @@ REPEATS_FOLDER_PATTERN = re.compile(r"^(\d+)_(.+)$")
 
 @dataclass(frozen=True)
 class ScannedFile:
-    path: Path         # the file under the walked folder (absolute when that folder is)
+    # The folder listing's entry (its path is under the walked folder, absolute when that folder is).
+    # Kept rather than a Path: the change check hashes thousands of files, and the entry's stat() is
+    # cached (free on Windows, where the listing holds it).
+    entry: os.DirEntry
     repeats: int       # from the nearest "N_name" folder, else the repeats option
     group: str         # ss_tag_frequency key: that folder's name, else the scanned folder's name
+
+    @property
+    def path(self) -> Path:
+        return Path(self.entry.path)
 
 
 def _repeats_of(folder_name: str) -> int | None:
@@ -55,7 +62,7 @@ def walk_folder(root: Path, default_repeats: int = 1) -> Iterator[ScannedFile]:
             if entry.is_dir():
                 subfolders.append(entry)
             else:
-                yield ScannedFile(Path(entry.path), repeats, group)
+                yield ScannedFile(entry, repeats, group)
         for entry in subfolders:
             folder_repeats = _repeats_of(entry.name)
             if folder_repeats is None:
@@ -72,7 +79,7 @@ def list_image_files(root: Path, default_repeats: int) -> tuple[list[ScannedFile
     found: list[ScannedFile] = []
     other_files = 0
     for scanned in walk_folder(root, default_repeats):
-        if scanned.path.name.lower().endswith(SUPPORTED_EXTENSIONS):
+        if scanned.entry.name.lower().endswith(SUPPORTED_EXTENSIONS):
             found.append(scanned)
         else:
             other_files += 1
@@ -116,10 +123,10 @@ def folder_fingerprint(folder: str | Path) -> str:
     try:
         for scanned in walk_folder(root):
             try:
-                stat = scanned.path.stat()
+                stat = scanned.entry.stat()
             except OSError:  # a broken link: nothing to hash (the scan reports it if it is an image)
                 continue
-            rows.append((os.path.relpath(scanned.path, root), stat.st_size, stat.st_mtime_ns))
+            rows.append((os.path.relpath(scanned.entry.path, root), stat.st_size, stat.st_mtime_ns))
     except DatasetError as error:
         return "unreadable:" + str(error)
     rows.sort()
