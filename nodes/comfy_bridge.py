@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from PIL import Image
 
 from ..training import kohya
+from ..training.image_tensors import image_to_pil
 from ..training.loop import DiffusionObjective, StepRecord
 from ..training.sampling import PreviewSampler, SamplePrompt
 from ..training.feeder import concat_conditioning
@@ -310,7 +310,7 @@ def sample_previewer(model, vae, access: ModelAccess, prompts: list[SamplePrompt
         folder.mkdir(parents=True, exist_ok=True)
         for index, sample in enumerate(prompts):
             image = sampler(sample)
-            picture = Image.fromarray((image[0].clamp(0, 1).numpy() * 255).round().astype("uint8"))
+            picture = image_to_pil(image[0])
             path = folder / f"step{done:05d}_{index}.png"
             picture.save(path)
             comfy.utils.ProgressBar(total_steps).update_absolute(done, total_steps, ("JPEG", picture, 512))

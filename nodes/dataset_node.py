@@ -6,8 +6,8 @@ from pathlib import Path
 from ..training.dataset import (CROP_MODES, DatasetError, DatasetOptions, accepted_extensions_text, require_folder,
                                 build_folder_dataset, build_image_dataset, folder_fingerprint,
                                 preview_grid, summarize)
+from ..training.image_tensors import pil_to_image
 from . import comfy_bridge
-from .images import pil_to_image
 
 # Widget name -> DatasetOptions field (same names); order is the public widget order.
 OPTION_NAMES = ("resolution", "repeats", "caption_extension", "trigger_word", "shuffle_captions", "keep_tokens",

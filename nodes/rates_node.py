@@ -1,10 +1,10 @@
 """UNet/TE Learning Rates node: global / UNet / TE / TE2 rates, LoRA+ and block weights."""
 from __future__ import annotations
 
+from ..training.image_tensors import pil_to_image
 from ..training.plots import rates_chart
 from ..training.rates import LearningRates, rates_from_values
 from ..training.schedules import ScheduleSettings
-from .images import pil_to_image
 from .widgets import widgets
 
 

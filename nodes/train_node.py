@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 
+from ..training.host import TrainCallbacks
+from ..training.image_tensors import pil_to_image
 from ..training.kohya import lora_name_for
 from ..training.resume import resolve_state_path
 from ..training.sampling import parse_sample_prompts
-from ..training.train_plots import training_chart
-from ..training.host import TrainCallbacks
 from ..training.settings import specs
+from ..training.train_plots import training_chart
 from ..training.trainer import (OPTIONAL_SETTINGS, TEXT_PARTS, RunOptions, TrainSettings, check_inputs,
-                                 part_rates_for, train_lora)
+                                part_rates_for, train_lora)
 from . import comfy_bridge
-from .images import pil_to_image
 from .widgets import widgets
 
 logger = logging.getLogger("lora_lab")

@@ -9,10 +9,10 @@ import random
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy
 import torch
 
 from .host import ModelAccess
+from .image_tensors import pil_to_image
 from .resume import random_state_from_json, random_state_to_json
 
 def largest_bucket_size(dataset) -> int:
@@ -130,9 +130,6 @@ class BatchFeeder:
         # without bound, so only static captions are cached.
         self.cache_text = not train_text and dataset.static_captions
 
-    def _pixels(self, image) -> torch.Tensor:
-        return torch.from_numpy(numpy.asarray(image, dtype=numpy.float32) / 255.0).unsqueeze(0)
-
     def _disk_path(self, key: tuple) -> Path | None:
         """Where the disk cache keeps this latent (None without a disk cache)."""
         if not (self.cache_latents and self.disk_dir is not None):
@@ -149,7 +146,7 @@ class BatchFeeder:
             return torch.load(disk_path, map_location="cpu", weights_only=True)
         image = self.dataset.render(index, tuple(offset), bool(flipped))
         with torch.no_grad():
-            latent = self.access.encode_pixels(self._pixels(image)).detach().clone().to("cpu", torch.float32)
+            latent = self.access.encode_pixels(pil_to_image(image)).detach().clone().to("cpu", torch.float32)
         if disk_path is not None:
             disk_path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(latent, disk_path)

@@ -198,7 +198,7 @@ def _kohya_fields(settings: TrainSettings, rates, schedule, dataset, access: Mod
         "ss_steps": steps_done,
         "ss_epoch": math.ceil(micro_batches / batches_per_epoch),
         "ss_num_epochs": math.ceil(settings.steps * settings.gradient_accumulation / batches_per_epoch),
-        "ss_num_train_images": sum(sample.repeats for sample in dataset.samples),
+        "ss_num_train_images": dataset.effective_count,
         "ss_num_reg_images": 0,
         "ss_num_batches_per_epoch": batches_per_epoch,
         "ss_resolution": f"({dataset.resolution}, {dataset.resolution})",
@@ -498,7 +498,7 @@ def run_identity(settings: TrainSettings, rates, schedule, dataset, access: Mode
     model = {"family": access.family, "latents": access.latent_key,
              "weights": access.weights_key() if access.weights_key is not None else ""}
     data = {"fingerprint": getattr(dataset, "fingerprint", ""), "resolution": dataset.resolution,
-            "images": len(dataset.samples), "images_per_epoch": sum(sample.repeats for sample in dataset.samples)}
+            "images": len(dataset.samples), "images_per_epoch": dataset.effective_count}
     schedule_values = {key: value for key, value in asdict(schedule).items() if key != "preview_steps"}  # display only
     identity = resume.run_identity(asdict(settings), asdict(rates), schedule_values, data, model)
     return json.loads(json.dumps(identity, default=str))

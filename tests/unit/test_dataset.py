@@ -1,6 +1,7 @@
 """LoRA Dataset library: buckets (hand-computed), kohya folder scan, captions, images, bad input."""
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections import Counter
@@ -15,6 +16,7 @@ from support.images import gradient_image, hash_tree, write_image
 
 from lora_lab.training import dataset
 from lora_lab.training.dataset import DatasetError, DatasetOptions
+from lora_lab.training.image_tensors import pil_to_image
 
 
 def build(folder: Path, **options) -> dataset.LoraDataset:
@@ -291,7 +293,7 @@ def test_flip_mirrors_the_image_about_half_the_time(tmp_path: Path):
 # ---------------------------------------------------------------------------------------------
 
 def test_dataset_from_an_image_batch():
-    pixels = torch.from_numpy(np.asarray(gradient_image((96, 64)), dtype=np.float32) / 255.0)
+    pixels = pil_to_image(gradient_image((96, 64)))[0]
     batch = torch.stack([pixels, pixels.flip(1)])
     data = dataset.build_image_dataset(batch, "a cat\nb dog\n",
                                        DatasetOptions(resolution=64, min_bucket_resolution=64, bucket_step=32,
@@ -415,6 +417,48 @@ def test_folder_fingerprint_changes_only_when_files_change(kohya_folder: Path):
     assert second != first
     (kohya_folder / "2_dog" / "nested" / "extra.png").write_bytes((kohya_folder / "loose.png").read_bytes())
     assert dataset.folder_fingerprint(kohya_folder) not in (first, second)
+
+
+def test_the_change_check_sees_exactly_the_files_the_scan_sees(kohya_folder: Path, tmp_path: Path):
+    """IS_CHANGED re-runs the node when any file the scan sees changes (nested, linked, caption or not)
+    and never for hidden files, which the scan leaves out (a .DS_Store the file browser writes)."""
+    write_image(tmp_path / "elsewhere" / "e.png", (64, 64), 6, caption="bird")
+    try:
+        (kohya_folder / "2_dog" / "3_bird").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    except OSError:
+        pytest.skip("symbolic links are not available here")
+    write_image(kohya_folder / ".hidden" / "h.png", (64, 64), 7, caption="hidden")
+    write_image(kohya_folder / "10_cat" / ".h.png", (64, 64), 8)
+    (kohya_folder / ".DS_Store").write_bytes(b"finder")
+    settings = dict(resolution=64, min_bucket_resolution=64, bucket_step=32, max_bucket_resolution=128)
+    scanned = build(kohya_folder, **settings)
+    assert [(Path(sample.path).relative_to(kohya_folder).as_posix(), sample.repeats) for sample in scanned.samples] == [
+        ("loose.png", 1), ("10_cat/a.png", 10), ("10_cat/b.jpg", 10), ("10_cat/c.webp", 10),
+        ("2_dog/3_bird/e.png", 3), ("2_dog/nested/d.bmp", 2)]
+    seen = ["loose.png", "loose.txt", "notes.md", "10_cat/a.png", "10_cat/a.txt", "10_cat/b.jpg", "10_cat/b.txt",
+            "10_cat/c.webp", "2_dog/3_bird/e.png", "2_dog/3_bird/e.txt", "2_dog/nested/d.bmp", "2_dog/nested/d.txt"]
+    hidden = [".DS_Store", ".hidden/h.png", ".hidden/h.txt", "10_cat/.h.png"]
+    assert sorted(seen + hidden) == sorted(Path(folder, name).relative_to(kohya_folder).as_posix()
+                                           for folder, _, names in os.walk(kohya_folder, followlinks=True)
+                                           for name in names)  # every file in the tree is in one list
+
+    def touch(name: str) -> None:
+        path = kohya_folder / name
+        mtime = path.stat().st_mtime_ns + 10**9
+        os.utime(path, ns=(mtime, mtime))
+
+    fingerprint = dataset.folder_fingerprint(kohya_folder)
+    for name in hidden:
+        touch(name)
+        assert dataset.folder_fingerprint(kohya_folder) == fingerprint, name
+    (kohya_folder / ".hidden" / "new.png").write_bytes((kohya_folder / "loose.png").read_bytes())
+    assert dataset.folder_fingerprint(kohya_folder) == fingerprint
+    assert build(kohya_folder, **settings).fingerprint == scanned.fingerprint
+    for name in seen:
+        touch(name)
+        changed = dataset.folder_fingerprint(kohya_folder)
+        assert changed != fingerprint, name
+        fingerprint = changed
 
 
 def test_dataset_fingerprint_tracks_content_and_settings(kohya_folder: Path):

@@ -1,0 +1,138 @@
+"""The dataset: one :class:`DatasetSample` per image and the :class:`LoraDataset` the trainer consumes."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from PIL import Image
+
+from ..image_tensors import image_to_pil
+from .captions import caption_for_step, place_trigger_word
+from .images import open_rgb, resize_and_crop, to_rgb
+from .options import BadImageError, DatasetError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class DatasetSample:
+    path: str                        # absolute image file path ("" for an in-memory image)
+    image_index: int                 # index into LoraDataset.images for in-memory images, else -1
+    caption: str                     # caption text as read (no trigger word added), "" when missing
+    repeats: int                     # times the sample appears per epoch
+    original_size: tuple[int, int]   # (width, height) after EXIF transpose
+    bucket: tuple[int, int]          # (width, height) the trainer feeds the model
+    resized_size: tuple[int, int]    # (width, height) after resize, before crop
+    crop_offset: tuple[int, int]     # (left, top) for center crop; random crop draws its own
+
+
+@dataclass
+class LoraDataset:
+    """The LORA_DATASET socket value: a plain description of what to train on (no pixels loaded).
+
+    Options are copied from :class:`DatasetOptions`; the methods below are what the trainer uses.
+    """
+
+    samples: list[DatasetSample]        # one per image file (repeats are not expanded here)
+    resolution: int                     # target side in pixels (bucket area about resolution^2)
+    trigger_word: str                   # put first in every caption ("" = none)
+    shuffle_captions: bool              # shuffle comma-separated tags per step
+    keep_tokens: int                    # leading tags (trigger word included) kept in place
+    caption_dropout: float              # probability that a step's caption is ""
+    flip: bool                          # random horizontal flip per step (p = 0.5)
+    bucketing: bool                     # aspect-ratio buckets (False: square crops)
+    crop: str                           # "center" | "random"
+    tag_frequency: dict                 # kohya ss_tag_frequency shape: {"<dir name>": {"tag": count}}
+    images: "torch.Tensor | None" = None  # the IMAGE batch [B, H, W, 3] for in-memory datasets
+    source: str = ""                    # folder path or "images input"
+    fingerprint: str = ""               # content+settings key (used for latent cache keys)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) left out as bad
+    missing_captions: int = 0           # samples without a caption file (trigger word alone used)
+
+    # --- what the trainer uses ---------------------------------------------------------------
+
+    def epoch_indices(self, rng: random.Random) -> list[int]:
+        """Each sample index ``repeats`` times, shuffled by ``rng``: one epoch."""
+        indices = [index for index, sample in enumerate(self.samples) for _ in range(sample.repeats)]
+        rng.shuffle(indices)
+        return indices
+
+    def buckets(self) -> dict[tuple[int, int], list[int]]:
+        """Bucket (width, height) -> sample indices, buckets sorted."""
+        grouped: dict[tuple[int, int], list[int]] = {}
+        for index, sample in enumerate(self.samples):
+            grouped.setdefault(sample.bucket, []).append(index)
+        return dict(sorted(grouped.items()))
+
+    def load_image(self, index: int, rng: random.Random | None = None
+                   ) -> tuple[Image.Image, tuple[int, int], bool]:
+        """(RGB image at bucket size, crop offset used (left, top), flipped).
+
+        ``rng=None``: centre crop, no flip (deterministic; what latent caching encodes). With an
+        rng: a random crop offset when ``crop == "random"`` (``rng.randint`` for left, then top),
+        then a flip with probability 0.5 when ``flip`` (``rng.random() < 0.5``). The offset is in the
+        unflipped image.
+        """
+        offset, flipped = self.augmentation(index, rng)
+        return self.render(index, offset, flipped), offset, flipped
+
+    def augmentation(self, index: int, rng: random.Random | None = None) -> tuple[tuple[int, int], bool]:
+        """(crop offset, flipped) for one step without loading pixels: the same rng draws, in the same
+        order, as :meth:`load_image`, so a trainer can look up a cached latent before decoding."""
+        sample = self.samples[index]
+        offset = sample.crop_offset
+        if rng is not None and self.crop == "random":
+            offset = (rng.randint(0, sample.resized_size[0] - sample.bucket[0]),
+                      rng.randint(0, sample.resized_size[1] - sample.bucket[1]))
+        flipped = bool(rng is not None and self.flip and rng.random() < 0.5)
+        return offset, flipped
+
+    def render(self, index: int, offset: tuple[int, int], flipped: bool) -> Image.Image:
+        """The RGB image at bucket size for a given crop offset and flip."""
+        sample = self.samples[index]
+        cropped = resize_and_crop(self.source_image(index), sample.resized_size, sample.bucket, offset)
+        if flipped:
+            cropped = cropped.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return cropped
+
+    def source_image(self, index: int) -> Image.Image:
+        """The full RGB image of a sample, EXIF orientation applied, before resize and crop."""
+        sample = self.samples[index]
+        if sample.image_index >= 0:
+            if self.images is None:
+                raise DatasetError("this in-memory dataset has lost its images tensor")
+            return to_rgb(image_to_pil(self.images[sample.image_index]))
+        try:
+            return open_rgb(sample.path)
+        except (OSError, SyntaxError, ValueError) as error:
+            raise BadImageError(sample.path, f"changed or unreadable since the scan ({error})") from error
+
+    def base_caption(self, index: int) -> str:
+        """The caption with the trigger word placed first, before shuffle/dropout."""
+        return place_trigger_word(self.samples[index].caption, self.trigger_word)
+
+    def caption_for_step(self, index: int, rng: random.Random) -> str:
+        """Caption for one step: trigger word first, shuffle (keeping keep_tokens), dropout."""
+        return caption_for_step(self.samples[index].caption, rng, self.trigger_word,
+                                self.shuffle_captions, self.keep_tokens, self.caption_dropout)
+
+    @property
+    def caching_possible(self) -> bool:
+        """Latents can be encoded once: False when every epoch draws a new random crop."""
+        return self.crop != "random"
+
+    @property
+    def static_captions(self) -> bool:
+        """Captions never change between steps (no shuffle, no dropout): TE outputs are cacheable."""
+        return not self.shuffle_captions and self.caption_dropout <= 0.0
+
+    @property
+    def image_count(self) -> int:
+        return len(self.samples)
+
+    @property
+    def effective_count(self) -> int:
+        """Images per epoch, repeats included."""
+        return sum(sample.repeats for sample in self.samples)

@@ -1,0 +1,98 @@
+"""What the node shows about a dataset: the summary text and a preview grid of samples as they are cropped."""
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+
+from PIL import Image, ImageDraw
+
+from .images import RESAMPLE
+from .lora_dataset import LoraDataset
+
+
+def top_tags(dataset: LoraDataset, count: int = 10) -> list[tuple[str, int]]:
+    totals: Counter = Counter()
+    for counts in dataset.tag_frequency.values():
+        totals.update(counts)
+    return sorted(totals.items(), key=lambda item: (-item[1], item[0]))[:count]
+
+
+def summarize(dataset: LoraDataset) -> str:
+    """The node's STRING output: counts, buckets, captions, top tags and the caching note."""
+    lines = [f"source: {dataset.source}",
+             f"images: {dataset.image_count}",
+             f"effective images per epoch (with repeats): {dataset.effective_count}"]
+    repeat_counts = Counter(sample.repeats for sample in dataset.samples)
+    if len(repeat_counts) > 1 or next(iter(repeat_counts)) != 1:
+        lines.append("repeats: " + ", ".join(f"{repeats}x: {images} images"
+                                             for repeats, images in sorted(repeat_counts.items())))
+    buckets = dataset.buckets()
+    kind = "buckets" if dataset.bucketing else "square crop (bucketing off)"
+    lines.append(f"{kind}: {len(buckets)}")
+    for bucket, indices in buckets.items():
+        with_repeats = sum(dataset.samples[index].repeats for index in indices)
+        lines.append(f"  {bucket[0]}x{bucket[1]}: {len(indices)} images ({with_repeats} with repeats)")
+    lines.append(f"captions missing: {dataset.missing_captions}"
+                 + (f" (trigger word '{dataset.trigger_word}' alone used)" if dataset.missing_captions
+                    and dataset.trigger_word else ""))
+    tags = top_tags(dataset)
+    lines.append("top tags: " + (", ".join(f"{tag} ({count})" for tag, count in tags) if tags else "none"))
+    caption_mode = []
+    if dataset.shuffle_captions:
+        caption_mode.append(f"tags shuffled per step (first {dataset.keep_tokens} kept)")
+    if dataset.caption_dropout > 0:
+        caption_mode.append(f"caption dropout {dataset.caption_dropout:g}")
+    if caption_mode:
+        lines.append("captions: " + "; ".join(caption_mode))
+    if dataset.flip:
+        lines.append("augmentation: random horizontal flip per step")
+    if dataset.caching_possible:
+        lines.append("caching: latents can be cached once (center crop is fixed"
+                     + ("; with flip, both orientations" if dataset.flip else "") + ")")
+    else:
+        lines.append("caching: not possible, crop is random (a new crop each epoch): "
+                     "latents are encoded every step")
+    if dataset.skipped:
+        lines.append(f"skipped bad images: {len(dataset.skipped)}")
+        lines.extend(f"  {path}: {reason}" for path, reason in dataset.skipped)
+    return "\n".join(lines)
+
+
+PREVIEW_SEED = 0          # the preview's fixed seed: the dataset itself has none
+PREVIEW_CELL = 256        # preview tile size in pixels
+PREVIEW_LABEL_HEIGHT = 18
+
+
+def preview_indices(dataset: LoraDataset, count: int) -> list[int]:
+    """Up to ``count`` samples: one from each bucket first (largest buckets first), then the rest."""
+    by_size = sorted(dataset.buckets().items(), key=lambda item: (-len(item[1]), item[0]))
+    chosen = [indices[0] for _, indices in by_size][:count]
+    for index in range(len(dataset.samples)):
+        if len(chosen) >= count:
+            break
+        if index not in chosen:
+            chosen.append(index)
+    return chosen
+
+
+def preview_grid(dataset: LoraDataset, count: int = 8, columns: int = 4) -> Image.Image:
+    """A grid of a few samples as they will be cropped (and flipped), each labelled with its bucket."""
+    rng = random.Random(PREVIEW_SEED)
+    indices = preview_indices(dataset, count)
+    columns = max(1, min(columns, len(indices)))
+    rows = math.ceil(len(indices) / columns)
+    cell_height = PREVIEW_CELL + PREVIEW_LABEL_HEIGHT
+    grid = Image.new("RGB", (columns * PREVIEW_CELL, rows * cell_height), (32, 32, 32))
+    draw = ImageDraw.Draw(grid)
+    for position, index in enumerate(indices):
+        sample = dataset.samples[index]
+        image, _offset, flipped = dataset.load_image(index, rng)
+        image.thumbnail((PREVIEW_CELL, PREVIEW_CELL), RESAMPLE)
+        left = (position % columns) * PREVIEW_CELL
+        top = (position // columns) * cell_height
+        grid.paste(image, (left + (PREVIEW_CELL - image.width) // 2,
+                           top + PREVIEW_LABEL_HEIGHT + (PREVIEW_CELL - image.height) // 2))
+        label = f"{sample.bucket[0]}x{sample.bucket[1]}" + (" flipped" if flipped else "")
+        draw.text((left + 4, top + 3), label, fill=(255, 255, 255))
+    return grid
