@@ -58,7 +58,7 @@ class TrainNode:
         family = comfy_bridge.check_compatible(model, clip, vae)
         part_rates = part_rates_for(learning_rates, family)
         check_inputs(settings, dataset, part_rates, lr_schedule, family, comfy_bridge.device_type(model))
-        sample_prompts = parse_sample_prompts(options.sample_prompt, dataset.resolution, settings.training_seed)
+        sample_prompts = parse_sample_prompts(options.sample_prompt, dataset.options.resolution, settings.training_seed)
         if sample_prompts and options.sample_every_n_steps <= 0:
             logger.warning("LoRA Lab: sample_prompt is set but sample_every_n_steps is 0: no previews will be drawn.")
 

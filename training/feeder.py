@@ -161,7 +161,7 @@ class BatchFeeder:
         Returns (all latents cached, all captions cached). Cancel is checked between images.
         """
         if self.cache_latents:
-            flips = (False, True) if self.dataset.flip else (False,)
+            flips = (False, True) if self.dataset.options.flip else (False,)
             for index in range(len(self.dataset.samples)):
                 if check_cancel is not None:
                     check_cancel()

@@ -201,7 +201,7 @@ def _kohya_fields(settings: TrainSettings, rates, schedule, dataset, access: Mod
         "ss_num_train_images": dataset.effective_count,
         "ss_num_reg_images": 0,
         "ss_num_batches_per_epoch": batches_per_epoch,
-        "ss_resolution": f"({dataset.resolution}, {dataset.resolution})",
+        "ss_resolution": f"({dataset.options.resolution}, {dataset.options.resolution})",
         "ss_base_model_version": kohya.BASE_MODEL_VERSIONS[family],
         "ss_v2": family == "sd2",
         "ss_clip_skip": access.clip_skip,
@@ -220,12 +220,12 @@ def _kohya_fields(settings: TrainSettings, rates, schedule, dataset, access: Mod
         "ss_gradient_checkpointing": settings.gradient_checkpointing,
         "ss_max_grad_norm": settings.max_grad_norm,
         "ss_cache_latents": dataset.caching_possible,
-        "ss_flip_aug": dataset.flip,
-        "ss_random_crop": dataset.crop == "random",
-        "ss_shuffle_caption": dataset.shuffle_captions,
-        "ss_keep_tokens": dataset.keep_tokens,
-        "ss_caption_dropout_rate": dataset.caption_dropout,
-        "ss_enable_bucket": dataset.bucketing,
+        "ss_flip_aug": dataset.options.flip,
+        "ss_random_crop": dataset.options.crop == "random",
+        "ss_shuffle_caption": dataset.options.shuffle_captions,
+        "ss_keep_tokens": dataset.options.keep_tokens,
+        "ss_caption_dropout_rate": dataset.options.caption_dropout,
+        "ss_enable_bucket": dataset.options.bucketing,
         "ss_zero_terminal_snr": False,
     }
 
@@ -316,7 +316,7 @@ def plan_run(settings: TrainSettings, access: ModelAccess, dataset, rates, sched
     log_path.write_text("".join(previous_lines), encoding="utf-8")
     lora_settings = {"train": asdict(settings), "learning_rates": asdict(rates), "lr_schedule": asdict(schedule),
                      "dataset": {"source": getattr(dataset, "source", ""), "fingerprint": getattr(dataset, "fingerprint", ""),
-                                 "resolution": dataset.resolution}}
+                                 "resolution": dataset.options.resolution}}
     if resumed is not None:
         lora_settings["resumed_from"] = {"state": str(resumed.path), "step": resumed.step}
     return RunPlan(settings=settings, access=access, dataset=dataset, rates=rates, schedule=schedule,
@@ -465,7 +465,7 @@ class Run:
                            for lora in self.injected for module in lora.modules)
         fields = _kohya_fields(settings, plan.rates, plan.schedule, plan.dataset, access, plan.started,
                                plan.part_rates, steps_done, conv_trained, name)
-        metadata = file_metadata(fields, plan.lora_settings, tensors, access, name, plan.dataset.resolution,
+        metadata = file_metadata(fields, plan.lora_settings, tensors, access, name, plan.dataset.options.resolution,
                                  plan.started)
         return kohya.save_lora(tensors, metadata, plan.loras_dir, name)
 
@@ -497,7 +497,7 @@ def run_identity(settings: TrainSettings, rates, schedule, dataset, access: Mode
     """What a resumed run must share with the saved one (JSON-ready)."""
     model = {"family": access.family, "latents": access.latent_key,
              "weights": access.weights_key() if access.weights_key is not None else ""}
-    data = {"fingerprint": getattr(dataset, "fingerprint", ""), "resolution": dataset.resolution,
+    data = {"fingerprint": getattr(dataset, "fingerprint", ""), "resolution": dataset.options.resolution,
             "images": len(dataset.samples), "images_per_epoch": dataset.effective_count}
     schedule_values = {key: value for key, value in asdict(schedule).items() if key != "preview_steps"}  # display only
     identity = resume.run_identity(asdict(settings), asdict(rates), schedule_values, data, model)
@@ -628,5 +628,5 @@ def out_of_memory_message(settings: TrainSettings, dataset, step: int, saved_nam
                  "may change on resume).")
     return (f"Train LoRA: the GPU ran out of memory at step {step}. Lower batch_size (now {settings.batch_size}; "
             f"raise gradient_accumulation to keep the effective batch), lower the LoRA Dataset resolution (now "
-            f"{dataset.resolution}), {checkpointing}, or lower rank (now {settings.rank}); closing other programs "
+            f"{dataset.options.resolution}), {checkpointing}, or lower rank (now {settings.rank}); closing other programs "
             f"that use the GPU also helps.{kept}")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from lora_lab.training.dataset import DatasetOptions
 from lora_lab.training.rates import LearningRates, rates_from_values
+from lora_lab.training.schedules import ScheduleSettings
 from lora_lab.training.settings import SettingError, specs
 from lora_lab.training.trainer import RunOptions, TrainSettings
 
@@ -30,7 +32,7 @@ def test_train_settings_refuse_bad_values_naming_input_value_and_fix(values, mes
 
 
 def test_every_setting_has_help_and_its_default_passes_its_own_checks():
-    for cls in (TrainSettings, RunOptions, LearningRates):
+    for cls in (TrainSettings, RunOptions, LearningRates, ScheduleSettings, DatasetOptions):
         declared = specs(cls)
         assert declared, cls
         for name, (default, spec) in declared.items():
@@ -39,7 +41,7 @@ def test_every_setting_has_help_and_its_default_passes_its_own_checks():
                 assert default in spec.choices, (cls.__name__, name)
             if spec.min is not None and isinstance(default, (int, float)) and default != spec.special:
                 assert spec.min <= default <= spec.max, (cls.__name__, name)
-    TrainSettings(), RunOptions(), LearningRates()
+    TrainSettings(), RunOptions(), LearningRates(), ScheduleSettings(), DatasetOptions()
 
 
 @pytest.mark.parametrize("values, message", [

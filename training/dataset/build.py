@@ -135,10 +135,7 @@ def _make_dataset(samples: list[DatasetSample], options: DatasetOptions, frequen
                   source: str, fingerprint: str, images: "torch.Tensor | None" = None,
                   skipped: list[tuple[str, str]] | None = None, missing_captions: int = 0) -> LoraDataset:
     dataset = LoraDataset(
-        samples=samples, resolution=options.resolution, trigger_word=options.trigger_word.strip(),
-        shuffle_captions=options.shuffle_captions, keep_tokens=options.keep_tokens,
-        caption_dropout=float(options.caption_dropout), flip=options.flip, bucketing=options.bucketing,
-        crop=options.crop, tag_frequency=frequency, images=images, source=source,
+        samples=samples, options=options, tag_frequency=frequency, images=images, source=source,
         fingerprint=fingerprint, skipped=list(skipped or []), missing_captions=missing_captions)
     logger.info("LoRA Dataset: %d images (%d with repeats) in %d buckets from %s",
                 dataset.image_count, dataset.effective_count, len(dataset.buckets()), source)

@@ -10,7 +10,7 @@ from PIL import Image
 from ..image_tensors import image_to_pil
 from .captions import caption_for_step, place_trigger_word
 from .images import open_rgb, resize_and_crop, to_rgb
-from .options import BadImageError, DatasetError
+from .options import BadImageError, DatasetError, DatasetOptions
 
 if TYPE_CHECKING:
     import torch
@@ -32,18 +32,11 @@ class DatasetSample:
 class LoraDataset:
     """The LORA_DATASET socket value: a plain description of what to train on (no pixels loaded).
 
-    Options are copied from :class:`DatasetOptions`; the methods below are what the trainer uses.
+    The methods below are what the trainer uses; the options (crop, flip, captions...) are in `options`.
     """
 
     samples: list[DatasetSample]        # one per image file (repeats are not expanded here)
-    resolution: int                     # target side in pixels (bucket area about resolution^2)
-    trigger_word: str                   # put first in every caption ("" = none)
-    shuffle_captions: bool              # shuffle comma-separated tags per step
-    keep_tokens: int                    # leading tags (trigger word included) kept in place
-    caption_dropout: float              # probability that a step's caption is ""
-    flip: bool                          # random horizontal flip per step (p = 0.5)
-    bucketing: bool                     # aspect-ratio buckets (False: square crops)
-    crop: str                           # "center" | "random"
+    options: DatasetOptions             # what the LoRA Dataset node's widgets decided
     tag_frequency: dict                 # kohya ss_tag_frequency shape: {"<dir name>": {"tag": count}}
     images: "torch.Tensor | None" = None  # the IMAGE batch [B, H, W, 3] for in-memory datasets
     source: str = ""                    # folder path or "images input"
@@ -83,10 +76,10 @@ class LoraDataset:
         order, as :meth:`load_image`, so a trainer can look up a cached latent before decoding."""
         sample = self.samples[index]
         offset = sample.crop_offset
-        if rng is not None and self.crop == "random":
+        if rng is not None and self.options.crop == "random":
             offset = (rng.randint(0, sample.resized_size[0] - sample.bucket[0]),
                       rng.randint(0, sample.resized_size[1] - sample.bucket[1]))
-        flipped = bool(rng is not None and self.flip and rng.random() < 0.5)
+        flipped = bool(rng is not None and self.options.flip and rng.random() < 0.5)
         return offset, flipped
 
     def render(self, index: int, offset: tuple[int, int], flipped: bool) -> Image.Image:
@@ -111,22 +104,23 @@ class LoraDataset:
 
     def base_caption(self, index: int) -> str:
         """The caption with the trigger word placed first, before shuffle/dropout."""
-        return place_trigger_word(self.samples[index].caption, self.trigger_word)
+        return place_trigger_word(self.samples[index].caption, self.options.trigger)
 
     def caption_for_step(self, index: int, rng: random.Random) -> str:
         """Caption for one step: trigger word first, shuffle (keeping keep_tokens), dropout."""
-        return caption_for_step(self.samples[index].caption, rng, self.trigger_word,
-                                self.shuffle_captions, self.keep_tokens, self.caption_dropout)
+        options = self.options
+        return caption_for_step(self.samples[index].caption, rng, options.trigger, options.shuffle_captions,
+                                options.keep_tokens, options.caption_dropout)
 
     @property
     def caching_possible(self) -> bool:
         """Latents can be encoded once: False when every epoch draws a new random crop."""
-        return self.crop != "random"
+        return self.options.crop != "random"
 
     @property
     def static_captions(self) -> bool:
         """Captions never change between steps (no shuffle, no dropout): TE outputs are cacheable."""
-        return not self.shuffle_captions and self.caption_dropout <= 0.0
+        return not self.options.shuffle_captions and self.options.caption_dropout <= 0.0
 
     @property
     def image_count(self) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..settings import setting
+
 CROP_MODES = ("center", "random")
 
 
@@ -23,25 +25,46 @@ class BadImageError(DatasetError):
 
 @dataclass(frozen=True)
 class DatasetOptions:
-    """Everything the node's widgets decide; validated on construction."""
+    """Everything the LoRA Dataset node's widgets decide (each field is the one source of its default,
+    range and help: the node's INPUT_TYPES are generated from it); validated on construction, with
+    DatasetError messages that name the option, the value and the fix."""
 
-    resolution: int = 512                 # target side in pixels: bucket area is about resolution^2
-    repeats: int = 1                      # repeats of images outside an "N_name" folder
-    caption_extension: str = ".txt"       # side-car caption file suffix ("txt" is accepted too)
-    trigger_word: str = ""                # put first in every caption ("" = none)
-    shuffle_captions: bool = False        # shuffle comma-separated tags every step
-    keep_tokens: int = 0                  # leading tags (trigger included) that shuffling keeps in place
-    caption_dropout: float = 0.0          # probability (0..1) that a step's caption is ""
-    flip: bool = False                    # random horizontal flip per step (p = 0.5)
-    bucketing: bool = True                # aspect-ratio buckets; False = square resize + crop
-    min_bucket_resolution: int = 256      # smallest bucket side in pixels
-    max_bucket_resolution: int = 1024     # largest bucket side in pixels
-    bucket_step: int = 64                 # bucket sides are multiples of this (pixels)
-    bucket_no_upscale: bool = False       # small images get a bucket that fits them without upscaling
-    crop: str = "center"                  # "center" | "random" (a new random crop every time)
-    skip_bad_images: bool = False         # leave corrupt files out (listed in the summary) instead of failing
+    resolution: int = setting(512, "Training resolution: buckets have about resolution x resolution pixels. 512 "
+                                   "for SD1.x, 768 for SD2.x, 1024 for SDXL.", min=64, max=4096, step=8)
+    repeats: int = setting(1, "How many times each image counts per epoch, for images not inside an 'N_name' "
+                              "folder (those use N).", min=1, max=10000)
+    caption_extension: str = setting(".txt", "Suffix of the caption file next to each image (same name): 'a.png' "
+                                             "-> 'a.txt'. First line used, UTF-8. Images without one are trained "
+                                             "with the trigger word alone.")
+    trigger_word: str = setting("", "Word put first in every caption (unless the caption already starts with it), "
+                                    "e.g. 'sks'. Empty = none.")
+    shuffle_captions: bool = setting(False, "Shuffle the comma-separated tags of each caption at every step (keeps "
+                                            "the first keep_tokens in place).")
+    keep_tokens: int = setting(0, "Tags at the front that shuffling never moves, counted after the trigger word is "
+                                  "put first (1 = keep the trigger word first).", min=0, max=255)
+    caption_dropout: float = setting(0.0, "Probability that a step trains with an empty caption (helps "
+                                          "unconditional generation). 0 = never.", min=0.0, max=1.0, step=0.01)
+    flip: bool = setting(False, "Randomly mirror images left-right (half the steps). Avoid for asymmetric subjects "
+                                "or text.")
+    bucketing: bool = setting(True, "Aspect-ratio buckets (kohya): each image trains near its own shape. Off: every "
+                                    "image is resized and cropped to a resolution x resolution square.")
+    min_bucket_resolution: int = setting(256, "Smallest bucket side in pixels (a multiple of bucket_step).",
+                                         min=64, max=4096, step=8)
+    max_bucket_resolution: int = setting(1024, "Largest bucket side in pixels (a multiple of bucket_step). SDXL: "
+                                               "2048 allows the usual tall/wide buckets.", min=64, max=8192, step=8)
+    bucket_step: int = setting(64, "Bucket sides are multiples of this many pixels (64 as in kohya; at least 8 for "
+                                   "the VAE).", min=8, max=256, step=8)
+    bucket_no_upscale: bool = setting(False, "Images smaller than resolution x resolution get a bucket that fits "
+                                             "them, so they are only cropped, never enlarged.")
+    crop: str = setting("center", "Where to crop the resized image to its bucket. 'random' draws a new crop every "
+                                  "time, so latents cannot be cached (slower training).", choices=CROP_MODES)
+    skip_bad_images: bool = setting(False, "Leave corrupt or truncated images out (listed in the summary) instead "
+                                           "of stopping with an error.")
 
     def __post_init__(self) -> None:
+        # A whole-number dropout (0 from an API prompt) is stored as the float the widget gives.
+        if isinstance(self.caption_dropout, int) and not isinstance(self.caption_dropout, bool):
+            object.__setattr__(self, "caption_dropout", float(self.caption_dropout))
         def positive_int(name: str, value: int, minimum: int) -> None:
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise DatasetError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -80,6 +103,11 @@ class DatasetOptions:
                     f"resolution ({self.resolution}) must lie between min_bucket_resolution "
                     f"({self.min_bucket_resolution}) and max_bucket_resolution "
                     f"({self.max_bucket_resolution}): change the resolution or the bucket limits")
+
+    @property
+    def trigger(self) -> str:
+        """The trigger word as captions use it (surrounding spaces dropped)."""
+        return self.trigger_word.strip()
 
     @property
     def normalized_caption_extension(self) -> str:

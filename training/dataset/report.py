@@ -28,28 +28,28 @@ def summarize(dataset: LoraDataset) -> str:
         lines.append("repeats: " + ", ".join(f"{repeats}x: {images} images"
                                              for repeats, images in sorted(repeat_counts.items())))
     buckets = dataset.buckets()
-    kind = "buckets" if dataset.bucketing else "square crop (bucketing off)"
+    kind = "buckets" if dataset.options.bucketing else "square crop (bucketing off)"
     lines.append(f"{kind}: {len(buckets)}")
     for bucket, indices in buckets.items():
         with_repeats = sum(dataset.samples[index].repeats for index in indices)
         lines.append(f"  {bucket[0]}x{bucket[1]}: {len(indices)} images ({with_repeats} with repeats)")
     lines.append(f"captions missing: {dataset.missing_captions}"
-                 + (f" (trigger word '{dataset.trigger_word}' alone used)" if dataset.missing_captions
-                    and dataset.trigger_word else ""))
+                 + (f" (trigger word '{dataset.options.trigger}' alone used)" if dataset.missing_captions
+                    and dataset.options.trigger else ""))
     tags = top_tags(dataset)
     lines.append("top tags: " + (", ".join(f"{tag} ({count})" for tag, count in tags) if tags else "none"))
     caption_mode = []
-    if dataset.shuffle_captions:
-        caption_mode.append(f"tags shuffled per step (first {dataset.keep_tokens} kept)")
-    if dataset.caption_dropout > 0:
-        caption_mode.append(f"caption dropout {dataset.caption_dropout:g}")
+    if dataset.options.shuffle_captions:
+        caption_mode.append(f"tags shuffled per step (first {dataset.options.keep_tokens} kept)")
+    if dataset.options.caption_dropout > 0:
+        caption_mode.append(f"caption dropout {dataset.options.caption_dropout:g}")
     if caption_mode:
         lines.append("captions: " + "; ".join(caption_mode))
-    if dataset.flip:
+    if dataset.options.flip:
         lines.append("augmentation: random horizontal flip per step")
     if dataset.caching_possible:
         lines.append("caching: latents can be cached once (center crop is fixed"
-                     + ("; with flip, both orientations" if dataset.flip else "") + ")")
+                     + ("; with flip, both orientations" if dataset.options.flip else "") + ")")
     else:
         lines.append("caching: not possible, crop is random (a new crop each epoch): "
                      "latents are encoded every step")
