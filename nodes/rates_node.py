@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..training.image_tensors import pil_to_image
-from ..training.plots import rates_chart
+from ..training.lr_charts import rates_chart
 from ..training.rates import LearningRates, rates_from_values
 from ..training.schedules import ScheduleSettings
 from .widgets import widgets

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..training.image_tensors import pil_to_image
-from ..training.plots import schedule_chart
+from ..training.lr_charts import schedule_chart
 from ..training.schedules import ScheduleSettings, settings_from_values
 from .widgets import widgets
 

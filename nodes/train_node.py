@@ -10,7 +10,7 @@ from ..training.kohya import lora_name_for
 from ..training.resume import resolve_state_path
 from ..training.sampling import parse_sample_prompts
 from ..training.settings import specs
-from ..training.train_plots import training_chart
+from ..training.training_chart import training_chart
 from ..training.trainer import (OPTIONAL_SETTINGS, TEXT_PARTS, RunOptions, TrainSettings, check_inputs,
                                 part_rates_for, train_lora)
 from . import comfy_bridge

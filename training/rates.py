@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .parts import PART_LABELS
 from .schedules import ScheduleSettings
 from .settings import SettingError, setting, specs, validate
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
-PART_LABELS = {"unet": "UNet", "text_encoder": "TE", "text_encoder_2": "TE2 (SDXL)"}
 BLOCKS = ("down", "mid", "up")
 INHERIT = -1.0
 

@@ -3,11 +3,10 @@
 // the trainer uses; this file only draws them. Redraws on every widget change, no queueing.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { PARTS, PART_COLORS, PART_LABELS } from "./parts.js";
 
 const SCHEDULE_NODE = "LoRALabLRSchedule";
 const RATES_NODE = "LoRALabLearningRates";
-export const PART_COLORS = { unet: "#4e9eff", text_encoder: "#ff6b6b", text_encoder_2: "#5fd068" };
-export const PART_LABELS = { unet: "UNet", text_encoder: "TE", text_encoder_2: "TE2" };
 const CHART_HEIGHT = 170;
 
 function widgetValues(node) {
@@ -184,7 +183,7 @@ async function refresh(node) {
         const series = [];
         for (const [part, values] of Object.entries(answer.parts ?? {})) {
           // TE2 usually equals TE (it inherits it): dashed, so both stay visible.
-          series.push({ values, color: PART_COLORS[part], label: PART_LABELS[part], dashed: part === "text_encoder_2" });
+          series.push({ values, color: PART_COLORS[part], label: PART_LABELS[part], dashed: Boolean(PARTS[part]?.dashed) });
           if (answer.lora_plus_ratio !== 1) {
             series.push({ values: values.map((value) => value * answer.lora_plus_ratio), color: PART_COLORS[part],
                           dashed: true, label: `${PART_LABELS[part]} B x${answer.lora_plus_ratio}` });

@@ -5,7 +5,8 @@
 // loss (raw and smoothed) and the rate of every trained part.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { PART_COLORS, PART_LABELS, addChartWidget, clearCanvas, formatNumber, wrapText } from "./schedule_preview.js";
+import { PART_COLORS, PART_LABELS } from "./parts.js";
+import { addChartWidget, clearCanvas, formatNumber, wrapText } from "./schedule_preview.js";
 
 const TRAIN_NODE = "LoRALabTrain";
 const EVENT = "lora_lab.train_progress";

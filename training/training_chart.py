@@ -5,8 +5,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from .plots import PART_COLORS, PART_STYLES, figure_to_image, new_figure
-from .rates import PART_LABELS
+from .charts import figure_to_image, new_figure, part_color, part_label, part_linestyle
 
 SMOOTHING = 0.9  # exponential moving average factor, as TensorBoard's default-ish smoothing
 
@@ -36,8 +35,8 @@ def training_chart(records: Sequence, title: str = "Train LoRA") -> Image.Image:
     parts = sorted({part for record in records for part in record.lr})
     for part in parts:
         rates = [record.lr.get(part, float("nan")) for record in records]
-        rate_axes.plot(steps, rates, color=PART_COLORS.get(part, "#444444"), linestyle=PART_STYLES.get(part, "-"),
-                       label=f"lr {PART_LABELS.get(part, part)}")
+        rate_axes.plot(steps, rates, color=part_color(part), linestyle=part_linestyle(part),
+                       label=f"lr {part_label(part)}")
     rate_axes.set_ylabel("learning rate (applied)")
     rate_axes.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     handles, labels = loss_axes.get_legend_handles_labels()

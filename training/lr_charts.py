@@ -1,37 +1,12 @@
-"""Charts (matplotlib, headless) returned as PIL images: the schedule and per-part rate curves."""
+"""The learning-rate charts (matplotlib, headless, PIL images): the LR Schedule node's multiplier
+curve and the UNet/TE Learning Rates node's rate per part."""
 from __future__ import annotations
-
-import io
 
 from PIL import Image
 
-from .rates import PART_LABELS, LearningRates
+from .charts import WARMUP_COLOR, figure_to_image, new_figure, part_color, part_label, part_linestyle
+from .rates import LearningRates
 from .schedules import ScheduleSettings
-
-CHART_SIZE_INCHES = (8.0, 4.5)
-CHART_DPI = 100
-PART_COLORS = {"unet": "#1f77b4", "text_encoder": "#d62728", "text_encoder_2": "#2ca02c"}
-# TE2 often equals TE (it inherits it): dashed and drawn on top, so both stay visible.
-PART_STYLES = {"unet": "-", "text_encoder": "-", "text_encoder_2": (0, (6, 4))}
-WARMUP_COLOR = "#ffb347"
-
-
-def new_figure():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    # A bare Figure (no pyplot): no global state, safe in ComfyUI's worker thread.
-    figure = Figure(figsize=CHART_SIZE_INCHES, dpi=CHART_DPI)
-    return figure, figure.add_subplot(1, 1, 1)
-
-
-def figure_to_image(figure) -> Image.Image:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=CHART_DPI)
-    buffer.seek(0)
-    return Image.open(buffer).convert("RGB")
 
 
 def mark_warmup(axes, warmup_steps: int) -> None:
@@ -69,15 +44,15 @@ def rates_chart(rates: LearningRates, settings: ScheduleSettings, total_steps: i
     weights = rates.block_weights()
     weighted = any(weight != 1.0 for weight in weights.values())
     for part, curve in curves.items():
-        label = f"{PART_LABELS[part]} (base {rates.resolved()[part]:.3g})"
+        label = f"{part_label(part)} (base {rates.resolved()[part]:.3g})"
         if part == "unet" and weighted:
             label += ", blocks " + " ".join(f"{block} x{weight:g}" for block, weight in weights.items())
-        axes.plot(range(total_steps), curve, color=PART_COLORS[part], linestyle=PART_STYLES[part], linewidth=2,
+        axes.plot(range(total_steps), curve, color=part_color(part), linestyle=part_linestyle(part), linewidth=2,
                   label=label)
         if rates.lora_plus_ratio != 1.0:
-            axes.plot(range(total_steps), [value * rates.lora_plus_ratio for value in curve], color=PART_COLORS[part],
-                      linewidth=1, linestyle=":", label=f"{PART_LABELS[part]} B matrices (LoRA+ x{rates.lora_plus_ratio:g})")
-    frozen = [PART_LABELS[part] for part, rate in rates.resolved().items() if rate == 0]
+            axes.plot(range(total_steps), [value * rates.lora_plus_ratio for value in curve], color=part_color(part),
+                      linewidth=1, linestyle=":", label=f"{part_label(part)} B matrices (LoRA+ x{rates.lora_plus_ratio:g})")
+    frozen = [part_label(part) for part, rate in rates.resolved().items() if rate == 0]
     title = f"Learning rate per part: {settings.describe()}"
     if frozen:
         title += f"\nfrozen: {', '.join(frozen)}"

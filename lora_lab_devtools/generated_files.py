@@ -1,6 +1,10 @@
-"""The README's "Node reference", generated from the nodes themselves (whose widgets come from the
-settings dataclasses: training/settings.py), so the README cannot drift from the editor. Command
-line: scripts/update_readme_reference.py; check: tests/unit/test_readme_reference.py."""
+"""Files generated from the one source of what they show, so they cannot drift from it:
+
+- README.md's "Node reference", from the nodes (whose widgets come from the settings dataclasses:
+  training/settings.py);
+- web/js/parts.js, the editor charts' part colours and labels, from training/parts.py.
+
+Command line: scripts/update_generated_files.py; check: tests/unit/test_generated_files.py."""
 from __future__ import annotations
 
 import importlib
@@ -8,6 +12,7 @@ import importlib
 from .environment import REPO_ROOT, register_lora_lab_package
 
 README = REPO_ROOT / "README.md"
+PARTS_JS = REPO_ROOT / "web" / "js" / "parts.js"
 START = "## Node reference\n"
 END = "## The file and other tools\n"
 INTRO = """Every input of the four nodes, in widget order (the order is a public API: saved workflows store
@@ -65,3 +70,13 @@ def current_and_generated() -> tuple[str, str]:
     text = README.read_text(encoding="utf-8")
     start, end = text.index(START), text.index(END)
     return text, text[:start] + reference() + text[end:]
+
+
+def generated_files() -> dict:
+    """{path: (current text, generated text)} for every generated file."""
+    register_lora_lab_package()
+    from lora_lab.training.parts import javascript_module
+
+    text, generated = current_and_generated()
+    current_js = PARTS_JS.read_text(encoding="utf-8") if PARTS_JS.is_file() else ""
+    return {README: (text, generated), PARTS_JS: (current_js, javascript_module())}
