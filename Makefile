@@ -4,7 +4,7 @@ SETUP := python3 scripts/setup_env.py
 PORT ?= 8188
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-unit demo bench serve python comfyui-dir
+.PHONY: setup test test-unit demo bench lr-finder-bench serve python comfyui-dir
 
 setup:
 	@$(SETUP)
@@ -20,6 +20,9 @@ demo:
 
 bench:
 	@$(SETUP) run -- scripts/bench.py
+
+lr-finder-bench:
+	@$(SETUP) run -- scripts/lr_finder_bench.py
 
 serve:
 	@$(SETUP) run -- scripts/serve.py --port $(PORT)

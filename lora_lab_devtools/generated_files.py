@@ -15,11 +15,11 @@ README = REPO_ROOT / "README.md"
 PARTS_JS = REPO_ROOT / "web" / "js" / "parts.js"
 START = "## Node reference\n"
 END = "## The file and other tools\n"
-INTRO = """Every input of the four nodes, in widget order (the order is a public API: saved workflows store
+INTRO = """Every input of the five nodes, in widget order (the order is a public API: saved workflows store
 widget values by position, so new inputs are only ever appended). The text is the tooltip the editor
 shows on hover. A step is one optimizer update.
 """
-ORDER = ("LoRALabDataset", "LoRALabLRSchedule", "LoRALabLearningRates", "LoRALabTrain")
+ORDER = ("LoRALabDataset", "LoRALabLRSchedule", "LoRALabLearningRates", "LoRALabTrain", "LoRALabLRFinder")
 
 
 def pack_nodes():

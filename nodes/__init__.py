@@ -3,12 +3,14 @@ from .schedule_node import LRScheduleNode
 from .rates_node import LearningRatesNode
 from .dataset_node import DatasetNode
 from .train_node import TrainNode
+from .lr_finder_node import LRFinderNode
 
 NODE_CLASS_MAPPINGS = {
     "LoRALabLRSchedule": LRScheduleNode,
     "LoRALabLearningRates": LearningRatesNode,
     "LoRALabDataset": DatasetNode,
     "LoRALabTrain": TrainNode,
+    "LoRALabLRFinder": LRFinderNode,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -16,4 +18,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoRALabLearningRates": "UNet/TE Learning Rates",
     "LoRALabDataset": "LoRA Dataset",
     "LoRALabTrain": "Train LoRA",
+    "LoRALabLRFinder": "LR Finder",
 }

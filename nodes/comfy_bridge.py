@@ -386,14 +386,14 @@ def is_cancel(error: BaseException) -> bool:
     return isinstance(error, comfy.model_management.InterruptProcessingException)
 
 
-def progress_reporter(total: int, node_id: str | None, chart: Callable[[list[StepRecord]], Any]
-                      ) -> Callable[[StepRecord, int], None]:
+def progress_reporter(total: int, node_id: str | None, chart: Callable[[list[StepRecord]], Any],
+                      label: str = "Train LoRA") -> Callable[[StepRecord, int], None]:
     """ComfyUI progress bar (with a chart preview now and then), a websocket event, a console bar."""
     import comfy.utils
     from tqdm import tqdm
 
     bar = comfy.utils.ProgressBar(total)
-    console = tqdm(total=total, desc="Train LoRA", unit="step", leave=False)
+    console = tqdm(total=total, desc=label, unit="step", leave=False)
     records: list[StepRecord] = []
     last_preview = [time.monotonic()]
 
@@ -412,7 +412,7 @@ def progress_reporter(total: int, node_id: str | None, chart: Callable[[list[Ste
                 logger.debug("LoRA Lab: chart preview failed: %s", error)
         bar.update_absolute(done, steps, preview)
         send_event("lora_lab.train_progress", {"node": node_id, "step": record.step, "total": steps,
-                                               "loss": record.loss, "lr": record.lr})
+                                               "loss": record.loss, "lr": record.lr, "val_loss": record.val_loss})
         if done == steps:
             console.close()
 

@@ -11,6 +11,7 @@ from .parts import PARTS
 CHART_SIZE_INCHES = (8.0, 4.5)
 CHART_DPI = 100
 WARMUP_COLOR = "#ffb347"
+VAL_LOSS_COLOR = "#e377c2"   # the stable validation loss, wherever it is drawn
 DASHES = (0, (6, 4))
 
 

@@ -137,7 +137,8 @@ class BatchFeeder:
         name = hashlib.sha256(repr((_dataset_key(self.dataset), self.access.latent_key, key)).encode()).hexdigest()[:32]
         return self.disk_dir / f"{name}.pt"
 
-    def _latent(self, index: int, offset, flipped) -> torch.Tensor:
+    def latent(self, index: int, offset, flipped) -> torch.Tensor:
+        """The latent of sample `index` with this crop and flip (from a cache when possible), on the CPU."""
         key = (index, tuple(offset), bool(flipped))
         if self.cache_latents and key in self.latent_cache:
             return self.latent_cache[key]
@@ -171,7 +172,7 @@ class BatchFeeder:
                     disk_path = self._disk_path(key)
                     if key in self.latent_cache or (disk_path is not None and disk_path.is_file()):
                         continue  # already cached: no need to read it now
-                    self._latent(index, offset, flipped)
+                    self.latent(index, offset, flipped)
         if self.cache_text:
             fixed = random.Random(0)  # static captions never draw from it
             self._cache_captions([self.dataset.caption_for_step(index, fixed)
@@ -220,7 +221,7 @@ class BatchFeeder:
             # The augmentation (crop offset, flip) is drawn first, so a cached latent is found
             # without decoding the image.
             offset, flipped = self.dataset.augmentation(index, self.augment_rng)
-            latents.append(self._latent(index, offset, flipped))
+            latents.append(self.latent(index, offset, flipped))
             captions.append(self.dataset.caption_for_step(index, self.augment_rng))
             sizes.append({"original_size": tuple(sample.original_size),
                           "crop_offset": conditioning_crop(offset, flipped, sample.resized_size, sample.bucket),

@@ -164,9 +164,13 @@ class StepRecord:
     step: int
     loss: float
     lr: dict[str, float]
+    val_loss: float | None = None   # the stable validation loss after this step, on the steps it ran
 
     def as_json(self) -> str:
-        return json.dumps({"step": self.step, "loss": self.loss, "lr": self.lr})
+        record = {"step": self.step, "loss": self.loss, "lr": self.lr}
+        if self.val_loss is not None:
+            record["val_loss"] = self.val_loss
+        return json.dumps(record)
 
 
 def make_grad_scaler(settings: LoopSettings) -> torch.amp.GradScaler | None:
@@ -185,10 +189,12 @@ def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective
              next_batch: Callable[[], tuple[torch.Tensor, dict]], multiplier: Callable[[int], float],
              generator: torch.Generator, log_path: Path | None = None,
              callbacks: TrainCallbacks | None = None,
-             scaler: torch.amp.GradScaler | None = None) -> list[StepRecord]:
+             scaler: torch.amp.GradScaler | None = None,
+             validate: Callable[[int], float | None] | None = None) -> list[StepRecord]:
     """Train steps settings.start_step .. total_steps - 1; returns one record per step run (also
     appended to log_path). Of `callbacks`, on_step (after each update) and check_cancel (before each
     micro-batch) are used. With fp16, `scaler` is the loss scaler to use (one is made when None).
+    `validate(step)`, after each update, returns that step's validation loss or None.
 
     Each step: every group's lr = its base_lr x multiplier(step) (set explicitly), then
     `gradient_accumulation` micro-batches, gradient clipping, the update; the rates are read back from
@@ -241,7 +247,8 @@ def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            record = StepRecord(step=step, loss=loss_value, lr=applied_rates(optimizer))
+            record = StepRecord(step=step, loss=loss_value, lr=applied_rates(optimizer),
+                                val_loss=validate(step) if validate is not None else None)
             records.append(record)
             if log_file is not None:
                 log_file.write(record.as_json() + "\n")

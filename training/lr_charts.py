@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from .charts import WARMUP_COLOR, figure_to_image, new_figure, part_color, part_label, part_linestyle
+from .charts import VAL_LOSS_COLOR, WARMUP_COLOR, figure_to_image, new_figure, part_color, part_label, part_linestyle
 from .rates import LearningRates
 from .schedules import ScheduleSettings
 
@@ -67,5 +67,40 @@ def rates_chart(rates: LearningRates, settings: ScheduleSettings, total_steps: i
         axes.text(0.5, 0.5, "nothing is trained: every rate is 0", transform=axes.transAxes, ha="center",
                   va="center", color="#b00020")
     axes.legend(loc="upper right", fontsize=8)
+    figure.tight_layout()
+    return figure_to_image(figure)
+
+
+def sweep_chart(records: list, curve: list[tuple[float, float]] | None = None, suggested_lr: float | None = None,
+                min_loss_lr: float | None = None, steepest_lr: float | None = None,
+                title: str = "LR Finder") -> Image.Image:
+    """The LR Finder's chart: loss vs rate (log axis). `records` have lr, loss and val_loss; the
+    smoothed validation curve and the marked rates are drawn when given."""
+    figure, axes = new_figure()
+    rates = [record.lr for record in records]
+    axes.plot(rates, [record.loss for record in records], color="#bbbbbb", linewidth=0.8,
+              label="training loss (random noise)")
+    validated = [(record.lr, record.val_loss) for record in records if record.val_loss is not None]
+    if validated:
+        axes.plot([rate for rate, _ in validated], [loss for _, loss in validated], "o", color=VAL_LOSS_COLOR,
+                  markersize=4, label="validation loss (fixed noise)")
+    if curve:
+        axes.plot([rate for rate, _ in curve], [loss for _, loss in curve], color="black", linewidth=1.8,
+                  label="validation loss, smoothed")
+        low = min(loss for _, loss in curve)
+        axes.set_ylim(min(low, *(loss for _, loss in validated)) * 0.95 if validated else low * 0.95,
+                      max(loss for _, loss in curve) * 1.3)
+    if min_loss_lr is not None:
+        axes.axvline(min_loss_lr, color="#555555", linestyle=":", label=f"minimum {min_loss_lr:.3g}")
+    if steepest_lr is not None:
+        axes.axvline(steepest_lr, color="#2ca02c", linestyle="--", label=f"steepest descent {steepest_lr:.3g}")
+    if suggested_lr is not None:
+        axes.axvline(suggested_lr, color="#d62728", linewidth=2, label=f"suggested {suggested_lr:.3g} (minimum / 10)")
+    axes.set_xscale("log")
+    axes.set_xlabel("learning rate (log scale)")
+    axes.set_ylabel("loss")
+    axes.set_title(title, fontsize=11)
+    axes.grid(True, alpha=0.3, which="both")
+    axes.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
     return figure_to_image(figure)

@@ -33,7 +33,8 @@ TUPLE_MARK = "__tuple__"     # JSON placeholder keeping tuples tuples (optimizer
 
 # TrainSettings fields that may differ on resume: they change where files go or how much memory is
 # used, not the numbers the run computes.
-FREE_SETTINGS = ("lora_name", "save_every_n_steps", "cache_latents_to_disk", "gradient_checkpointing", "save_precision")
+FREE_SETTINGS = ("lora_name", "save_every_n_steps", "cache_latents_to_disk", "gradient_checkpointing", "save_precision",
+                 "validate_every_n_steps")
 
 
 @dataclass

@@ -47,6 +47,13 @@ def setting(default: Any, help: str, **spec: Any) -> Any:
     return field(default=default, metadata={"setting": Spec(help=help, **spec)})
 
 
+def setting_like(cls, name: str) -> Any:
+    """The same widget as `cls`'s field `name` (default, range, choices, help): for a node that offers
+    one of another node's settings, so both stay one source."""
+    item = cls.__dataclass_fields__[name]
+    return field(default=item.default, metadata=dict(item.metadata))
+
+
 def specs(cls) -> dict[str, tuple[Any, Spec]]:
     """{field name: (default, spec)} of a settings dataclass, in declaration order."""
     out = {}

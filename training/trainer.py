@@ -27,6 +27,7 @@ from .lora import (InjectedLora, checkpointed_forward, inject_lora, lora_weights
 from .loop import LoopSettings, StepRecord, TrainingDiverged, TrainingOutOfMemory, make_grad_scaler, run_loop
 from .optimizers import OPTIMIZERS, TrainedLayer, build_optimizer, build_param_groups, check_optimizer
 from .settings import setting, validate
+from .validation import VALIDATION_IMAGES, VALIDATION_TIMESTEPS, ValidationSet
 
 logger = logging.getLogger("lora_lab")
 
@@ -37,7 +38,7 @@ LATENT_CACHE_FOLDER = ".latent_cache"  # under <output>/lora_lab/; lora names ca
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 # TrainSettings fields that came after the node's first release: they sit in its "optional" section.
-OPTIONAL_SETTINGS = ("save_precision",)
+OPTIONAL_SETTINGS = ("save_precision", "validate_every_n_steps")
 
 
 def _lora_name_problem(name: str) -> None:
@@ -92,6 +93,11 @@ class TrainSettings:
                                           "trained values exactly (twice the size); bf16 keeps fp32's range at "
                                           "fp16's size. Weights beyond fp16's range (a diverging run) are saved in "
                                           "fp32 rather than as inf.", choices=tuple(SAVE_DTYPES))
+    validate_every_n_steps: int = setting(0, (
+        "Every N steps (and at the last), measure the stable validation loss: up to 4 dataset images, each "
+        "with fixed noise at 8 fixed timesteps, no gradient. Unlike the training loss it only moves when the "
+        "weights do; it is drawn on the chart and logged as val_loss. Costs about 32 forward passes each "
+        "time; training is the same with or without it. 0 = off."), min=0, max=1_000_000)
 
     def __post_init__(self) -> None:
         validate(self, "Train LoRA")
@@ -331,15 +337,22 @@ class Run:
     """One run's moving parts (LoRA layers, optimizer, feeder, generators) and its progress: what a
     checkpoint or an interrupted save must hold."""
 
-    def __init__(self, plan: RunPlan, callbacks: TrainCallbacks) -> None:
+    def __init__(self, plan: RunPlan, callbacks: TrainCallbacks,
+                 validation_shape: tuple[int, int] | None = None) -> None:
+        """validation_shape: (images, timesteps) of a validation set to build in prepare(); by default
+        Train LoRA's, when validate_every_n_steps is on."""
         self.plan = plan
         self.callbacks = callbacks
+        if validation_shape is None and plan.settings.validate_every_n_steps > 0:
+            validation_shape = (VALIDATION_IMAGES, VALIDATION_TIMESTEPS)
+        self.validation_shape = validation_shape
         self.injected: list[InjectedLora] = []
         self.optimizer: torch.optim.Optimizer | None = None
         self.feeder: BatchFeeder | None = None
         self.generator: torch.Generator | None = None
         self.scaler: torch.amp.GradScaler | None = None
         self.loop_settings: LoopSettings | None = None
+        self.validation: ValidationSet | None = None
         self.progress: resume.Progress | None = None          # after the last finished step
         self.checkpoint_steps: list[int] = [plan.resumed.step] if plan.resumed else []
         self.checkpoint_dirs: list[Path] = [plan.resumed.path.parent] if plan.resumed else []   # latest last
@@ -381,6 +394,10 @@ class Run:
         self.feeder = BatchFeeder(plan.dataset, access, bool(plan.trained_text), settings,
                                   plan.output_dir / "lora_lab" / LATENT_CACHE_FOLDER)
         latents_ready, captions_ready = self.feeder.prepare(self.callbacks.check_cancel)
+        if self.validation_shape is not None:   # encoded now, before the encoders may leave the device
+            images, timesteps = self.validation_shape
+            self.validation = ValidationSet(self.feeder, access.objective, settings.precision, access.device,
+                                            images=images, timesteps=timesteps)
         if access.release_encoders is not None:
             access.release_encoders(latents_ready, captions_ready)
         self.generator = torch.Generator(device=access.device).manual_seed(settings.training_seed)
@@ -397,12 +414,21 @@ class Run:
         self.progress = self._capture(self.loop_settings.start_step)
 
     # Phase 4 ------------------------------------------------------------------------------------
-    def run(self) -> list[StepRecord]:
-        plan = self.plan
-        return run_loop(self.loop_settings, self.optimizer, plan.access.objective, self.feeder,
-                        lambda step: plan.schedule.multiplier(step, plan.settings.steps), self.generator,
-                        plan.log_path, TrainCallbacks(on_step=self._after_step, check_cancel=self.callbacks.check_cancel),
-                        self.scaler)
+    def run(self, multiplier: Callable[[int], float] | None = None,
+            validate: Callable[[int], float | None] | None = None) -> list[StepRecord]:
+        """The step loop. By default the rates follow the plan's schedule and the validation loss is
+        measured every validate_every_n_steps steps and at the last; the LR Finder passes its own."""
+        plan, settings = self.plan, self.plan.settings
+        if multiplier is None:
+            multiplier = lambda step: plan.schedule.multiplier(step, settings.steps)  # noqa: E731
+        if validate is None and self.validation is not None and settings.validate_every_n_steps > 0:
+            every = settings.validate_every_n_steps
+            validate = lambda step: (self.validation.loss()  # noqa: E731
+                                     if (step + 1) % every == 0 or step + 1 == settings.steps else None)
+        return run_loop(self.loop_settings, self.optimizer, plan.access.objective, self.feeder, multiplier,
+                        self.generator, plan.log_path,
+                        TrainCallbacks(on_step=self._after_step, check_cancel=self.callbacks.check_cancel),
+                        self.scaler, validate)
 
     def _after_step(self, record: StepRecord, total: int) -> None:
         settings = self.plan.settings

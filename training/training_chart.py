@@ -5,7 +5,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from .charts import figure_to_image, new_figure, part_color, part_label, part_linestyle
+from .charts import VAL_LOSS_COLOR, figure_to_image, new_figure, part_color, part_label, part_linestyle
 
 SMOOTHING = 0.9  # exponential moving average factor, as TensorBoard's default-ish smoothing
 
@@ -29,6 +29,10 @@ def training_chart(records: Sequence, title: str = "Train LoRA") -> Image.Image:
     losses = [record.loss for record in records]
     loss_axes.plot(steps, losses, color="#999999", linewidth=0.8, label="loss")
     loss_axes.plot(steps, smoothed(losses), color="black", linewidth=1.6, label="loss (smoothed)")
+    validated = [(record.step, record.val_loss) for record in records if getattr(record, "val_loss", None) is not None]
+    if validated:
+        loss_axes.plot([step for step, _ in validated], [value for _, value in validated], color=VAL_LOSS_COLOR,
+                       marker="o", markersize=4, linewidth=1.2, label="validation loss (fixed noise)")
     loss_axes.set_xlabel("optimizer step")
     loss_axes.set_ylabel("loss")
     rate_axes = loss_axes.twinx()

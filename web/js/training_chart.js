@@ -8,7 +8,8 @@ import { api } from "../../scripts/api.js";
 import { PART_COLORS, PART_LABELS } from "./parts.js";
 import { addChartWidget, clearCanvas, formatNumber, wrapText } from "./schedule_preview.js";
 
-const TRAIN_NODE = "LoRALabTrain";
+const CHART_NODES = ["LoRALabTrain", "LoRALabLRFinder"];   // the finder's sweep sends the same events
+const VAL_LOSS_COLOR = "#e377c2";
 const EVENT = "lora_lab.train_progress";
 const CHART_HEIGHT = 200;
 const SMOOTHING = 0.9; // exponential moving average of the loss, debiased as in TensorBoard
@@ -34,7 +35,7 @@ function drawTraining(canvas, state) {
   const plotWidth = width - left - right, plotHeight = height - top - bottom;
   const total = Math.max(state.total, last.step + 1);
   const x = (step) => left + (plotWidth * step) / Math.max(1, total - 1);
-  const losses = records.map((record) => record.loss).filter(Number.isFinite);
+  const losses = records.flatMap((record) => [record.loss, record.val_loss]).filter(Number.isFinite);
   const lossLow = Math.min(...losses, 0), lossHigh = Math.max(...losses, 1e-12) * 1.05;
   const lossY = (value) => top + plotHeight * (1 - (value - lossLow) / (lossHigh - lossLow || 1));
   const parts = Object.keys(last.lr ?? {});
@@ -70,13 +71,20 @@ function drawTraining(canvas, state) {
   for (const part of parts) {
     line(records.map((record) => [x(record.step), rateY(record.lr?.[part] ?? 0)]), PART_COLORS[part] ?? "#ffb347", 1.5);
   }
+  const validated = records.filter((record) => Number.isFinite(record.val_loss));
+  if (validated.length) {
+    line(validated.map((record) => [x(record.step), lossY(record.val_loss)]), VAL_LOSS_COLOR, 1.5);
+    context.fillStyle = VAL_LOSS_COLOR;
+    for (const record of validated) context.fillRect(x(record.step) - 2, lossY(record.val_loss) - 2, 4, 4);
+  }
 
   context.textAlign = "left";
   context.fillStyle = "#ddd";
   const rates = parts.map((part) => `${PART_LABELS[part] ?? part} ${formatNumber(last.lr[part])}`).join("  ");
   context.fillText(`step ${last.step + 1}/${total}  loss ${last.loss.toFixed(4)} (avg ${average[average.length - 1].toFixed(4)})`, 8, 13);
   let legendX = 8;
-  for (const [label, color] of [["loss", "#f0f0f0"], ...parts.map((part) => [PART_LABELS[part] ?? part, PART_COLORS[part] ?? "#ffb347"])]) {
+  const legend = validated.length ? [["loss", "#f0f0f0"], ["val", VAL_LOSS_COLOR]] : [["loss", "#f0f0f0"]];
+  for (const [label, color] of [...legend, ...parts.map((part) => [PART_LABELS[part] ?? part, PART_COLORS[part] ?? "#ffb347"])]) {
     context.fillStyle = color;
     context.fillText(label, legendX, 27);
     legendX += context.measureText(label).width + 10;
@@ -100,7 +108,7 @@ function onProgress({ detail }) {
   const state = node.loraLabTraining;
   const previous = state.records[state.records.length - 1];
   if (detail.step === 0 || (previous && detail.step <= previous.step)) state.records = []; // a new run
-  state.records.push({ step: detail.step, loss: detail.loss, lr: detail.lr ?? {} });
+  state.records.push({ step: detail.step, loss: detail.loss, lr: detail.lr ?? {}, val_loss: detail.val_loss ?? null });
   state.total = detail.total;
   state.updates += 1;
   if (!state.pending) {
@@ -119,7 +127,7 @@ app.registerExtension({
     api.addEventListener(EVENT, onProgress);
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== TRAIN_NODE) return;
+    if (!CHART_NODES.includes(nodeData.name)) return;
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function (...args) {
       const result = onNodeCreated?.apply(this, args);

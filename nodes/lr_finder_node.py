@@ -1,0 +1,84 @@
+"""LR Finder node: sweeps the learning rate on a throwaway LoRA, measuring the stable validation loss,
+and suggests the rate to train with (training/lr_finder.py)."""
+from __future__ import annotations
+
+import logging
+
+from ..training.host import TrainCallbacks
+from ..training.image_tensors import pil_to_image
+from ..training.loop import StepRecord
+from ..training.lr_charts import sweep_chart
+from ..training.lr_finder import FinderSettings, find_lr, summary
+from ..training.settings import specs
+from ..training.trainer import TEXT_PARTS, part_rates_for
+from . import comfy_bridge
+from .widgets import widgets
+
+logger = logging.getLogger("lora_lab")
+
+
+class LRFinderNode:
+    """Input order is a public API (saved workflows store widget values by position): append only."""
+
+    CATEGORY = "LoRA Lab"
+    DESCRIPTION = ("Finds the learning rate to train with: trains a throwaway LoRA while the rate rises "
+                   "exponentially, measures a validation loss with fixed noise and timesteps (stable, unlike the "
+                   "training loss), and suggests a rate. Writes no LoRA; the model is not changed.")
+    RETURN_TYPES = ("LORA_LEARNING_RATES", "FLOAT", "IMAGE", "STRING")
+    RETURN_NAMES = ("learning_rates", "suggested_lr", "chart", "summary")
+    OUTPUT_TOOLTIPS = ("The rates for Train LoRA: the suggestion as the UNet's rate, the other parts at their "
+                       "given ratios (without learning_rates: the UNet alone, text encoders frozen).",
+                       "The suggested rate.",
+                       "Loss vs rate (log axis): validation points, their smoothed curve, the suggestion.",
+                       "The numbers and the rule.")
+    FUNCTION = "find"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model to train on (from Load Checkpoint). It is not changed."}),
+                "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint. It is not changed."}),
+                "vae": ("VAE", {"tooltip": "The VAE of the same checkpoint; encodes the training images."}),
+                "dataset": ("LORA_DATASET", {"tooltip": "Images and captions, from the LoRA Dataset node."}),
+                **widgets(FinderSettings),
+            },
+            "optional": {
+                "learning_rates": ("LORA_LEARNING_RATES", {"tooltip": (
+                    "Given: every part is swept by the same factor, keeping their ratios (UNet vs text "
+                    "encoders). Absent: the UNet alone.")}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def find(self, model, clip, vae, dataset, learning_rates=None, unique_id=None, **values):
+        settings = FinderSettings(**{name: values[name] for name in specs(FinderSettings) if name in values})
+        family = comfy_bridge.check_compatible(model, clip, vae)
+        train_text = learning_rates is not None and any(
+            part_rates_for(learning_rates, family)[part] > 0 for part in TEXT_PARTS)
+        with comfy_bridge.training_models(model, clip, train_text) as (train_model, train_clip):
+            access = comfy_bridge.model_access(train_model, train_clip, vae, family)
+            report = comfy_bridge.progress_reporter(
+                settings.steps, unique_id, lambda records: sweep_chart(_as_sweep(records)), label="LR Finder")
+            on_record = lambda record, total: report(  # noqa: E731
+                StepRecord(step=record.step, loss=record.loss, lr={"unet": record.lr}, val_loss=record.val_loss), total)
+            result = find_lr(settings, access, dataset, learning_rates, comfy_bridge.output_dir(),
+                             TrainCallbacks(check_cancel=comfy_bridge.check_cancel), on_record=on_record)
+        chart = sweep_chart(result.records, result.curve, result.suggested_lr, result.min_loss_lr, result.steepest_lr,
+                            title=f"LR Finder: suggested {result.suggested_lr:.3g}")
+        text = summary(result, settings)
+        logger.info("LoRA Lab: %s", text.replace("\n", "; "))
+        return {"ui": {"text": [text]},
+                "result": (result.learning_rates, float(result.suggested_lr), pil_to_image(chart), text)}
+
+
+class _Point:
+    __slots__ = ("lr", "loss", "val_loss")
+
+    def __init__(self, record: StepRecord) -> None:
+        self.lr, self.loss, self.val_loss = record.lr["unet"], record.loss, record.val_loss
+
+
+def _as_sweep(records: list[StepRecord]) -> list[_Point]:
+    return [_Point(record) for record in records]

@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Evidence for the LR Finder: is its suggestion a good rate? (make lr-finder-bench)
+
+On the tiny SD1.5 checkpoint (CPU) and three datasets of different difficulty, it runs the LR Finder,
+then trains a LoRA at every rate of a half-decade grid (and at the suggestion) for the same steps
+with the default cosine schedule, and measures each one's final stable validation loss (the same
+fixed images, noise and timesteps for every run: training/validation.py). Prints, per dataset, the
+ranking, the suggestion's regret (its loss minus the grid's best) and its distance from the best
+rate in decades, and writes a chart and the numbers as JSON. Not a test: nothing is asserted.
+
+Usage: python3 scripts/setup_env.py run -- scripts/lr_finder_bench.py [--steps 40] [--finder-steps 60]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import _repo_path  # noqa: F401  (puts the checkout on sys.path)
+from lora_lab_devtools.environment import find_comfyui_dir
+from lora_lab_devtools.sample_dataset import ensure_sample_dataset
+from lora_lab_devtools.tiny_checkpoint import ensure_tiny_sd15, link_checkpoint
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+GRID = [10 ** (-6 + 0.5 * index) for index in range(11)]   # 1e-6 ... 1e-1, half-decade steps
+
+
+def write_blobs(folder: Path, count: int = 6) -> Path:
+    """Harder: smooth random colour fields, one shared caption (little to learn per image)."""
+    import numpy
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = numpy.random.default_rng(7)
+    for index in range(count):
+        coarse = generator.random((6, 6, 3))
+        Image.fromarray((coarse * 255).astype("uint8")).resize((64, 64), Image.BICUBIC).save(folder / f"{index}.png")
+        (folder / f"{index}.txt").write_text("a photo of a blob\n")
+    return folder
+
+
+def write_flat(folder: Path) -> Path:
+    """Easier: four flat colours, a caption naming each."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, colour in {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220),
+                         "yellow": (230, 210, 40)}.items():
+        Image.new("RGB", (64, 64), colour).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"a flat {name} square\n")
+    return folder
+
+
+def call(comfy, node_id: str, **inputs):
+    import torch
+
+    node = comfy.node_class(node_id)()
+    with torch.inference_mode():
+        return getattr(node, node.FUNCTION)(**inputs)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=40, help="training steps per grid rate")
+    parser.add_argument("--finder-steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None, help="folder for the chart and JSON")
+    arguments = parser.parse_args()
+
+    from lora_lab_devtools.inprocess import boot
+
+    base = Path(tempfile.mkdtemp(prefix="lora_lab_lr_bench_"))
+    comfy = boot(find_comfyui_dir(), base, cpu=True)
+    out = arguments.out or (base / "output" / "lr_finder_bench")
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = link_checkpoint(ensure_tiny_sd15(), comfy.models_dir / "checkpoints")
+    model, clip, vae = call(comfy, "CheckpointLoaderSimple", ckpt_name=checkpoint)[:3]
+    folders = {"sample (8 checkers + discs)": ensure_sample_dataset(),
+               "flat colours (4, easy)": write_flat(base / "input" / "flat"),
+               "random blobs (6, hard)": write_blobs(base / "input" / "blobs")}
+    schedule = call(comfy, "LoRALabLRSchedule", **comfy.widget_defaults("LoRALabLRSchedule"))[0]   # cosine, 5 %
+    train_defaults = {key: value for key, value in comfy.widget_defaults("LoRALabTrain").items()}
+    results = {}
+    for label, folder in folders.items():
+        dataset = call(comfy, "LoRALabDataset", **{**comfy.widget_defaults("LoRALabDataset"), "folder": str(folder),
+                                                    "resolution": 64, "bucketing": False})[0]
+        started = time.monotonic()
+        finder = call(comfy, "LoRALabLRFinder", model=model, clip=clip, vae=vae, dataset=dataset,
+                      **{**comfy.widget_defaults("LoRALabLRFinder"), "steps": arguments.finder_steps,
+                         "min_lr": 1e-6, "max_lr": 1e-1, "rank": 4, "alpha": 4.0,
+                         "batch_size": arguments.batch, "precision": "fp32"})["result"]
+        finder_seconds = time.monotonic() - started
+        suggestion = finder[1]
+        losses = {}
+        started = time.monotonic()
+        for rate in GRID + [suggestion]:
+            rates = call(comfy, "LoRALabLearningRates", **{**comfy.widget_defaults("LoRALabLearningRates"),
+                                                          "learning_rate": rate, "text_encoder_lr": 0.0})[0]
+            outcome = call(comfy, "LoRALabTrain", model=model, clip=clip, vae=vae, dataset=dataset,
+                           learning_rates=rates, lr_schedule=schedule,
+                           **{**train_defaults, "steps": arguments.steps, "batch_size": arguments.batch, "rank": 4,
+                              "alpha": 4.0, "precision": "fp32", "gradient_checkpointing": False,
+                              "lora_name": f"bench_{len(results)}_{rate:.2e}", "save_precision": "fp32",
+                              "validate_every_n_steps": arguments.steps})
+            log = (comfy.output_dir / "lora_lab" / outcome["result"][2].removesuffix(".safetensors") / "log.jsonl")
+            last = json.loads(log.read_text().splitlines()[-1])
+            losses[rate] = last.get("val_loss", math.nan)
+        grid_seconds = time.monotonic() - started
+        grid = {rate: losses[rate] for rate in GRID}
+        ranked = sorted(grid, key=lambda rate: grid[rate] if math.isfinite(grid[rate]) else math.inf)
+        best = ranked[0]
+        position = sum(1 for rate in GRID if grid[rate] < losses[suggestion]) + 1
+        results[label] = {"suggestion": suggestion, "suggestion_val_loss": losses[suggestion], "best_rate": best,
+                          "best_val_loss": grid[best], "regret": losses[suggestion] - grid[best],
+                          "decades_from_best": abs(math.log10(suggestion) - math.log10(best)),
+                          "rank_among_grid": position, "grid": {f"{rate:.1e}": grid[rate] for rate in GRID},
+                          "finder_seconds": finder_seconds, "grid_seconds": grid_seconds,
+                          "finder_summary": finder[3]}
+        print(f"\n== {label}: suggestion {suggestion:.3g} (finder {finder_seconds:.0f} s)")
+        print("   rate      final val loss")
+        for rate in GRID:
+            mark = "  <- best" if rate == best else ""
+            print(f"   {rate:8.1e}  {grid[rate]:.5f}{mark}")
+        print(f"   suggested {suggestion:.2e}: val loss {losses[suggestion]:.5f}, would rank {position} of "
+              f"{len(GRID) + 1}; regret {losses[suggestion] - grid[best]:+.5f}; "
+              f"{results[label]['decades_from_best']:.2f} decades from the best rate", flush=True)
+    (out / "lr_finder_bench.json").write_text(json.dumps(results, indent=1))
+    chart = out / "lr_finder_bench.png"
+    draw(results, chart)
+    print(f"\nchart: {chart}\nnumbers: {out / 'lr_finder_bench.json'}")
+    return 0
+
+
+def draw(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.0 * len(results), 4.0), dpi=100)
+    for index, (label, result) in enumerate(results.items(), start=1):
+        axes = figure.add_subplot(1, len(results), index)
+        rates = [float(rate) for rate in result["grid"]]
+        axes.plot(rates, list(result["grid"].values()), "o-", color="#1f77b4", label="final val loss, fixed rate")
+        axes.axvline(result["suggestion"], color="#d62728", linewidth=2,
+                     label=f"finder's suggestion {result['suggestion']:.2g}")
+        axes.plot([result["suggestion"]], [result["suggestion_val_loss"]], "s", color="#d62728")
+        axes.set_xscale("log")
+        axes.set_title(label, fontsize=10)
+        axes.set_xlabel("learning rate")
+        axes.set_ylabel("final validation loss")
+        axes.grid(True, alpha=0.3, which="both")
+        axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

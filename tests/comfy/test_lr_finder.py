@@ -1,0 +1,100 @@
+"""The stable validation loss (Train LoRA's validate_every_n_steps) and the LR Finder node, on the tiny
+SD1.5 checkpoint through the stock loader: the mechanics the issue asks for. Whether the suggestion is
+*good* is measured by scripts/lr_finder_bench.py (make lr-finder-bench), not here."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from .test_train import (checkpoint, dataset, loaded, probe, rates, read_lora, schedule, train,  # noqa: F401
+                         unet_outputs)
+
+
+def find(comfy, loaded, dataset, learning_rates=None, **widgets):
+    """Call the LR Finder node the way ComfyUI's executor does (inside inference_mode)."""
+    model, clip, vae = loaded
+    values = dict(min_lr=1e-5, max_lr=1e-1, steps=12, rank=4, alpha=4.0, batch_size=2, precision="fp32",
+                  training_seed=0)
+    values.update(widgets)
+    with torch.inference_mode():
+        output = comfy.node_class("LoRALabLRFinder")().find(model=model, clip=clip, vae=vae, dataset=dataset,
+                                                             learning_rates=learning_rates, **values)
+    return output["result"]
+
+
+def sweep_lines(comfy, summary: str) -> list[dict]:
+    path = summary.rsplit("Steps: ", 1)[1].strip()
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_validation_loss_of_the_same_weights_is_bit_identical(comfy, loaded, dataset):
+    pack = comfy.pack
+    bridge = pack.nodes.comfy_bridge
+    model, clip, vae = loaded
+    with torch.inference_mode():
+        access = bridge.model_access(model, clip, vae, bridge.check_compatible(model, clip, vae))
+        feeder = pack.training.feeder.BatchFeeder(dataset, access, False, pack.training.trainer.TrainSettings(),
+                                                  comfy.output_dir / "unused")
+        validation = pack.training.validation.ValidationSet(feeder, access.objective, "fp32", access.device)
+        first, second = validation.loss(), validation.loss()
+    assert validation.size == 4 * 8   # the tiny dataset has 4 images: all of them, 8 timesteps each
+    assert first == second and 0.0 < first < 100.0
+
+
+def test_train_logs_val_loss_and_trains_the_same_lora_with_or_without_it(comfy, loaded, dataset):
+    learning_rates = rates(comfy, learning_rate=1e-3, text_encoder_lr=1e-4)
+    _, _, plain, _ = train(comfy, loaded, dataset, learning_rates, schedule(comfy), steps=5, lora_name="val_off")
+    _, _, validated, _ = train(comfy, loaded, dataset, learning_rates, schedule(comfy), steps=5,
+                               lora_name="val_on", validate_every_n_steps=2)
+    plain_tensors, _ = read_lora(comfy, plain)
+    validated_tensors, metadata = read_lora(comfy, validated)
+    assert plain_tensors.keys() == validated_tensors.keys()
+    assert all(torch.equal(plain_tensors[key], validated_tensors[key]) for key in plain_tensors)
+    lines = [json.loads(line) for line in (comfy.output_dir / "lora_lab" / "val_on" / "log.jsonl").open()]
+    assert [line["step"] for line in lines if "val_loss" in line] == [1, 3, 4]   # every 2 steps, and the last
+    assert all(0.0 < line["val_loss"] < 100.0 for line in lines if "val_loss" in line)
+    assert json.loads(metadata["lora_lab_settings"])["train"]["validate_every_n_steps"] == 2
+
+
+def test_finder_sweeps_exponentially_suggests_reproducibly_and_leaves_the_model(comfy, loaded, dataset, probe):
+    latent, context = probe
+    model = loaded[0]
+    before = unet_outputs(model, latent, context)
+    loras_before = sorted((comfy.models_dir / "loras").rglob("*.safetensors"))
+    learning_rates, suggested, chart, summary = find(comfy, loaded, dataset)
+    assert torch.equal(unet_outputs(model, latent, context), before)
+    assert sorted((comfy.models_dir / "loras").rglob("*.safetensors")) == loras_before   # no file written
+    lines = sweep_lines(comfy, summary)
+    assert [line["step"] for line in lines] == list(range(len(lines)))
+    for line in lines:
+        assert line["lr"] == pytest.approx(1e-5 * (1e-1 / 1e-5) ** (line["step"] / 11), rel=1e-9)
+    assert any(line["val_loss"] is not None for line in lines)
+    assert 1e-5 <= suggested <= 1e-1 and "Suggested rate" in summary
+    assert learning_rates.resolved()["unet"] == pytest.approx(suggested)
+    assert learning_rates.resolved()["text_encoder"] == 0.0
+    assert chart.shape[0] == 1 and chart.shape[-1] == 3
+    again = find(comfy, loaded, dataset)
+    assert again[1] == suggested
+    assert [line["val_loss"] for line in sweep_lines(comfy, again[3])] == [line["val_loss"] for line in lines]
+
+
+def test_finder_stops_early_on_divergence(comfy, loaded, dataset):
+    _, suggested, _, summary = find(comfy, loaded, dataset, min_lr=1e-3, max_lr=10.0, steps=60)
+    lines = sweep_lines(comfy, summary)
+    assert "stopped early" in summary and len(lines) < 60, summary
+    assert 1e-3 <= suggested <= 10.0
+
+
+def test_finder_keeps_the_given_ratios_and_its_rates_feed_train_lora(comfy, loaded, dataset):
+    given = rates(comfy, learning_rate=2e-4, text_encoder_lr=5e-5)
+    learning_rates, suggested, _, _ = find(comfy, loaded, dataset, learning_rates=given, steps=10)
+    resolved = learning_rates.resolved()
+    assert resolved["unet"] == pytest.approx(suggested)
+    assert resolved["text_encoder"] / resolved["unet"] == pytest.approx(5e-5 / 2e-4)
+    _, _, name, _ = train(comfy, loaded, dataset, learning_rates, schedule(comfy), steps=2, lora_name="from_finder")
+    lines = [json.loads(line) for line in (comfy.output_dir / "lora_lab" / "from_finder" / "log.jsonl").open()]
+    assert lines[0]["lr"]["unet"] == pytest.approx(suggested)
+    tensors, _ = read_lora(comfy, name)
+    assert any(key.startswith("lora_te_") for key in tensors)

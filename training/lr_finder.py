@@ -1,0 +1,249 @@
+"""LR Finder (ComfyUI-agnostic): a learning-rate range test for diffusion LoRAs, on the stable
+validation loss (training/validation.py).
+
+A throwaway LoRA trains for `steps` optimizer steps while the rate rises exponentially from min_lr
+to max_lr; every k steps the validation loss (fixed images, noise and timesteps) is measured. A
+diffusion model's *training* loss jumps with each step's random timesteps and noise far more than
+with the rate, which is why the classic range test fails on it; the validation loss moves only with
+the weights. The sweep stops early once that loss passes 4x its minimum or turns non-finite (or the
+training loss does).
+
+The suggestion (README, "LR Finder"): the rate at the minimum of the smoothed validation curve,
+divided by 10. The steepest descent of the same curve is computed and drawn too.
+Nothing is written to models/loras; the input models are restored exactly (the trainer's attach /
+detach), and `output/lora_lab/lr_finder/<run>/sweep.jsonl` holds every step.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .host import ModelAccess, TrainCallbacks
+from .loop import StepRecord, TrainingDiverged
+from .rates import INHERIT, LearningRates
+from .schedules import ScheduleSettings
+from .settings import SettingError, setting, setting_like, validate
+from .trainer import Run, RunPlan, TrainSettings, check_inputs, part_rates_for
+
+STOP_FACTOR = 4.0                # the sweep stops once the validation loss passes this x its minimum
+VALIDATION_BUDGET = 0.5          # validation may cost at most this fraction of the sweep's training
+FORWARDS_PER_TRAINING_IMAGE = 3  # forward + backward ~ 3 forward passes
+FINDER_IMAGES = 2                # the finder's validation set: fewer images and timesteps than
+FINDER_TIMESTEPS = 4             # Train LoRA's, so it can be measured often within the budget
+SMOOTHING_WINDOW = 3             # points in the centred moving average of the validation curve
+
+
+@dataclass(frozen=True)
+class FinderSettings:
+    """The LR Finder node's widgets; the LoRA ones are Train LoRA's (same choices and defaults)."""
+
+    min_lr: float = setting(1e-6, "Lowest rate of the sweep (the first step).", min=1e-9, max=10.0, step=1e-7,
+                            round=False)
+    max_lr: float = setting(1e-2, "Highest rate of the sweep (the last step, if it gets there).", min=1e-9,
+                            max=10.0, step=1e-5, round=False)
+    steps: int = setting(100, "Sweep length in optimizer steps; the rate rises exponentially from min_lr to "
+                              "max_lr over them. The validation loss is measured every k steps, k chosen so it "
+                              "costs at most half the training (see the summary).", min=10, max=100_000)
+    rank: int = setting_like(TrainSettings, "rank")
+    alpha: float = setting_like(TrainSettings, "alpha")
+    target: str = setting_like(TrainSettings, "target")
+    optimizer: str = setting_like(TrainSettings, "optimizer")
+    batch_size: int = setting_like(TrainSettings, "batch_size")
+    precision: str = setting_like(TrainSettings, "precision")
+    training_seed: int = setting_like(TrainSettings, "training_seed")
+
+    def __post_init__(self) -> None:
+        validate(self, "LR Finder")
+        if self.min_lr >= self.max_lr:
+            raise SettingError(f"LR Finder: min_lr = {self.min_lr:g} must be below max_lr = {self.max_lr:g} "
+                               "(e.g. 1e-6 and 1e-2).")
+
+    def rate(self, step: int) -> float:
+        """The sweep's rate at optimizer step `step` (0-based): exponential from min_lr to max_lr."""
+        return self.min_lr * (self.max_lr / self.min_lr) ** (step / max(1, self.steps - 1))
+
+    def train_settings(self, lora_name: str) -> TrainSettings:
+        return TrainSettings(steps=self.steps, batch_size=self.batch_size, rank=self.rank, alpha=self.alpha,
+                             target=self.target, optimizer=self.optimizer, precision=self.precision,
+                             training_seed=self.training_seed, lora_name=lora_name)
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    step: int
+    lr: float
+    loss: float
+    val_loss: float | None = None
+
+    def as_json(self) -> str:
+        return json.dumps({"step": self.step, "lr": self.lr, "loss": self.loss, "val_loss": self.val_loss})
+
+
+@dataclass
+class FinderResult:
+    records: list[SweepRecord]
+    suggested_lr: float
+    min_loss_lr: float | None          # the rate at the smoothed curve's minimum
+    steepest_lr: float | None          # the rate where the smoothed curve falls fastest (per decade)
+    baseline_val_loss: float           # before the first step (the model without the LoRA)
+    stopped: str                       # why the sweep ended
+    validate_every: int
+    run_dir: Path
+    learning_rates: LearningRates      # ready for Train LoRA: the suggestion as the base, ratios kept
+    curve: list[tuple[float, float]] = field(default_factory=list)   # (lr, smoothed val loss)
+
+
+class SweepStop(Exception):
+    """Raised from the step callback to end the sweep (the loss passed the stop rule)."""
+
+
+def validate_every(validation_size: int, settings: FinderSettings) -> int:
+    """Steps between validations so they cost at most VALIDATION_BUDGET of the training's forward passes."""
+    per_step = FORWARDS_PER_TRAINING_IMAGE * settings.batch_size
+    return max(1, math.ceil(validation_size / (VALIDATION_BUDGET * per_step)))
+
+
+def sweep_base(part_rates: dict[str, float]) -> float:
+    """The rate the sweep moves: the UNet's base rate (or the first trained part's, UNet frozen)."""
+    return next(rate for part, rate in part_rates.items() if rate > 0)
+
+
+def scaled_rates(rates: LearningRates, factor: float) -> LearningRates:
+    """Every explicit rate times `factor` (inherit and frozen stay): ratios between parts kept."""
+    scale = lambda value: value * factor if value > 0 else value  # noqa: E731
+    return replace(rates, learning_rate=rates.learning_rate * factor, unet_lr=scale(rates.unet_lr),
+                   text_encoder_lr=scale(rates.text_encoder_lr), text_encoder_2_lr=scale(rates.text_encoder_2_lr))
+
+
+def smoothed_curve(points: list[tuple[float, float]], window: int = SMOOTHING_WINDOW) -> list[tuple[float, float]]:
+    """Centred moving average of the loss (window shrinks at the ends), at each point's rate."""
+    half = window // 2
+    result = []
+    for index, (rate, _) in enumerate(points):
+        chunk = [loss for _, loss in points[max(0, index - half): index + half + 1]]
+        result.append((rate, sum(chunk) / len(chunk)))
+    return result
+
+
+def suggest(curve: list[tuple[float, float]], settings: FinderSettings) -> tuple[float, float | None, float | None]:
+    """(suggestion, rate at the minimum, rate of the steepest descent) from the smoothed curve.
+
+    The suggestion is the minimum's rate / 10, clamped to [min_lr, max_lr]; with fewer than two points
+    (the sweep diverged at once) it is min_lr."""
+    if len(curve) < 2:
+        return settings.min_lr, None, None
+    low = min(range(len(curve)), key=lambda index: curve[index][1])
+    min_rate = curve[low][0]
+    steepest = None
+    best_slope = 0.0
+    for index in range(1, low + 1):
+        (rate_a, loss_a), (rate_b, loss_b) = curve[index - 1], curve[index]
+        slope = (loss_b - loss_a) / (math.log10(rate_b) - math.log10(rate_a))
+        if slope < best_slope:
+            best_slope, steepest = slope, math.sqrt(rate_a * rate_b)
+    suggestion = min(settings.max_lr, max(settings.min_lr, min_rate / 10.0))
+    return suggestion, min_rate, steepest
+
+
+def free_run_dir(root: Path) -> Path:
+    """output/lora_lab/lr_finder/sweep_NNNN: the first free number (never an existing folder)."""
+    number = 1
+    while (root / f"sweep_{number:04d}").exists():
+        number += 1
+    return root / f"sweep_{number:04d}"
+
+
+def find_lr(settings: FinderSettings, access: ModelAccess, dataset, rates: LearningRates | None, output_dir: Path,
+            callbacks: TrainCallbacks | None = None,
+            on_record: Callable[[SweepRecord, int], None] | None = None) -> FinderResult:
+    """Run the sweep on a throwaway LoRA; the models in `access` are restored exactly whatever happens.
+
+    rates: given, every part is swept by the same factor (their ratios kept); None, the UNet alone.
+    """
+    callbacks = callbacks or TrainCallbacks()
+    swept = rates if rates is not None else LearningRates(learning_rate=1.0, unet_lr=INHERIT, text_encoder_lr=0.0)
+    train_settings = settings.train_settings("lr_finder")
+    schedule = ScheduleSettings(scheduler="constant", warmup=0.0)
+    part_rates = part_rates_for(swept, access.family, access.text_encoders)
+    check_inputs(train_settings, dataset, part_rates, schedule, access.family, access.device.type)
+    base = sweep_base(part_rates)
+    run_dir = free_run_dir(output_dir / "lora_lab" / "lr_finder")
+    run_dir.mkdir(parents=True)
+    plan = RunPlan(settings=train_settings, access=access, dataset=dataset, rates=swept, schedule=schedule,
+                   loras_dir=run_dir, output_dir=output_dir, started=0.0, part_rates=part_rates,
+                   trained_text=[part for part in ("text_encoder", "text_encoder_2") if part_rates[part] > 0],
+                   identity={}, resumed=None, run_dir=run_dir, log_path=None, previous_lines=[],
+                   base_name="lr_finder", lora_settings={})
+    records: list[SweepRecord] = []
+    state = {"min": math.inf}
+    sweep_path = run_dir / "sweep.jsonl"
+    stopped = f"reached max_lr after {settings.steps} steps"
+
+    def on_step(record: StepRecord, total: int) -> None:
+        swept_rate = settings.rate(record.step)
+        sweep_record = SweepRecord(step=record.step, lr=swept_rate, loss=record.loss, val_loss=record.val_loss)
+        records.append(sweep_record)
+        with open(sweep_path, "a", encoding="utf-8") as handle:
+            handle.write(sweep_record.as_json() + "\n")
+        if on_record is not None:
+            on_record(sweep_record, total)
+        if record.val_loss is not None:
+            if not math.isfinite(record.val_loss):
+                raise SweepStop(f"the validation loss became {record.val_loss} at {swept_rate:.3g}")
+            state["min"] = min(state["min"], record.val_loss)
+            if record.val_loss > STOP_FACTOR * state["min"]:
+                raise SweepStop(f"the validation loss passed {STOP_FACTOR:g}x its minimum at {swept_rate:.3g}")
+
+    run = Run(plan, TrainCallbacks(on_step=on_step, check_cancel=callbacks.check_cancel),
+              validation_shape=(FINDER_IMAGES, FINDER_TIMESTEPS))
+    with torch.inference_mode(False), contextlib.ExitStack() as stack:
+        try:
+            run.attach(stack)
+            run.prepare(stack)
+            validation = run.validation
+            every = validate_every(validation.size, settings)
+            baseline = validation.loss()
+            try:
+                run.run(multiplier=lambda step: settings.rate(step) / base,
+                        validate=lambda step: validation.loss() if (step + 1) % every == 0
+                        or step + 1 == settings.steps else None)
+            except SweepStop as stop:
+                stopped = f"stopped early: {stop}"
+            except TrainingDiverged as error:
+                stopped = (f"stopped early: the training {error.what} became {error.loss} at "
+                           f"{settings.rate(error.step):.3g}")
+        finally:
+            run.detach()
+    points = [(record.lr, record.val_loss) for record in records
+              if record.val_loss is not None and math.isfinite(record.val_loss)]
+    if points:   # the point that tripped the stop rule is past the curve's useful end
+        lowest = min(loss for _, loss in points)
+        points = [(rate, loss) for rate, loss in points if loss <= STOP_FACTOR * lowest]
+    curve = smoothed_curve(points)
+    suggestion, min_rate, steepest = suggest(curve, settings)
+    suggested_rates = (scaled_rates(rates, suggestion / base) if rates is not None
+                       else LearningRates(learning_rate=suggestion, unet_lr=INHERIT, text_encoder_lr=0.0))
+    return FinderResult(records=records, suggested_lr=suggestion, min_loss_lr=min_rate, steepest_lr=steepest,
+                        baseline_val_loss=baseline, stopped=stopped, validate_every=every, run_dir=run_dir,
+                        learning_rates=suggested_rates, curve=curve)
+
+
+def summary(result: FinderResult, settings: FinderSettings) -> str:
+    lines = [f"Suggested rate: {result.suggested_lr:.3g} (the smoothed validation loss's minimum / 10)"]
+    if result.min_loss_lr is not None:
+        lines.append(f"Minimum of the smoothed validation loss at {result.min_loss_lr:.3g}")
+    if result.steepest_lr is not None:
+        lines.append(f"Steepest descent at {result.steepest_lr:.3g}")
+    if len(result.curve) < 2:
+        lines.append("Too few validation points to read a curve: lower min_lr or raise steps.")
+    lines += [f"Sweep: {settings.min_lr:g} -> {settings.max_lr:g} over {settings.steps} steps; {result.stopped}.",
+              f"Validation loss (fixed images, noise, timesteps) every {result.validate_every} steps; "
+              f"{result.baseline_val_loss:.4f} before training.",
+              f"Steps: {result.run_dir / 'sweep.jsonl'}"]
+    return "\n".join(lines)
