@@ -87,6 +87,21 @@ def training_graph(checkpoint: str, resolution: int, rates: dict, steps: int, lo
     return {"nodes": nodes, "links": links}
 
 
+def finder_graph(checkpoint: str, resolution: int, rates: dict, steps: int, lora_name: str) -> dict:
+    """The SD1.5 training graph with the LR Finder between UNet/TE Learning Rates and Train LoRA: the
+    finder sweeps the given rates (their ratios kept) and hands Train LoRA its suggestion."""
+    graph = training_graph(checkpoint, resolution, rates, steps, lora_name, max_bucket_resolution=1024)
+    graph["nodes"].insert(4, {"id": 15, "type": "LoRALabLRFinder", "column": 2, "widgets": {
+        "min_lr": 1e-6, "max_lr": 1e-2, "steps": 100, "rank": 16, "alpha": 16.0, "batch_size": 1,
+        "precision": "bf16", "training_seed": 0}})
+    graph["nodes"].append({"id": 16, "type": "SaveImage", "column": 3, "title": "LR Finder chart",
+                           "size": [400, 280], "widgets": {"filename_prefix": "lora_lab/lr_finder"}})
+    graph["links"] = [link for link in graph["links"] if link != (4, 0, 5, "learning_rates")] + [
+        (1, 0, 15, "model"), (1, 1, 15, "clip"), (1, 2, 15, "vae"), (2, 0, 15, "dataset"),
+        (4, 0, 15, "learning_rates"), (15, 0, 5, "learning_rates"), (15, 2, 16, "images")]
+    return graph
+
+
 WORKFLOWS = {
     "sd15_train_lora": training_graph(
         "v1-5-pruned-emaonly.safetensors", 512,
@@ -99,6 +114,12 @@ WORKFLOWS = {
         {"learning_rate": 1e-4, "unet_lr": -1.0, "text_encoder_lr": 2e-5, "text_encoder_2_lr": 1e-5,
          "lora_plus_ratio": 1.0, "unet_block_weights": ""},
         steps=1500, lora_name="my_first_sdxl_lora", max_bucket_resolution=2048),
+    # Find the rate first: the finder sweeps UNet and TE together (TE at half the UNet's rate).
+    "find_lr_then_train": finder_graph(
+        "v1-5-pruned-emaonly.safetensors", 512,
+        {"learning_rate": 1e-4, "unet_lr": -1.0, "text_encoder_lr": 5e-5, "text_encoder_2_lr": -1.0,
+         "lora_plus_ratio": 1.0, "unet_block_weights": ""},
+        steps=1500, lora_name="my_found_lr_lora"),
 }
 
 BUILD_GRAPH = """async (spec) => {

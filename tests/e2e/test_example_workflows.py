@@ -53,7 +53,8 @@ def test_compare_schedules_runs(server, object_info):
 
 
 TRAINING_EXAMPLES = {"sd15_train_lora": (512, "v1-5-pruned-emaonly.safetensors"),
-                     "sdxl_train_lora": (1024, "sd_xl_base_1.0.safetensors")}
+                     "sdxl_train_lora": (1024, "sd_xl_base_1.0.safetensors"),
+                     "find_lr_then_train": (512, "v1-5-pruned-emaonly.safetensors")}
 
 
 @pytest.mark.parametrize("name", TRAINING_EXAMPLES)
@@ -111,6 +112,27 @@ def test_sdxl_example_trains_then_samples_with_the_trained_model(request, object
     if not sdxl_example_here():
         pytest.skip("the SDXL example runs on ComfyUI 0.33.0 in this matrix")
     run_training_example(request.getfixturevalue("own_server"), object_info, "sdxl_train_lora")
+
+
+def test_find_lr_then_train_example_sweeps_then_trains_at_the_suggestion(server, object_info):
+    """The saved graph: LR Finder (10 sweep steps here) feeds Train LoRA (3 steps), which trains the UNet
+    at the suggested rate and the text encoder at the ratio UNet/TE Learning Rates gave (1/2)."""
+    checkpoint = tiny_checkpoint(server.models_dir / "checkpoints").name
+    workflow = json.loads((EXAMPLES[0].parent / "find_lr_then_train.json").read_text())
+    overrides = declared_overrides(checkpoint=checkpoint, dataset_folder=str(ensure_sample_dataset()), steps=3,
+                                   **TINY_RUN)
+    overrides["LoRALabLRFinder"] = {"steps": 10, "precision": "fp32"}
+    prompt = to_api_prompt(workflow, object_info, overrides)
+    entry = server.run(prompt, timeout=900)
+    titles = {node["_meta"]["title"]: node_id for node_id, node in prompt.items()}
+    summary = entry["outputs"][titles["LR Finder"]]["text"][0]
+    suggested = float(summary.split("Suggested rate: ", 1)[1].split()[0])
+    lora_name = entry["outputs"][titles["Train LoRA"]]["text"][0]
+    log = [json.loads(line) for line in
+           (server.output_dir / "lora_lab" / Path(lora_name).stem / "log.jsonl").read_text().splitlines()]
+    assert log[0]["lr"]["unet"] == pytest.approx(suggested, rel=5e-3)   # the summary prints 3 digits
+    assert log[0]["lr"]["text_encoder"] == pytest.approx(log[0]["lr"]["unet"] / 2, rel=1e-9)
+    assert list((server.output_dir / "lora_lab").glob("lr_finder/sweep_*/sweep.jsonl"))
 
 
 def run_training_example(server, object_info, name):
