@@ -36,6 +36,9 @@ SD_SCRIPTS_WRITTEN = {
     "modelspec.resolution", "modelspec.date", "modelspec.prediction_type", "modelspec.encoder_layer",
 }
 NOT_WRITTEN = {
+    **{key: "no held-out validation split (see ss_num_validation_images)" for key in (
+        "ss_validation_seed", "ss_validation_split", "ss_max_validation_steps", "ss_validate_every_n_epochs",
+        "ss_validate_every_n_steps")},
     "ss_session_id": "a random number per sd-scripts process: nothing to mirror",
     "ss_num_validation_images": "no held-out split: validate_every_n_steps measures on training images "
                                 "(lora_lab_settings records it)",
@@ -52,9 +55,7 @@ NOT_WRITTEN = {
     "ss_ip_noise_gamma_random_strength": "not offered", "ss_loss_type": "always l2 (sd-scripts' default)",
     "ss_huber_schedule": "no huber loss", "ss_huber_scale": "no huber loss", "ss_huber_c": "no huber loss",
     "ss_fp8_base": "no fp8 training", "ss_fp8_base_unet": "no fp8 training",
-    "ss_validation_seed": "no held-out validation split (see ss_num_validation_images)", "ss_validation_split": "no held-out validation split (see ss_num_validation_images)",
-    "ss_max_validation_steps": "no held-out validation split (see ss_num_validation_images)", "ss_validate_every_n_epochs": "no held-out validation split (see ss_num_validation_images)",
-    "ss_validate_every_n_steps": "no held-out validation split (see ss_num_validation_images)", "ss_resize_interpolation": "PIL's default resampling only",
+    "ss_resize_interpolation": "PIL's default resampling only",
     "ss_color_aug": "not offered", "ss_bucket_no_upscale": "dataset option not carried to the trainer yet",
     "ss_min_bucket_reso": "dataset option not carried to the trainer yet",
     "ss_max_bucket_reso": "dataset option not carried to the trainer yet",
