@@ -20,7 +20,7 @@ WIDGETS = dict(steps=STEPS, save_every_n_steps=EVERY, batch_size=2, rank=4, alph
 @pytest.fixture(scope="module")
 def varied(dataset):  # noqa: F811
     """Flips and caption shuffles draw from the augmentation rng: its state must be resumed too."""
-    return dataclasses.replace(dataset, flip=True, shuffle_captions=True)
+    return dataclasses.replace(dataset, options=dataclasses.replace(dataset.options, flip=True, shuffle_captions=True))
 
 
 def learning_rates(comfy, text_encoder_lr: float = 0.0):
