@@ -340,7 +340,7 @@ def settings_from_values(values: dict) -> ScheduleSettings:
             power=float(merged["power"]), min_lr_ratio=float(merged["min_lr_ratio"]),
             decay_ratio=float(merged["decay_ratio"]), step_rules=str(merged["step_rules"]),
             preview_steps=int(merged["preview_steps"]))
+    except SettingError:
+        raise
     except (TypeError, ValueError) as error:
-        if str(error).startswith("LR Schedule"):
-            raise
         raise SettingError(f"LR Schedule: a setting has the wrong type ({error}). Values: {values}") from None
