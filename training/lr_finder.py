@@ -5,8 +5,8 @@ A throwaway LoRA trains for `steps` optimizer steps while the rate rises exponen
 to max_lr; every k steps the validation loss (fixed images, noise and timesteps) is measured. A
 diffusion model's *training* loss jumps with each step's random timesteps and noise far more than
 with the rate, which is why the classic range test fails on it; the validation loss moves only with
-the weights. The sweep stops early once that loss passes 4x its minimum or turns non-finite (or the
-training loss does).
+the weights. The sweep stops early once that loss passes 4x its minimum, gives back 3/4 of its gain
+over the model without the LoRA (see `gave_back`), or turns non-finite (or the training loss does).
 
 The suggestion (README, "LR Finder"): the rate at the minimum of the smoothed validation curve,
 divided by 10. The steepest descent of the same curve is computed and drawn too.
@@ -31,7 +31,9 @@ from .schedules import ScheduleSettings
 from .settings import SettingError, setting, setting_like, validate
 from .trainer import Run, RunPlan, TrainSettings, check_inputs, part_rates_for
 
-STOP_FACTOR = 4.0                # the sweep stops once the validation loss passes this x its minimum
+STOP_FACTOR = 4.0                # the sweep stops once the validation loss passes this x its minimum,
+GIVEN_BACK = 0.75                # or gives back this share of its gain over the model without the LoRA
+MEANINGFUL_GAIN = 0.05           # (once the gain was at least this share of that model's loss)
 VALIDATION_BUDGET = 0.5          # validation may cost at most this fraction of the sweep's training
 FORWARDS_PER_TRAINING_IMAGE = 3  # forward + backward ~ 3 forward passes
 FINDER_IMAGES = 2                # the finder's validation set: fewer images and timesteps than
@@ -101,6 +103,15 @@ class FinderResult:
 
 class SweepStop(Exception):
     """Raised from the step callback to end the sweep (the loss passed the stop rule)."""
+
+
+def gave_back(loss: float, lowest: float, baseline: float) -> bool:
+    """The stop rule a diffusion model needs besides "4x the minimum": a LoRA whose rate is far too high
+    makes the model's predictions uncorrelated with the noise, and an epsilon model's loss then settles
+    near 1, often below 4x the minimum. So the sweep also stops once the loss has given back GIVEN_BACK
+    of what it had gained over the model without the LoRA (when that gain was meaningful)."""
+    gain = baseline - lowest
+    return gain > MEANINGFUL_GAIN * baseline and loss > lowest + GIVEN_BACK * gain
 
 
 def validate_every(validation_size: int, settings: FinderSettings) -> int:
@@ -181,7 +192,7 @@ def find_lr(settings: FinderSettings, access: ModelAccess, dataset, rates: Learn
                    identity={}, resumed=None, run_dir=run_dir, log_path=None, previous_lines=[],
                    base_name="lr_finder", lora_settings={})
     records: list[SweepRecord] = []
-    state = {"min": math.inf}
+    state = {"min": math.inf, "baseline": math.inf}
     sweep_path = run_dir / "sweep.jsonl"
     stopped = f"reached max_lr after {settings.steps} steps"
 
@@ -199,6 +210,8 @@ def find_lr(settings: FinderSettings, access: ModelAccess, dataset, rates: Learn
             state["min"] = min(state["min"], record.val_loss)
             if record.val_loss > STOP_FACTOR * state["min"]:
                 raise SweepStop(f"the validation loss passed {STOP_FACTOR:g}x its minimum at {swept_rate:.3g}")
+            if gave_back(record.val_loss, state["min"], state["baseline"]):
+                raise SweepStop(f"the validation loss gave back {GIVEN_BACK:.0%} of its gain at {swept_rate:.3g}")
 
     run = Run(plan, TrainCallbacks(on_step=on_step, check_cancel=callbacks.check_cancel),
               validation_shape=(FINDER_IMAGES, FINDER_TIMESTEPS))
@@ -208,7 +221,7 @@ def find_lr(settings: FinderSettings, access: ModelAccess, dataset, rates: Learn
             run.prepare(stack)
             validation = run.validation
             every = validate_every(validation.size, settings)
-            baseline = validation.loss()
+            baseline = state["baseline"] = validation.loss()
             try:
                 run.run(multiplier=lambda step: settings.rate(step) / base,
                         validate=lambda step: validation.loss() if (step + 1) % every == 0
@@ -222,9 +235,10 @@ def find_lr(settings: FinderSettings, access: ModelAccess, dataset, rates: Learn
             run.detach()
     points = [(record.lr, record.val_loss) for record in records
               if record.val_loss is not None and math.isfinite(record.val_loss)]
-    if points:   # the point that tripped the stop rule is past the curve's useful end
+    if points:   # the point that tripped a stop rule is past the curve's useful end
         lowest = min(loss for _, loss in points)
-        points = [(rate, loss) for rate, loss in points if loss <= STOP_FACTOR * lowest]
+        points = [(rate, loss) for rate, loss in points
+                  if loss <= STOP_FACTOR * lowest and not gave_back(loss, lowest, baseline)]
     curve = smoothed_curve(points)
     suggestion, min_rate, steepest = suggest(curve, settings)
     suggested_rates = (scaled_rates(rates, suggestion / base) if rates is not None

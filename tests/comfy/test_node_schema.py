@@ -22,7 +22,8 @@ def snapshot():
 
 
 def test_every_node_fits_the_committed_snapshot(current, snapshot):
-    assert set(snapshot) == {"LoRALabDataset", "LoRALabLRSchedule", "LoRALabLearningRates", "LoRALabTrain"}
+    assert set(snapshot) == {"LoRALabDataset", "LoRALabLRSchedule", "LoRALabLearningRates", "LoRALabTrain",
+                             "LoRALabLRFinder"}
     assert compatibility_problems(snapshot, current) == []
 
 

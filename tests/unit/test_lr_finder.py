@@ -55,6 +55,14 @@ def test_suggestion_is_the_minimum_over_ten_and_the_steepest_descent_comes_befor
     assert suggest([(1e-6, 0.5)], settings) == (settings.min_lr, None, None)
 
 
+def test_the_sweep_also_stops_when_the_gain_over_no_lora_is_given_back():
+    from lora_lab.training.lr_finder import gave_back
+
+    assert gave_back(1.1, lowest=0.4, baseline=1.2)          # 0.4 + 0.75 x 0.8 = 1.0 < 1.1
+    assert not gave_back(0.9, lowest=0.4, baseline=1.2)
+    assert not gave_back(1.25, lowest=1.19, baseline=1.2)   # no meaningful gain yet: not a stop
+
+
 def test_smoothing_is_a_centred_average():
     curve = smoothed_curve([(1, 3.0), (2, 0.0), (3, 3.0), (4, 6.0)])
     assert curve == [(1, 1.5), (2, 2.0), (3, 3.0), (4, 4.5)]
