@@ -96,9 +96,14 @@ def main() -> int:
                          "batch_size": arguments.batch, "precision": "fp32"})["result"]
         finder_seconds = time.monotonic() - started
         suggestion = finder[1]
+        # The candidate rules, from the finder's own numbers (its summary prints 3 digits).
+        minimum = float(finder[3].split("Minimum of the smoothed validation loss at ", 1)[1].split()[0])
+        steepest = float(finder[3].split("Steepest descent at ", 1)[1].split()[0])
+        rules = {"minimum / 10": minimum / 10, "steepest descent": steepest, "minimum / 3": minimum / 3,
+                 "minimum": minimum}
         losses = {}
         started = time.monotonic()
-        for rate in GRID + [suggestion]:
+        for rate in dict.fromkeys(GRID + [suggestion] + list(rules.values())):
             rates = call(comfy, "LoRALabLearningRates", **{**comfy.widget_defaults("LoRALabLearningRates"),
                                                           "learning_rate": rate, "text_encoder_lr": 0.0})[0]
             outcome = call(comfy, "LoRALabTrain", model=model, clip=clip, vae=vae, dataset=dataset,
@@ -115,7 +120,11 @@ def main() -> int:
         ranked = sorted(grid, key=lambda rate: grid[rate] if math.isfinite(grid[rate]) else math.inf)
         best = ranked[0]
         position = sum(1 for rate in GRID if grid[rate] < losses[suggestion]) + 1
-        results[label] = {"suggestion": suggestion, "suggestion_val_loss": losses[suggestion], "best_rate": best,
+        rule_results = {name: {"rate": rate, "val_loss": losses[rate], "regret": losses[rate] - grid[best],
+                               "decades_from_best": abs(math.log10(rate) - math.log10(best)),
+                               "rank_among_grid": sum(1 for grid_rate in GRID if grid[grid_rate] < losses[rate]) + 1}
+                        for name, rate in rules.items()}
+        results[label] = {"rules": rule_results, "suggestion": suggestion, "suggestion_val_loss": losses[suggestion], "best_rate": best,
                           "best_val_loss": grid[best], "regret": losses[suggestion] - grid[best],
                           "decades_from_best": abs(math.log10(suggestion) - math.log10(best)),
                           "rank_among_grid": position, "grid": {f"{rate:.1e}": grid[rate] for rate in GRID},
@@ -129,6 +138,15 @@ def main() -> int:
         print(f"   suggested {suggestion:.2e}: val loss {losses[suggestion]:.5f}, would rank {position} of "
               f"{len(GRID) + 1}; regret {losses[suggestion] - grid[best]:+.5f}; "
               f"{results[label]['decades_from_best']:.2f} decades from the best rate", flush=True)
+        for name, rule in rule_results.items():
+            print(f"   rule {name:17s} {rule['rate']:.2e}: val loss {rule['val_loss']:.5f}, rank {rule['rank_among_grid']}, "
+                  f"regret {rule['regret']:+.5f}, {rule['decades_from_best']:.2f} decades", flush=True)
+    print("\nmean over the datasets, per rule:")
+    for name in next(iter(results.values()))["rules"]:
+        regrets = [result["rules"][name]["regret"] for result in results.values()]
+        decades = [result["rules"][name]["decades_from_best"] for result in results.values()]
+        print(f"   {name:17s} regret {sum(regrets) / len(regrets):+.5f} (worst {max(regrets):+.5f}), "
+              f"{sum(decades) / len(decades):.2f} decades from the best rate (worst {max(decades):.2f})")
     (out / "lr_finder_bench.json").write_text(json.dumps(results, indent=1))
     chart = out / "lr_finder_bench.png"
     draw(results, chart)

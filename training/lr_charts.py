@@ -94,8 +94,10 @@ def sweep_chart(records: list, curve: list[tuple[float, float]] | None = None, s
         axes.axvline(min_loss_lr, color="#555555", linestyle=":", label=f"minimum {min_loss_lr:.3g}")
     if steepest_lr is not None:
         axes.axvline(steepest_lr, color="#2ca02c", linestyle="--", label=f"steepest descent {steepest_lr:.3g}")
+    if min_loss_lr is not None:
+        axes.axvline(min_loss_lr / 10, color="#999999", linestyle="-.", label=f"minimum / 10 {min_loss_lr / 10:.3g}")
     if suggested_lr is not None:
-        axes.axvline(suggested_lr, color="#d62728", linewidth=2, label=f"suggested {suggested_lr:.3g} (minimum / 10)")
+        axes.axvline(suggested_lr, color="#d62728", linewidth=2, label=f"suggested {suggested_lr:.3g}")
     axes.set_xscale("log")
     axes.set_xlabel("learning rate (log scale)")
     axes.set_ylabel("loss")

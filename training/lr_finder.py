@@ -8,8 +8,9 @@ with the rate, which is why the classic range test fails on it; the validation l
 the weights. The sweep stops early once that loss passes 4x its minimum, gives back 3/4 of its gain
 over the model without the LoRA (see `gave_back`), or turns non-finite (or the training loss does).
 
-The suggestion (README, "LR Finder"): the rate at the minimum of the smoothed validation curve,
-divided by 10. The steepest descent of the same curve is computed and drawn too.
+The suggestion (README, "LR Finder", with the benchmark that chose it): the rate where the smoothed
+validation curve falls fastest per decade, before its minimum. The minimum (and the classic
+minimum / 10) are computed and drawn too.
 Nothing is written to models/loras; the input models are restored exactly (the trainer's attach /
 detach), and `output/lora_lab/lr_finder/<run>/sweep.jsonl` holds every step.
 """
@@ -145,8 +146,9 @@ def smoothed_curve(points: list[tuple[float, float]], window: int = SMOOTHING_WI
 def suggest(curve: list[tuple[float, float]], settings: FinderSettings) -> tuple[float, float | None, float | None]:
     """(suggestion, rate at the minimum, rate of the steepest descent) from the smoothed curve.
 
-    The suggestion is the minimum's rate / 10, clamped to [min_lr, max_lr]; with fewer than two points
-    (the sweep diverged at once) it is min_lr."""
+    The suggestion is the steepest descent (between two points, their geometric mean) before the
+    minimum; a curve that never falls gives the minimum's rate / 10, clamped to [min_lr, max_lr]; with
+    fewer than two points (the sweep diverged at once) it is min_lr."""
     if len(curve) < 2:
         return settings.min_lr, None, None
     low = min(range(len(curve)), key=lambda index: curve[index][1])
@@ -158,8 +160,8 @@ def suggest(curve: list[tuple[float, float]], settings: FinderSettings) -> tuple
         slope = (loss_b - loss_a) / (math.log10(rate_b) - math.log10(rate_a))
         if slope < best_slope:
             best_slope, steepest = slope, math.sqrt(rate_a * rate_b)
-    suggestion = min(settings.max_lr, max(settings.min_lr, min_rate / 10.0))
-    return suggestion, min_rate, steepest
+    suggestion = steepest if steepest is not None else min_rate / 10.0
+    return min(settings.max_lr, max(settings.min_lr, suggestion)), min_rate, steepest
 
 
 def free_run_dir(root: Path) -> Path:
@@ -249,7 +251,9 @@ def find_lr(settings: FinderSettings, access: ModelAccess, dataset, rates: Learn
 
 
 def summary(result: FinderResult, settings: FinderSettings) -> str:
-    lines = [f"Suggested rate: {result.suggested_lr:.3g} (the smoothed validation loss's minimum / 10)"]
+    rule = ("where the smoothed validation loss falls fastest" if result.steepest_lr is not None
+            else "the curve never fell: its minimum / 10")
+    lines = [f"Suggested rate: {result.suggested_lr:.3g} ({rule})"]
     if result.min_loss_lr is not None:
         lines.append(f"Minimum of the smoothed validation loss at {result.min_loss_lr:.3g}")
     if result.steepest_lr is not None:

@@ -42,16 +42,17 @@ def test_validation_costs_at_most_half_the_training(size, batch):
     assert every == 1 or size > VALIDATION_BUDGET * FORWARDS_PER_TRAINING_IMAGE * batch * (every - 1)
 
 
-def test_suggestion_is_the_minimum_over_ten_and_the_steepest_descent_comes_before_it():
+def test_suggestion_is_the_steepest_descent_before_the_minimum():
     settings = FinderSettings(min_lr=1e-6, max_lr=1e-1)
     rates = [10 ** (-6 + index * 0.5) for index in range(11)]                  # 1e-6 .. 1e-1
     losses = [1.0, 0.99, 0.97, 0.9, 0.7, 0.5, 0.45, 0.44, 0.6, 1.2, 3.0]        # fastest fall 1e-4 -> 3e-4
     suggestion, lowest, steepest = suggest(list(zip(rates, losses)), settings)
-    assert lowest == rates[7] and suggestion == pytest.approx(rates[7] / 10)
-    assert steepest == pytest.approx(math.sqrt(rates[3] * rates[4]))
+    assert lowest == rates[7]
+    assert steepest == pytest.approx(math.sqrt(rates[3] * rates[4])) and suggestion == steepest
     assert settings.min_lr <= suggestion <= settings.max_lr
-    # The minimum at the first point: /10 would leave the sweep; the suggestion stays inside it.
+    # A curve that never falls: the minimum (its first point) / 10, kept inside the sweep.
     assert suggest([(1e-6, 0.5), (1e-5, 0.9)], settings)[0] == settings.min_lr
+    assert suggest([(1e-4, 0.5), (1e-3, 0.9)], settings) == (pytest.approx(1e-5), 1e-4, None)
     assert suggest([(1e-6, 0.5)], settings) == (settings.min_lr, None, None)
 
 
