@@ -12,7 +12,7 @@ from ..training.lr_finder import FinderSettings, find_lr, summary
 from ..training.settings import specs
 from ..training.trainer import TEXT_PARTS, part_rates_for
 from . import comfy_bridge
-from .widgets import widgets
+from .widgets import TRAINING_SOCKETS, widgets
 
 logger = logging.getLogger("lora_lab")
 
@@ -38,10 +38,7 @@ class LRFinderNode:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The model to train on (from Load Checkpoint). It is not changed."}),
-                "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint. It is not changed."}),
-                "vae": ("VAE", {"tooltip": "The VAE of the same checkpoint; encodes the training images."}),
-                "dataset": ("LORA_DATASET", {"tooltip": "Images and captions, from the LoRA Dataset node."}),
+                **TRAINING_SOCKETS,
                 **widgets(FinderSettings),
             },
             "optional": {

@@ -14,7 +14,7 @@ from ..training.training_chart import training_chart
 from ..training.trainer import (OPTIONAL_SETTINGS, TEXT_PARTS, RunOptions, TrainSettings, check_inputs,
                                 part_rates_for, train_lora)
 from . import comfy_bridge
-from .widgets import widgets
+from .widgets import TRAINING_SOCKETS, widgets
 
 logger = logging.getLogger("lora_lab")
 
@@ -38,10 +38,7 @@ class TrainNode:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The model to train on (from Load Checkpoint). It is not changed."}),
-                "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint. It is not changed."}),
-                "vae": ("VAE", {"tooltip": "The VAE of the same checkpoint; encodes the training images."}),
-                "dataset": ("LORA_DATASET", {"tooltip": "Images and captions, from the LoRA Dataset node."}),
+                **TRAINING_SOCKETS,
                 "learning_rates": ("LORA_LEARNING_RATES", {"tooltip": "Rates per part, from UNet/TE Learning Rates. "
                                                                       "A part at rate 0 is frozen and gets no keys."}),
                 "lr_schedule": ("LR_SCHEDULE", {"tooltip": "How the rates change over the steps (LR Schedule)."}),

@@ -7,6 +7,14 @@ from typing import Any, Iterable
 
 from ..training.settings import specs
 
+# The sockets every node that trains takes first (Train LoRA, LR Finder), in this order.
+TRAINING_SOCKETS = {
+    "model": ("MODEL", {"tooltip": "The model to train on (from Load Checkpoint). It is not changed."}),
+    "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint. It is not changed."}),
+    "vae": ("VAE", {"tooltip": "The VAE of the same checkpoint; encodes the training images."}),
+    "dataset": ("LORA_DATASET", {"tooltip": "Images and captions, from the LoRA Dataset node."}),
+}
+
 
 def widgets(cls, names: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> dict[str, tuple]:
     """{input name: ComfyUI input spec} for the setting fields of `cls` (all, in declaration order,
