@@ -8,7 +8,7 @@ from ..training.host import TrainCallbacks
 from ..training.image_tensors import pil_to_image
 from ..training.loop import StepRecord
 from ..training.lr_charts import sweep_chart
-from ..training.lr_finder import FinderSettings, find_lr, summary
+from ..training.lr_finder import FinderSettings, SweepRecord, find_lr, summary
 from ..training.settings import specs
 from ..training.trainer import TEXT_PARTS, part_rates_for
 from . import comfy_bridge
@@ -57,7 +57,8 @@ class LRFinderNode:
         with comfy_bridge.training_models(model, clip, train_text) as (train_model, train_clip):
             access = comfy_bridge.model_access(train_model, train_clip, vae, family)
             report = comfy_bridge.progress_reporter(
-                settings.steps, unique_id, lambda records: sweep_chart(_as_sweep(records)), label="LR Finder")
+                settings.steps, unique_id, lambda records: sweep_chart([SweepRecord(record.step, record.lr["unet"], record.loss, record.val_loss)
+                                             for record in records]), label="LR Finder")
             on_record = lambda record, total: report(  # noqa: E731
                 StepRecord(step=record.step, loss=record.loss, lr={"unet": record.lr}, val_loss=record.val_loss), total)
             result = find_lr(settings, access, dataset, learning_rates, comfy_bridge.output_dir(),
@@ -68,14 +69,3 @@ class LRFinderNode:
         logger.info("LoRA Lab: %s", text.replace("\n", "; "))
         return {"ui": {"text": [text]},
                 "result": (result.learning_rates, float(result.suggested_lr), pil_to_image(chart), text)}
-
-
-class _Point:
-    __slots__ = ("lr", "loss", "val_loss")
-
-    def __init__(self, record: StepRecord) -> None:
-        self.lr, self.loss, self.val_loss = record.lr["unet"], record.loss, record.val_loss
-
-
-def _as_sweep(records: list[StepRecord]) -> list[_Point]:
-    return [_Point(record) for record in records]

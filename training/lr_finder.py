@@ -30,7 +30,7 @@ from .loop import StepRecord, TrainingDiverged
 from .rates import INHERIT, LearningRates
 from .schedules import ScheduleSettings
 from .settings import SettingError, setting, setting_like, validate
-from .trainer import Run, RunPlan, TrainSettings, check_inputs, part_rates_for
+from .trainer import TEXT_PARTS, Run, RunPlan, TrainSettings, check_inputs, part_rates_for
 
 STOP_FACTOR = 4.0                # the sweep stops once the validation loss passes this x its minimum,
 GIVEN_BACK = 0.75                # or gives back this share of its gain over the model without the LoRA
@@ -123,7 +123,7 @@ def validate_every(validation_size: int, settings: FinderSettings) -> int:
 
 def sweep_base(part_rates: dict[str, float]) -> float:
     """The rate the sweep moves: the UNet's base rate (or the first trained part's, UNet frozen)."""
-    return next(rate for part, rate in part_rates.items() if rate > 0)
+    return next(rate for rate in part_rates.values() if rate > 0)
 
 
 def scaled_rates(rates: LearningRates, factor: float) -> LearningRates:
@@ -190,7 +190,7 @@ def find_lr(settings: FinderSettings, access: ModelAccess, dataset, rates: Learn
     run_dir.mkdir(parents=True)
     plan = RunPlan(settings=train_settings, access=access, dataset=dataset, rates=swept, schedule=schedule,
                    loras_dir=run_dir, output_dir=output_dir, started=0.0, part_rates=part_rates,
-                   trained_text=[part for part in ("text_encoder", "text_encoder_2") if part_rates[part] > 0],
+                   trained_text=[part for part in TEXT_PARTS if part_rates[part] > 0],
                    identity={}, resumed=None, run_dir=run_dir, log_path=None, previous_lines=[],
                    base_name="lr_finder", lora_settings={})
     records: list[SweepRecord] = []
@@ -226,8 +226,7 @@ def find_lr(settings: FinderSettings, access: ModelAccess, dataset, rates: Learn
             baseline = state["baseline"] = validation.loss()
             try:
                 run.run(multiplier=lambda step: settings.rate(step) / base,
-                        validate=lambda step: validation.loss() if (step + 1) % every == 0
-                        or step + 1 == settings.steps else None)
+                        validate=validation.every(every, settings.steps))
             except SweepStop as stop:
                 stopped = f"stopped early: {stop}"
             except TrainingDiverged as error:

@@ -422,9 +422,7 @@ class Run:
         if multiplier is None:
             multiplier = lambda step: plan.schedule.multiplier(step, settings.steps)  # noqa: E731
         if validate is None and self.validation is not None and settings.validate_every_n_steps > 0:
-            every = settings.validate_every_n_steps
-            validate = lambda step: (self.validation.loss()  # noqa: E731
-                                     if (step + 1) % every == 0 or step + 1 == settings.steps else None)
+            validate = self.validation.every(settings.validate_every_n_steps, settings.steps)
         return run_loop(self.loop_settings, self.optimizer, plan.access.objective, self.feeder, multiplier,
                         self.generator, plan.log_path,
                         TrainCallbacks(on_step=self._after_step, check_cancel=self.callbacks.check_cancel),

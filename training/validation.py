@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -87,6 +88,10 @@ class ValidationSet:
         repeated = {key: value.repeat(len(item.sizes), *([1] * (value.ndim - 1))) if torch.is_tensor(value) else value
                     for key, value in encoded.items()}
         return self.feeder.access.extra_conditioning(repeated, item.sizes)
+
+    def every(self, steps: int, total: int) -> Callable[[int], float | None]:
+        """The loop's `validate`: the loss after every `steps`-th step and after the last, else None."""
+        return lambda step: self.loss() if (step + 1) % steps == 0 or step + 1 == total else None
 
     def loss(self) -> float:
         """Mean of the (unweighted) diffusion loss over every image and timestep, with no gradient."""
