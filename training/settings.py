@@ -38,8 +38,6 @@ class Spec:
     hint: str = ""                   # appended to a range error, e.g. "(alpha = rank gives scale 1)"
     # An extra rule, checked first: value -> None, or the message's tail naming the fix (or it raises).
     check: Callable[[Any], str | None] | None = None
-    # A value that is allowed outside min..max (e.g. -1 = inherit).
-    special: float | None = None
 
 
 def setting(default: Any, help: str, **spec: Any) -> Any:
@@ -91,12 +89,11 @@ def _problem(value: Any, default: Any, spec: Spec) -> str | None:
             return "must be a whole number."
         if not math.isfinite(value):
             return "must be a finite number."
-        if spec.special is None or value != spec.special:
-            hint = f" {spec.hint}" if spec.hint else ""
-            if spec.min is not None and value < spec.min:
-                return f"must be at least {spec.min:g}{hint}."
-            if spec.max is not None and value > spec.max:
-                return f"must be at most {spec.max:g}{hint}."
+        hint = f" {spec.hint}" if spec.hint else ""
+        if spec.min is not None and value < spec.min:
+            return f"must be at least {spec.min:g}{hint}."
+        if spec.max is not None and value > spec.max:
+            return f"must be at most {spec.max:g}{hint}."
     elif isinstance(default, str) and not isinstance(value, str):
         return "must be text."
     return None
