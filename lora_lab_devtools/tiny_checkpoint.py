@@ -95,7 +95,8 @@ def _initialise(module, generator) -> None:
     norm_types = (torch.nn.GroupNorm, torch.nn.LayerNorm)
     with torch.no_grad():
         for submodule in module.modules():
-            is_norm = isinstance(submodule, norm_types)
+            # RMSNorm-style layers (DiT q/k norms) are norms too, whatever class implements them
+            is_norm = isinstance(submodule, norm_types) or "RMSNorm" in type(submodule).__name__
             for name, parameter in submodule.named_parameters(recurse=False):
                 noise = torch.randn(parameter.shape, generator=generator)
                 if is_norm:

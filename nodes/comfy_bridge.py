@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from ..training import kohya
+from ..training.families import FAMILIES, draw_flow_sigmas, sampling_for
 from ..training.image_tensors import image_to_pil
 from ..training.loop import DiffusionObjective, StepRecord
 from ..training.sampling import PreviewSampler, SamplePrompt
@@ -27,68 +28,100 @@ from ..training.trainer import check_fits
 logger = logging.getLogger("lora_lab")
 
 PREVIEW_SECONDS = 3.0
-PREDICTION_TYPES = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}
-FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
-# Text-encoder roots inside ComfyUI's cond_stage_model, per family: part -> attribute.
+PREDICTION_TYPES = {"EPS": "epsilon", "V_PREDICTION": "v_prediction", "FLUX": "flow", "FLOW": "flow"}
+# Text encoders whose LoRA can train, inside ComfyUI's cond_stage_model, per family: part -> attribute.
 TEXT_ENCODER_ROOTS = {
     "sd1": {"text_encoder": "clip_l"},
     "sd2": {"text_encoder": "clip_h"},
     "sdxl": {"text_encoder": "clip_l", "text_encoder_2": "clip_g"},
+    "flux": {},
+    "sd3": {"text_encoder": "clip_l", "text_encoder_2": "clip_g"},
+    "zimage": {},
 }
+# The encoders a family's CLIP must hold (and may hold) in cond_stage_model.
+ENCODERS = {"sd1": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g"), "flux": ("clip_l", "t5xxl"),
+            "sd3": ("clip_l", "clip_g"), "zimage": ("qwen3_4b",)}
+OPTIONAL_ENCODERS = {"sd3": ("t5xxl",)}
+KNOWN_ENCODERS = ("clip_l", "clip_h", "clip_g", "t5xxl", "qwen3_4b")
+# Families whose text sequence cannot be repeated to batch captions of different lengths (an LLM
+# encoder whose tokens carry positions): such captions run through the model one by one.
+EXACT_LENGTH_TEXT = ("zimage",)
+# Containers of the transformer blocks a DiT calls one by one (checkpointed units).
+DIT_BLOCK_CONTAINERS = {"flux": ("double_blocks", "single_blocks"), "sd3": ("joint_blocks",),
+                        "zimage": ("noise_refiner", "context_refiner", "layers")}
+
+
+def _detect_family(base_model) -> str | None:
+    """One test per family, on ComfyUI's model classes and detected unet_config."""
+    import comfy.model_base as model_base
+
+    config = base_model.model_config.unet_config
+    if isinstance(base_model, model_base.SDXL):
+        return "sdxl"
+    if type(base_model) in (model_base.BaseModel, model_base.SD21UNCLIP):
+        return {768: "sd1", 1024: "sd2"}.get(config.get("context_dim"))
+    if type(base_model) is model_base.Flux and config.get("image_model") == "flux":
+        return "flux"
+    if type(base_model) is model_base.SD3:
+        return "sd3"
+    if type(base_model) is model_base.Lumina2 and config.get("image_model") == "lumina2" and config.get("dim") == 3840:
+        return "zimage"
+    return None
 
 
 def model_family(model) -> str:
-    """"sd1" | "sd2" | "sdxl" for a MODEL, or ValueError for anything this trainer does not support."""
-    import comfy.model_base
+    """A key of training/families.FAMILIES for a MODEL, or ValueError for anything this trainer does
+    not support."""
+    family = _detect_family(model.model)
+    if family is None:
+        name = type(model.model.model_config).__name__
+        raise ValueError(f"Train LoRA: model is {name}, which this trainer does not support. Load an SD1.x, SD2.x, "
+                         "SDXL, Flux.1 (dev or schnell), SD3/SD3.5 or Z-Image model.")
+    return family
 
-    base_model = model.model
-    unet_config = base_model.model_config.unet_config
-    name = type(base_model.model_config).__name__
-    if isinstance(base_model, comfy.model_base.SDXL):
-        return "sdxl"
-    if type(base_model) in (comfy.model_base.BaseModel, comfy.model_base.SD21UNCLIP):
-        context = unet_config.get("context_dim")
-        if context == 768:
-            return "sd1"
-        if context == 1024:
-            return "sd2"
-    raise ValueError(f"Train LoRA: model is {name}, which this trainer does not support. Load an SD1.x, "
-                     "SD2.x or SDXL checkpoint.")
+
+def _encoders_present(stage) -> list[str]:
+    return [attribute for attribute in KNOWN_ENCODERS if getattr(stage, attribute, None) is not None]
 
 
 def _text_roots(clip, family: str) -> dict[str, tuple[str, torch.nn.Module]]:
     stage = clip.cond_stage_model
     return {part: (attribute, getattr(stage, attribute))
-            for part, attribute in TEXT_ENCODER_ROOTS[family].items() if hasattr(stage, attribute)}
+            for part, attribute in TEXT_ENCODER_ROOTS[family].items() if getattr(stage, attribute, None) is not None}
 
 
 def check_compatible(model, clip, vae) -> str:
     """Cheap checks that MODEL, CLIP and VAE belong together; returns the family."""
     if model is None or clip is None or vae is None:
-        raise ValueError("Train LoRA: model, clip and vae must all be connected (from Load Checkpoint).")
+        raise ValueError("Train LoRA: model, clip and vae must all be connected (from Load Checkpoint, or Load "
+                         "Diffusion Model + the family's CLIP loader + Load VAE).")
     family = model_family(model)
-    expected = TEXT_ENCODER_ROOTS[family]
+    label = FAMILIES[family].label
     stage = clip.cond_stage_model
-    present = [attribute for attribute in ("clip_l", "clip_h", "clip_g") if hasattr(stage, attribute)]
-    if sorted(present) != sorted(expected.values()):
+    present = _encoders_present(stage)
+    required, optional = ENCODERS[family], OPTIONAL_ENCODERS.get(family, ())
+    if not set(required) <= set(present) or not set(present) <= set(required) | set(optional):
         raise ValueError(f"Train LoRA: clip has text encoder(s) {present or type(stage).__name__} but model is "
-                         f"{FAMILY_LABELS[family]}, which needs {sorted(expected.values())}. Connect the CLIP "
-                         "output of the same Load Checkpoint node as the MODEL.")
-    widths = sum(getattr(stage, attribute).transformer.text_model.final_layer_norm.weight.shape[0]
-                 for attribute in present)
-    context = model.model.model_config.unet_config.get("context_dim")
-    if widths != context:
-        raise ValueError(f"Train LoRA: clip produces {widths}-wide text embeddings but model expects "
-                         f"{context}. Connect the CLIP of the same checkpoint as the MODEL.")
+                         f"{label}, which needs {list(required)}{f' (optionally {list(optional)})' if optional else ''}. "
+                         "Connect the CLIP output of the same Load Checkpoint node as the MODEL, or the family's CLIP "
+                         "loader (Flux: DualCLIPLoader type flux; SD3: TripleCLIPLoader; Z-Image: CLIPLoader type "
+                         "lumina2).")
+    if FAMILIES[family].dit is None:
+        widths = sum(getattr(stage, attribute).transformer.text_model.final_layer_norm.weight.shape[0]
+                     for attribute in present)
+        context = model.model.model_config.unet_config.get("context_dim")
+        if widths != context:
+            raise ValueError(f"Train LoRA: clip produces {widths}-wide text embeddings but model expects "
+                             f"{context}. Connect the CLIP of the same checkpoint as the MODEL.")
     latent_channels = getattr(vae, "latent_channels", 4)
     if latent_channels != model.model.model_config.unet_config.get("in_channels", 4):
         raise ValueError(f"Train LoRA: vae makes {latent_channels}-channel latents but model takes "
                          f"{model.model.model_config.unet_config.get('in_channels')}. Connect the VAE of the "
-                         "same checkpoint.")
+                         "same checkpoint (Flux, SD3 and Z-Image use 16-channel VAEs).")
     prediction = model.model.model_type.name
     if prediction not in PREDICTION_TYPES:
-        raise ValueError(f"Train LoRA: model predicts {prediction}; only epsilon and v-prediction models "
-                         "can be trained.")
+        raise ValueError(f"Train LoRA: model predicts {prediction}; only epsilon, v-prediction and flow-matching "
+                         "models can be trained.")
     return family
 
 
@@ -166,12 +199,14 @@ def check_private_copies_fit(patchers: list) -> None:
     check_fits(sizes, reserve, comfy.model_management.get_free_memory(device), str(device))
 
 
-def model_access(model, clip, vae, family: str) -> ModelAccess:
+def model_access(model, clip, vae, family: str, timestep_sampling: str = "auto",
+                 timestep_shift: float = 3.0) -> ModelAccess:
     """Load MODEL and CLIP fully onto the compute device and describe them for training/."""
     import comfy.lora
     import comfy.model_management
 
     comfy.model_management.load_models_gpu([model, clip.patcher], force_full_load=True)
+    entry = FAMILIES[family]
     base_model = model.model
     device = model.load_device
     model_sampling = model.get_model_object("model_sampling")
@@ -179,9 +214,16 @@ def model_access(model, clip, vae, family: str) -> ModelAccess:
     transformer_options = dict(model.model_options.get("transformer_options", {}))
     roots = _text_roots(clip, family)
     unet = base_model.diffusion_model
+    unet_config = base_model.model_config.unet_config
+    guidance_embed = bool(unet_config.get("guidance_embed"))
+    training_guidance = entry.training_guidance if guidance_embed else None
+    conditioning_keys = ("c_crossattn", "pooled", "exact_length", "samples")
 
     def denoise(xt: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
-        extra = {"y": cond["y"]} if "y" in cond else {}
+        if "samples" in cond:   # captions that cannot share a batch: one forward each, as ComfyUI does
+            return torch.cat([denoise(xt[index:index + 1], sigma[index:index + 1], sample)
+                              for index, sample in enumerate(cond["samples"])])
+        extra = {key: value for key, value in cond.items() if key not in conditioning_keys}
         return base_model.apply_model(xt, sigma, c_crossattn=cond["c_crossattn"],
                                       transformer_options=transformer_options, **extra)
 
@@ -192,16 +234,29 @@ def model_access(model, clip, vae, family: str) -> ModelAccess:
         latent = vae.encode(pixels[:, :, :, :3])
         return base_model.process_latent_in(latent.clone()).to(device, torch.float32)
 
+    def encode_caption(caption: str) -> dict:
+        tokens = clip.tokenize(caption)
+        if entry.dit is None:
+            cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+            return {"c_crossattn": cond.to(device), "pooled": pooled.to(device) if pooled is not None else None}
+        output = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+        pooled = output.get("pooled_output")
+        encoded = {"c_crossattn": output["cond"].to(device), "pooled": pooled.to(device) if pooled is not None else None}
+        mask = output.get("attention_mask")
+        if mask is not None and int(mask.sum()) != mask.numel():   # padding inside: the model needs the mask
+            encoded["attention_mask"] = mask.to(device)
+        if family in EXACT_LENGTH_TEXT:
+            encoded["exact_length"] = True
+        return encoded
+
     def encode_captions(captions: list[str]) -> dict:
-        encoded = []
-        for caption in captions:
-            cond, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
-            encoded.append({"c_crossattn": cond.to(device),
-                            "pooled": pooled.to(device) if pooled is not None else None})
-        return concat_conditioning(encoded)
+        return concat_conditioning([encode_caption(caption) for caption in captions])
 
     def extra_conditioning(cond: dict, sizes: list[dict]) -> dict:
+        if "samples" in cond:
+            return {"samples": [extra_conditioning(sample, [size]) for sample, size in zip(cond["samples"], sizes)]}
         result = {"c_crossattn": cond["c_crossattn"].to(device)}
+        batch = result["c_crossattn"].shape[0]
         if family == "sdxl":
             rows = []
             for index, size in enumerate(sizes):
@@ -212,28 +267,52 @@ def model_access(model, clip, vae, family: str) -> ModelAccess:
                                                   height=height, crop_w=left, crop_h=top, target_width=target_width,
                                                   target_height=target_height))
             result["y"] = torch.cat(rows).to(device)
+        elif family in ("flux", "sd3") and cond.get("pooled") is not None:
+            result["y"] = cond["pooled"].to(device)
+        if training_guidance is not None:   # Flux-dev: the distilled guidance input (families.py says which value)
+            result["guidance"] = torch.full((batch,), float(training_guidance), device=device)
+        if family == "zimage":   # Lumina 2's forward takes the caption's token count (and a mask with padding)
+            result["num_tokens"] = int(cond["attention_mask"].sum(dim=-1).max()) if "attention_mask" in cond \
+                else result["c_crossattn"].shape[1]
+            if "attention_mask" in cond:
+                result["attention_mask"] = cond["attention_mask"].to(device)
         return result
 
     unet_key_map = comfy.lora.model_lora_keys_unet(base_model, {})
     clip_key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
 
-    def unet_kohya_names(paths: list[str]) -> dict[str, str]:
+    def unet_kohya_names(paths: list[str]) -> dict:
+        if entry.key_style == "diffusers":
+            return kohya.diffusers_unet_names(unet_key_map, paths)
         return kohya.kohya_unet_names(unet_key_map, paths, family)
 
-    def text_kohya_names(part: str, paths: list[str]) -> dict[str, str]:
+    def text_kohya_names(part: str, paths: list[str]) -> dict:
         return kohya.kohya_text_names(clip_key_map, roots[part][0], paths, family, part)
 
-    # Checkpointed units: the layers inside each block (ResBlock, SpatialTransformer, Up/Downsample).
-    # ComfyUI never calls a block (TimestepEmbedSequential) itself: forward_timestep_embed iterates
-    # over its layers, so a forward patched onto the block would never run.
-    blocks = [layer for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks] for layer in block]
+    if entry.dit is not None:
+        # A DiT calls its transformer blocks one by one: each block is a checkpointed unit.
+        blocks = [block for name in DIT_BLOCK_CONTAINERS[family] for block in getattr(unet, name, [])]
+    else:
+        # Checkpointed units: the layers inside each block (ResBlock, SpatialTransformer, Up/Downsample).
+        # ComfyUI never calls a block (TimestepEmbedSequential) itself: forward_timestep_embed iterates
+        # over its layers, so a forward patched onto the block would never run.
+        blocks = [layer for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks] for layer in block]
+    sampler = None
+    sampling = ("uniform", 0.0)
+    if entry.flow:
+        sampling = sampling_for(family, timestep_sampling, timestep_shift)
+        kind, shift = sampling
+        sampler = lambda batch, shape, generator: draw_flow_sigmas(kind, shift, batch, shape, generator)  # noqa: E731
     latent_key = f"{type(base_model.latent_format).__name__}:{vae_fingerprint(vae)}"
+    architecture = ""
+    if family == "flux":
+        architecture = "flux-1-dev" if guidance_embed else "flux-1-schnell"
     return ModelAccess(
         family=family, device=torch.device(device), unet=unet, unet_blocks=blocks,
         text_encoders={part: module for part, (_, module) in roots.items()},
         text_layers={part: list(module.transformer.text_model.encoder.layers) for part, (_, module) in roots.items()},
         objective=DiffusionObjective(sigmas=sigmas.to(device), prediction_type=PREDICTION_TYPES[base_model.model_type.name],
-                                     denoise=denoise, noise_scaling=noise_scaling),
+                                     denoise=denoise, noise_scaling=noise_scaling, sigma_sampler=sampler),
         encode_pixels=encode_pixels, encode_captions=encode_captions, extra_conditioning=extra_conditioning,
         unet_kohya_names=unet_kohya_names, text_kohya_names=text_kohya_names, latent_key=latent_key,
         # On a GPU the user's frozen weights wait in ComfyUI's offload device (RAM) while the trainable
@@ -245,6 +324,7 @@ def model_access(model, clip, vae, family: str) -> ModelAccess:
         release_encoders=lambda vae_done, text_done: release_models(
             ([vae.patcher] if vae_done else []) + ([clip.patcher] if text_done else [])),
         dora_norm=dora_norm_of_loader(),
+        sampling=sampling, training_guidance=training_guidance, architecture=architecture,
     )
 
 
@@ -295,7 +375,11 @@ def sample_previewer(model, vae, access: ModelAccess, prompts: list[SamplePrompt
     def encode(text: str, width: int, height: int) -> dict:
         cond = access.encode_captions([text])
         size = {"original_size": (width, height), "crop_offset": (0, 0), "target_size": (width, height)}
-        return access.extra_conditioning(cond, [size])
+        conditioning = access.extra_conditioning(cond, [size])
+        if "guidance" in conditioning and FAMILIES[access.family].preview_guidance is not None:
+            # previews of a guidance-distilled model use its usual guidance (ComfyUI's FluxGuidance default)
+            conditioning["guidance"] = torch.full_like(conditioning["guidance"], FAMILIES[access.family].preview_guidance)
+        return conditioning
 
     def decode(latent: torch.Tensor) -> torch.Tensor:
         return vae.decode(base_model.process_latent_out(latent.float()).cpu())

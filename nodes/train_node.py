@@ -8,6 +8,7 @@ from ..training.host import TrainCallbacks
 from ..training.image_tensors import pil_to_image
 from ..training.kohya import lora_name_for
 from ..training.resume import resolve_state_path
+from ..training.families import FAMILIES
 from ..training.sampling import parse_sample_prompts
 from ..training.settings import specs
 from ..training.training_chart import training_chart
@@ -54,8 +55,14 @@ class TrainNode:
         options = RunOptions(**{name: values[name] for name in specs(RunOptions) if name in values})
         family = comfy_bridge.check_compatible(model, clip, vae)
         part_rates = part_rates_for(learning_rates, family)
+        entry = FAMILIES[family]
+        if entry.frozen_text and any(rate > 0 for part, rate in learning_rates.resolved().items()
+                                     if part != "unet" and part not in entry.text_parts):
+            logger.info("LoRA Lab: %s's text encoders (%s) stay frozen%s; their rates are not used.", entry.label,
+                        entry.frozen_text, " (CLIP-L and CLIP-G train at the TE rates)" if entry.text_parts else "")
         check_inputs(settings, dataset, part_rates, lr_schedule, family, comfy_bridge.device_type(model))
-        sample_prompts = parse_sample_prompts(options.sample_prompt, dataset.options.resolution, settings.training_seed)
+        sample_prompts = parse_sample_prompts(options.sample_prompt, dataset.options.resolution, settings.training_seed,
+                                              cfg=FAMILIES[family].preview_cfg, steps=FAMILIES[family].preview_steps)
         if sample_prompts and options.sample_every_n_steps <= 0:
             logger.warning("LoRA Lab: sample_prompt is set but sample_every_n_steps is 0: no previews will be drawn.")
 
@@ -79,7 +86,8 @@ class TrainNode:
         """Train on the models `training_models` hands out (the user's, or private copies under dynamic
         VRAM, released when this returns)."""
         with comfy_bridge.training_models(model, clip, train_text) as (train_model, train_clip):
-            access = comfy_bridge.model_access(train_model, train_clip, vae, family)
+            access = comfy_bridge.model_access(train_model, train_clip, vae, family, settings.timestep_sampling,
+                                               settings.timestep_shift)
             callbacks = TrainCallbacks(
                 on_step=comfy_bridge.progress_reporter(settings.steps, unique_id, training_chart),
                 check_cancel=comfy_bridge.check_cancel, is_cancel=comfy_bridge.is_cancel,

@@ -91,16 +91,23 @@ def conditioning_crop(offset, flipped: bool, resized_size, bucket) -> tuple[int,
 
 def concat_conditioning(conds: list[dict]) -> dict:
     """Batch per-caption conditioning. Captions longer than 75 tokens give longer sequences: shorter
-    ones are repeated to the least common multiple length, as ComfyUI batches conds."""
+    ones are repeated to the least common multiple length, as ComfyUI batches CLIP conds. Where a
+    model's text sequence cannot be repeated (an LLM encoder with positions: "exact_length"), captions
+    of different lengths stay separate ({"samples": [...]}: the model runs them one by one, as
+    ComfyUI does with conds it cannot concatenate)."""
     if len(conds) == 1:
         return conds[0]
     lengths = [cond["c_crossattn"].shape[1] for cond in conds]
+    if conds[0].get("exact_length") and len(set(lengths)) > 1:
+        return {"samples": conds}
     target = math.lcm(*lengths)
     crossattn = torch.cat([cond["c_crossattn"].repeat(1, target // cond["c_crossattn"].shape[1], 1)
                            for cond in conds])
     merged = {"c_crossattn": crossattn}
-    if conds[0].get("pooled") is not None:
-        merged["pooled"] = torch.cat([cond["pooled"] for cond in conds])
+    for key, value in conds[0].items():
+        if key == "c_crossattn" or value is None:
+            continue
+        merged[key] = torch.cat([cond[key] for cond in conds]) if torch.is_tensor(value) else value
     return merged
 
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 class ModelAccess:
     """What the trainer needs from the host application (built by nodes/comfy_bridge.py)."""
 
-    family: str                                             # "sd1" | "sd2" | "sdxl"
+    family: str                                             # a key of training/families.FAMILIES
     device: torch.device
     unet: torch.nn.Module                                   # the diffusion model (ldm layout)
     unet_blocks: list[torch.nn.Module]                      # modules to checkpoint (each called by the UNet)
@@ -27,8 +27,9 @@ class ModelAccess:
     encode_pixels: Callable[[torch.Tensor], torch.Tensor]   # IMAGE [B,H,W,3] 0..1 -> model latent x0
     encode_captions: Callable[[list[str]], dict]            # captions -> {"c_crossattn", "pooled"?}
     extra_conditioning: Callable[[dict, list[dict]], dict]  # (text cond, per-sample sizes) -> cond kwargs
-    unet_kohya_names: Callable[[list[str]], dict[str, str]]
-    text_kohya_names: Callable[[str, list[str]], dict[str, str]]
+    # module paths -> the file's key stem per path (or [(stem, output rows)] where the file splits a fused layer)
+    unet_kohya_names: Callable[[list[str]], dict]
+    text_kohya_names: Callable[[str, list[str]], dict]
     latent_key: str = ""                                    # identifies VAE weights + latent format (disk cache)
     offload_device: torch.device | None = None              # where frozen originals wait while training (GPU runs)
     # Called once every latent / frozen caption encoding is cached: (VAE done, text encoders done) ->
@@ -38,6 +39,10 @@ class ModelAccess:
     clip_skip: int | None = None                            # kohya's clip_skip (2 = penultimate layer); None = last
     # The norm the host's LoRA loader divides a dora_scale by (lora.lora_weights): "original" | "updated"
     dora_norm: str = "updated"
+    # Flow matching: (sampler kind, shift) the run draws sigmas with (training/families.py), recorded in the file
+    sampling: tuple[str, float] = ("uniform", 0.0)
+    training_guidance: float | None = None                  # guidance-distilled models (Flux-dev): the value trained with
+    architecture: str = ""                                  # modelspec architecture where the host knows the variant
 
 
 @dataclass

@@ -27,13 +27,12 @@ logger = logging.getLogger("lora_lab")
 
 LORA_EXTENSION = ".safetensors"
 
-# kohya's ss_base_model_version values.
-BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-
 # Text-encoder key prefix per (model family, part).
 TEXT_ENCODER_PREFIXES = {
     ("sd1", "text_encoder"): "lora_te_", ("sd2", "text_encoder"): "lora_te_",
     ("sdxl", "text_encoder"): "lora_te1_", ("sdxl", "text_encoder_2"): "lora_te2_",
+    # SD3's files use diffusers names (training/families.py says why)
+    ("sd3", "text_encoder"): "text_encoder.", ("sd3", "text_encoder_2"): "text_encoder_2.",
 }
 
 
@@ -53,7 +52,7 @@ def kohya_unet_names(weight_key_map: Mapping[str, str], module_paths: list[str],
     for path in module_paths:
         ldm_stem = "lora_unet_" + path.replace(".", "_")
         candidates = by_weight.get(f"diffusion_model.{path}.weight", [])
-        if family == "sdxl":
+        if family not in ("sd1", "sd2"):   # SDXL and the DiT families: ldm / ComfyUI module names
             chosen = ldm_stem if ldm_stem in candidates else None
         else:
             diffusers_style = [stem for stem in candidates if stem != ldm_stem]
@@ -82,6 +81,70 @@ def kohya_text_names(weight_key_map: Mapping[str, str], root_prefix: str, module
             raise ValueError(f"ComfyUI's LoRA key map has no {prefix}* name for text-encoder layer {path}")
         names[path] = stem
     return names
+
+
+def diffusers_unet_names(weight_key_map: Mapping[str, object], module_paths: list[str],
+                         prefix: str = "transformer.") -> dict[str, list[tuple[str, tuple[int, int] | None]]]:
+    """Diffusion-model module path -> [(diffusers module name, output rows or None)], from ComfyUI's
+    key map (its diffusers entries map a name to a weight, or to (weight, (dim, offset, size)) where
+    diffusers splits a fused layer: SD3's to_q/to_k/to_v are row slices of ComfyUI's qkv)."""
+    by_weight: dict[str, list[tuple[str, tuple[int, int] | None]]] = {}
+    for stem, target in weight_key_map.items():
+        if not stem.startswith(prefix):
+            continue
+        if isinstance(target, tuple):
+            weight, (dim, offset, size) = target
+            if dim != 0:
+                continue
+            by_weight.setdefault(weight, []).append((stem, (offset, size)))
+        else:
+            by_weight.setdefault(target, []).append((stem, None))
+    names = {}
+    for path in module_paths:
+        candidates = by_weight.get(f"diffusion_model.{path}.weight")
+        if not candidates:
+            raise ValueError(f"ComfyUI's LoRA key map has no diffusers name for layer {path}")
+        names[path] = sorted(candidates, key=lambda item: item[1][0] if item[1] else 0)
+    return names
+
+
+def file_entries(name, weights: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """[(key stem, weights)] for one trained layer. `name` is a stem, or [(stem, rows)] where the file
+    splits a fused layer into row slices (every slice keeps A; B and the DoRA scale are cut)."""
+    if isinstance(name, str):
+        return [(name, weights)]
+    entries = []
+    for stem, rows in name:
+        if rows is None:
+            entries.append((stem, weights))
+            continue
+        offset, size = rows
+        part = {"down": weights["down"], "up": weights["up"][offset:offset + size].contiguous()}
+        if "magnitude" in weights:
+            part["magnitude"] = weights["magnitude"][offset:offset + size].contiguous()
+        entries.append((stem, part))
+    return entries
+
+
+def lora_state_dict(entries: list[tuple[str, dict[str, torch.Tensor]]], alpha: float, dtype: torch.dtype,
+                    key_style: str) -> dict[str, torch.Tensor]:
+    """The file's tensors in the family's key style: "kohya" (lora_down/lora_up/alpha) or "diffusers"
+    (peft's lora_A/lora_B with the alpha / rank scale folded into B: diffusers rejects non-LoRA keys
+    such as .alpha, and ComfyUI then applies scale 1)."""
+    if key_style == "kohya":
+        return kohya_state_dict(entries, alpha, dtype)
+    if dtype != torch.float32 and not fits_dtype(entries, dtype):
+        logger.warning("LoRA Lab: the trained weights exceed %s's range; this file is saved in fp32 instead", dtype)
+        dtype = torch.float32
+    tensors: dict[str, torch.Tensor] = {}
+    for stem, weights in entries:
+        scale = float(alpha) / weights["down"].shape[0]
+        tensors[f"{stem}.lora_A.weight"] = weights["down"].to(dtype).contiguous()
+        tensors[f"{stem}.lora_B.weight"] = (weights["up"].float() * scale).to(dtype).contiguous()
+        if "magnitude" in weights:
+            magnitude = weights["magnitude"].to(dtype)
+            tensors[f"{stem}.dora_scale"] = magnitude.reshape(-1, *([1] * (weights["up"].ndim - 1))).contiguous()
+    return tensors
 
 
 def kohya_state_dict(entries: list[tuple[str, dict[str, torch.Tensor]]], alpha: float,
@@ -118,26 +181,29 @@ def fits_dtype(entries: list[tuple[str, dict[str, torch.Tensor]]], dtype: torch.
 
 # ModelSpec (modelspec.*), as sd-scripts writes it for LoRAs (library/sai_model_spec.py).
 MODELSPEC_VERSION = "1.0.1"
-MODELSPEC_ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
-                           "sd2_v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
-MODELSPEC_IMPLEMENTATIONS = {"sd1": "diffusers", "sd2": "diffusers",
-                             "sdxl": "https://github.com/Stability-AI/generative-models"}
+# SD2's v-prediction models have their own architecture name (sd-scripts' sai_model_spec).
+SD2_V_ARCHITECTURE = "stable-diffusion-v2-768-v"
+MODELSPEC_PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v"}   # flow-matching files carry none
 
 
-def modelspec_metadata(family: str, v_prediction: bool, title: str, resolution: int, timestamp: float,
-                       clip_skip: int | None) -> dict[str, str]:
-    """The modelspec.* keys of a LoRA: architecture "<base>/lora", implementation, title, resolution,
-    date (ISO, local time, as sd-scripts), prediction type and, with clip skip, the encoder layer."""
-    base = "sd2_v" if family == "sd2" and v_prediction else family
+def modelspec_metadata(family, prediction_type: str, title: str, resolution: int, timestamp: float,
+                       clip_skip: int | None, architecture: str = "") -> dict[str, str]:
+    """The modelspec.* keys of a LoRA: architecture "<base>/lora" (the family's, or `architecture` where
+    the host knows the variant, e.g. flux-1-schnell), implementation, title, resolution, date (ISO,
+    local time, as sd-scripts), prediction type and, with clip skip, the encoder layer."""
+    base = architecture or family.modelspec_architecture
+    if family.key == "sd2" and prediction_type == "v_prediction":
+        base = SD2_V_ARCHITECTURE
     metadata = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": f"{MODELSPEC_ARCHITECTURES[base]}/lora",
-        "modelspec.implementation": MODELSPEC_IMPLEMENTATIONS[family],
+        "modelspec.architecture": f"{base}/lora",
+        "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
-        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
     }
+    if prediction_type in MODELSPEC_PREDICTIONS:
+        metadata["modelspec.prediction_type"] = MODELSPEC_PREDICTIONS[prediction_type]
     if clip_skip is not None:
         metadata["modelspec.encoder_layer"] = str(clip_skip)
     return metadata

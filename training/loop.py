@@ -48,9 +48,17 @@ def velocity_from_denoised(xt: torch.Tensor, denoised: torch.Tensor, x0: torch.T
     return prediction, target
 
 
+def flow_from_denoised(xt: torch.Tensor, denoised: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+                       sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prediction, target) for flow matching (ComfyUI's CONST: x_t = (1 - sigma) x0 + sigma eps, the model
+    predicts the velocity eps - x0 and denoised = x_t - sigma v): v_hat = (x_t - x0_hat) / sigma vs eps - x0."""
+    return (xt - denoised) / _per_sample(sigma, xt.ndim), noise - x0
+
+
 PREDICTIONS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "epsilon": epsilon_from_denoised,
     "v_prediction": velocity_from_denoised,
+    "flow": flow_from_denoised,
 }
 
 
@@ -66,6 +74,11 @@ def min_snr_weight(sigma: torch.Tensor, gamma: float, prediction_type: str) -> t
     return clipped / (snr + 1.0) if prediction_type == "v_prediction" else clipped / snr
 
 
+def validation_timesteps(schedule_length: int, count: int) -> list[int]:
+    """`count` timesteps at the centres of `count` equal slices of 0..schedule_length-1."""
+    return [min(schedule_length - 1, int((index + 0.5) * schedule_length / count)) for index in range(count)]
+
+
 @dataclass
 class DiffusionObjective:
     """What the loss needs from a diffusion model (supplied by the ComfyUI bridge)."""
@@ -74,11 +87,33 @@ class DiffusionObjective:
     prediction_type: str                                     # a key of PREDICTIONS
     denoise: Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]   # (x_t, sigma, cond) -> x0_hat
     noise_scaling: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (sigma, noise, x0) -> x_t
+    # Flow matching: (batch, latent shape, generator) -> continuous sigmas in (0, 1]. None: a timestep drawn
+    # uniformly from the discrete schedule `sigmas` (SD1.x/2.x/SDXL).
+    sigma_sampler: Callable[[int, tuple, torch.Generator], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTIONS:
             raise ValueError(f"prediction_type = {self.prediction_type!r} is not supported; "
                              f"supported: {', '.join(PREDICTIONS)}")
+
+    def draw_sigmas(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One training sigma per sample (fp32, on x0's device)."""
+        if self.sigma_sampler is not None:
+            return self.sigma_sampler(x0.shape[0], tuple(x0.shape), generator).to(x0.device, torch.float32)
+        timesteps = torch.randint(0, len(self.sigmas), (x0.shape[0],), generator=generator, device=generator.device)
+        return self.sigma_at(timesteps).to(x0.device)
+
+    def sigma_at(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The discrete schedule's sigma at these timestep indices (fp32)."""
+        return self.sigmas[timesteps.to(self.sigmas.device)].to(torch.float32)
+
+    def validation_sigmas(self, count: int) -> torch.Tensor:
+        """`count` fixed sigmas spread over the noise levels (the stable validation loss): the discrete
+        schedule's sigma at the centres of `count` equal slices of its timesteps, or, for flow
+        matching, the centres of `count` equal slices of (0, 1)."""
+        if self.sigma_sampler is not None:
+            return torch.tensor([(index + 0.5) / count for index in range(count)], dtype=torch.float32)
+        return self.sigma_at(torch.tensor(validation_timesteps(len(self.sigmas), count))).cpu()
 
 
 def draw_noise(x0: torch.Tensor, generator: torch.Generator, noise_offset: float) -> torch.Tensor:
@@ -92,8 +127,14 @@ def draw_noise(x0: torch.Tensor, generator: torch.Generator, noise_offset: float
 
 def diffusion_loss(objective: DiffusionObjective, x0: torch.Tensor, cond: dict, noise: torch.Tensor,
                    timesteps: torch.Tensor, min_snr_gamma: float = 0.0) -> torch.Tensor:
-    """Mean squared error of the model's epsilon/v prediction at the given noise and timesteps."""
-    sigma = objective.sigmas[timesteps.to(objective.sigmas.device)].to(x0.device, torch.float32)
+    """Mean squared error of the model's prediction at the given noise and discrete timesteps."""
+    return loss_at_sigma(objective, x0, cond, noise, objective.sigma_at(timesteps).to(x0.device), min_snr_gamma)
+
+
+def loss_at_sigma(objective: DiffusionObjective, x0: torch.Tensor, cond: dict, noise: torch.Tensor,
+                  sigma: torch.Tensor, min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """Mean squared error of the model's epsilon / v / flow prediction at the given noise and sigmas."""
+    sigma = sigma.to(x0.device, torch.float32)
     xt = objective.noise_scaling(sigma, noise, x0)
     denoised = objective.denoise(xt, sigma, cond).float()
     prediction, target = PREDICTIONS[objective.prediction_type](xt, denoised, x0, noise, sigma)
@@ -204,7 +245,6 @@ def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     if settings.precision == "fp16" and scaler is None:
         scaler = make_grad_scaler(settings)
-    sigma_count = len(objective.sigmas)
     records: list[StepRecord] = []
     log_file = open(log_path, "a", encoding="utf-8") if log_path is not None else None
     try:
@@ -218,10 +258,9 @@ def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective
                     callbacks.check_cancel()
                 x0, cond = next_batch()
                 noise = draw_noise(x0, generator, settings.noise_offset)
-                timesteps = torch.randint(0, sigma_count, (x0.shape[0],), generator=generator,
-                                          device=generator.device)
+                sigma = objective.draw_sigmas(x0, generator)
                 with autocast_context(settings):
-                    loss = diffusion_loss(objective, x0, cond, noise, timesteps, settings.min_snr_gamma)
+                    loss = loss_at_sigma(objective, x0, cond, noise, sigma, settings.min_snr_gamma)
                 scaled = loss / settings.gradient_accumulation
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 share = scaled.detach().float()

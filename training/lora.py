@@ -58,8 +58,13 @@ _UNET_BLOCK_PREFIXES = ("input_blocks.", "middle_block.", "output_blocks.")
 _UNET_EXCLUDED_PREFIXES = ("input_blocks.0.",)
 
 
-def unet_target_paths(unet: torch.nn.Module, target: str) -> list[str]:
-    """Module paths (relative to ComfyUI's ``diffusion_model``) that get LoRA layers."""
+def unet_target_paths(unet: torch.nn.Module, target: str, family: str = "sd1") -> list[str]:
+    """Module paths (relative to ComfyUI's ``diffusion_model``) that get LoRA layers: for a DiT family
+    its table's rules (training/families.py), for a UNet the TARGETS specs."""
+    from .families import FAMILIES, dit_target_paths
+
+    if FAMILIES[family].dit is not None:
+        return dit_target_paths(unet, FAMILIES[family].dit, target)
     spec = TARGETS[target]
     transformers = tuple(f"{path}." for path, module in unet.named_modules()
                          if type(module).__name__ == _TRANSFORMER_CLASS) if spec.unet_transformer_linear else ()
@@ -84,6 +89,15 @@ def text_target_paths(text_model: torch.nn.Module, target: str) -> list[str]:
     return [path for path, module in text_model.named_modules()
             if isinstance(module, torch.nn.Linear) and ".encoder.layers." in f".{path}"
             and path.endswith(spec.text_suffixes)]
+
+
+def unet_blocks(paths: list[str], family: str = "sd1") -> dict[str, str]:
+    """Module path -> "down" | "mid" | "up" (block weights) for this family's diffusion model."""
+    from .families import FAMILIES, dit_block_of
+
+    if FAMILIES[family].dit is not None:
+        return dit_block_of(FAMILIES[family].dit, paths)
+    return {path: unet_block_of(path) for path in paths}
 
 
 def unet_block_of(path: str) -> str:

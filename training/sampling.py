@@ -34,11 +34,13 @@ class SamplePrompt:
     steps: int = DEFAULT_STEPS
 
 
-def parse_sample_prompts(text: str, resolution: int, seed: int) -> list[SamplePrompt]:
+def parse_sample_prompts(text: str, resolution: int, seed: int, cfg: float = DEFAULT_CFG,
+                         steps: int = DEFAULT_STEPS) -> list[SamplePrompt]:
     """One SamplePrompt per non-empty line; kohya options `--n --w --h --d --l --s` may follow the prompt.
 
     "a cat --n blurry --w 768 --h 512 --d 42 --l 6 --s 25". Unknown or malformed options raise
-    ValueError naming the line and the fix. Lines starting with # are comments.
+    ValueError naming the line and the fix. Lines starting with # are comments. `cfg` and `steps` are
+    the defaults where a line gives none (the model family's usual values).
     """
     prompts = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -46,7 +48,8 @@ def parse_sample_prompts(text: str, resolution: int, seed: int) -> list[SamplePr
         if not line or line.startswith("#"):
             continue
         head, *options = line.split(" --")
-        values: dict = {"prompt": head.strip(), "width": resolution, "height": resolution, "seed": seed}
+        values: dict = {"prompt": head.strip(), "width": resolution, "height": resolution, "seed": seed, "cfg": cfg,
+                        "steps": steps}
         for option in options:
             key, _, value = option.strip().partition(" ")
             if key not in PROMPT_OPTIONS:

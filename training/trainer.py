@@ -20,10 +20,11 @@ from typing import Any, Callable, Iterable
 import torch
 
 from . import kohya, resume
+from .families import FAMILIES, TIMESTEP_SAMPLINGS, check_family_settings
 from .feeder import BatchFeeder, batches_per_epoch_of, largest_bucket_size
 from .host import ModelAccess, TrainCallbacks, TrainingResult
 from .lora import (InjectedLora, checkpointed_forward, inject_lora, lora_weights, out_of_place_clip_layer_forward,
-                   patched_forwards, text_target_paths, trainable_copies, unet_block_of, unet_target_paths, TARGETS)
+                   patched_forwards, text_target_paths, trainable_copies, unet_blocks, unet_target_paths, TARGETS)
 from .loop import LoopSettings, StepRecord, TrainingDiverged, TrainingOutOfMemory, make_grad_scaler, run_loop
 from .optimizers import OPTIMIZERS, TrainedLayer, build_optimizer, build_param_groups, check_optimizer
 from .settings import setting, validate
@@ -38,7 +39,9 @@ LATENT_CACHE_FOLDER = ".latent_cache"  # under <output>/lora_lab/; lora names ca
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 # TrainSettings fields that came after the node's first release: they sit in its "optional" section.
-OPTIONAL_SETTINGS = ("save_precision", "validate_every_n_steps")
+OPTIONAL_SETTINGS = ("save_precision", "validate_every_n_steps", "timestep_sampling", "timestep_shift")
+# Appended settings a run made before them is identical without, at their default (resume checks).
+LATER_DEFAULTS = {"timestep_sampling": "auto", "timestep_shift": 3.0}
 
 
 def _lora_name_problem(name: str) -> None:
@@ -98,6 +101,15 @@ class TrainSettings:
         "with fixed noise at 8 fixed timesteps, no gradient. Unlike the training loss it only moves when the "
         "weights do; it is drawn on the chart and logged as val_loss. Costs about 32 forward passes each "
         "time; training is the same with or without it. 0 = off."), min=0, max=1_000_000)
+    timestep_sampling: str = setting("auto", (
+        "Which noise levels train (flow-matching models: Flux, SD3, Z-Image). auto = the family's usual "
+        "default: Flux = its resolution-dependent shift, SD3 = logit_normal, Z-Image = shift 3.0. uniform = "
+        "every level alike; logit_normal = more weight on the middle levels (SD3 paper); shift = logit_normal "
+        "moved toward high noise by timestep_shift. SD1.x/2.x/SDXL: auto or uniform (their 1000 timesteps "
+        "uniformly)."), choices=tuple(TIMESTEP_SAMPLINGS))
+    timestep_shift: float = setting(3.0, "The shift of timestep_sampling = shift (sigma = s*t / (1 + (s-1)*t)); "
+                                         "> 1 trains more at high noise (composition), < 1 at low noise (detail).",
+                                    min=0.1, max=20.0, step=0.05)
 
     def __post_init__(self) -> None:
         validate(self, "Train LoRA")
@@ -125,11 +137,13 @@ class RunOptions:
 
 
 def part_rates_for(rates, family: str, text_parts: Iterable[str] | None = None) -> dict[str, float]:
-    """Base rate per part for this model family (0 = frozen): TE2 exists only on SDXL, and a text
-    encoder the model lacks (when `text_parts` is given) is frozen too."""
+    """Base rate per part for this model family (0 = frozen): a text encoder the family cannot train
+    (TE2 outside SDXL/SD3; Flux's and Z-Image's encoders, which stay frozen) and one the model lacks
+    (when `text_parts` is given) are frozen."""
     part_rates = dict(rates.resolved())
-    if family != "sdxl":
-        part_rates["text_encoder_2"] = 0.0
+    for part in TEXT_PARTS:
+        if part not in FAMILIES[family].text_parts:
+            part_rates[part] = 0.0
     if text_parts is not None:
         for part in TEXT_PARTS:
             if part not in text_parts:
@@ -150,8 +164,12 @@ def check_inputs(settings: TrainSettings, dataset, part_rates: dict[str, float],
                          f"{len(dataset.samples)} images in {len(dataset.buckets())} bucket(s)). Lower "
                          f"batch_size to at most {largest}, add images or repeats, or turn bucketing off.")
     if not any(rate > 0 for part, rate in part_rates.items()):
+        frozen = FAMILIES[access_family].frozen_text
         raise ValueError("Train LoRA: every learning rate resolves to 0, so nothing would train. Set "
-                         "learning_rate (or unet_lr / text_encoder_lr) above 0 in UNet/TE Learning Rates.")
+                         "learning_rate (or unet_lr / text_encoder_lr) above 0 in UNet/TE Learning Rates."
+                         + (f" ({FAMILIES[access_family].label}'s text encoders, {frozen}, always stay frozen: "
+                            "set unet_lr.)" if frozen and not FAMILIES[access_family].text_parts else ""))
+    check_family_settings(access_family, settings.noise_offset, settings.min_snr_gamma, settings.timestep_sampling)
     schedule.check_total(settings.steps)
     check_optimizer(settings.optimizer, device_type)
 
@@ -197,7 +215,7 @@ def _kohya_fields(settings: TrainSettings, rates, schedule, dataset, access: Mod
         "ss_unet_lr": part_rates["unet"],
         "ss_text_encoder_lr": part_rates["text_encoder"],
         # sd-scripts keeps only the first text encoder's rate in ss_text_encoder_lr; SDXL's second one:
-        "ss_text_encoder_2_lr": part_rates["text_encoder_2"] if family == "sdxl" else None,
+        "ss_text_encoder_2_lr": part_rates["text_encoder_2"] if "text_encoder_2" in FAMILIES[family].text_parts else None,
         "ss_lr_scheduler": schedule.scheduler,
         "ss_lr_warmup_steps": schedule.warmup_steps(settings.steps),
         "ss_max_train_steps": settings.steps,
@@ -208,7 +226,7 @@ def _kohya_fields(settings: TrainSettings, rates, schedule, dataset, access: Mod
         "ss_num_reg_images": 0,
         "ss_num_batches_per_epoch": batches_per_epoch,
         "ss_resolution": f"({dataset.options.resolution}, {dataset.options.resolution})",
-        "ss_base_model_version": kohya.BASE_MODEL_VERSIONS[family],
+        "ss_base_model_version": FAMILIES[family].base_model_version,
         "ss_v2": family == "sd2",
         "ss_clip_skip": access.clip_skip,
         "ss_optimizer": settings.optimizer,
@@ -233,6 +251,10 @@ def _kohya_fields(settings: TrainSettings, rates, schedule, dataset, access: Mod
         "ss_caption_dropout_rate": dataset.options.caption_dropout,
         "ss_enable_bucket": dataset.options.bucketing,
         "ss_zero_terminal_snr": False,
+        # Flow-matching runs: how sigmas were drawn (sd-scripts' names) and the guidance trained with.
+        "ss_timestep_sampling": access.sampling[0] if FAMILIES[family].flow else None,
+        "ss_discrete_flow_shift": access.sampling[1] if FAMILIES[family].flow and access.sampling[0] == "shift" else None,
+        "ss_guidance_scale": access.training_guidance,
     }
 
 
@@ -241,8 +263,8 @@ def file_metadata(fields: dict[str, Any], lora_settings: dict[str, Any], tensors
     """Everything the file's header holds: ss_* fields, our settings, the modelspec.* keys and the
     sshs_* hashes (computed last, over the tensors and ss_* fields, as sd-scripts does)."""
     metadata = kohya.kohya_metadata(fields, lora_settings)
-    metadata.update(kohya.modelspec_metadata(access.family, access.objective.prediction_type == "v_prediction",
-                                             title, resolution, started, access.clip_skip))
+    metadata.update(kohya.modelspec_metadata(FAMILIES[access.family], access.objective.prediction_type, title,
+                                             resolution, started, access.clip_skip, access.architecture))
     metadata.update(kohya.safetensors_hashes(tensors, metadata))
     return metadata
 
@@ -369,7 +391,7 @@ class Run:
             forward_patches += [(block, checkpointed_forward(block)) for block in access.unet_blocks]
         stack.enter_context(trainable_copies(*roots, offload_device=access.offload_device))
         stack.enter_context(patched_forwards(forward_patches))
-        unet_paths = unet_target_paths(access.unet, settings.target)
+        unet_paths = unet_target_paths(access.unet, settings.target, access.family)
         if plan.part_rates["unet"] > 0:
             self.injected.append(inject_lora(access.unet, "unet", unet_paths, settings.rank, settings.alpha,
                                              settings.use_dora, settings.training_seed))
@@ -386,7 +408,9 @@ class Run:
         """Optimizer, the feeder with everything static encoded up front (then the encoders may leave
         the GPU), the generators, and a resumed run's state."""
         plan, settings, access = self.plan, self.plan.settings, self.plan.access
-        layers = [TrainedLayer(part=module.part, block=unet_block_of(module.path) if module.part == "unet" else "",
+        blocks = unet_blocks([module.path for lora in self.injected if lora.part == "unet" for module in lora.modules],
+                             access.family)
+        layers = [TrainedLayer(part=module.part, block=blocks[module.path] if module.part == "unet" else "",
                                down=module.down, up=module.up, magnitude=module.magnitude)
                   for lora in self.injected for module in lora.modules]
         groups = build_param_groups(layers, plan.part_rates, plan.rates.lora_plus_ratio, plan.rates.block_weight)
@@ -481,9 +505,11 @@ class Run:
             paths = [module.path for module in lora.modules]
             names = (access.unet_kohya_names(paths) if lora.part == "unet"
                      else access.text_kohya_names(lora.part, paths))
-            entries += [(names[module.path], lora_weights(module, torch.float32, access.dora_norm))
-                        for module in lora.modules]
-        tensors = kohya.kohya_state_dict(entries, settings.alpha, SAVE_DTYPES[settings.save_precision])
+            for module in lora.modules:
+                entries += kohya.file_entries(names[module.path],
+                                              lora_weights(module, torch.float32, access.dora_norm))
+        tensors = kohya.lora_state_dict(entries, settings.alpha, SAVE_DTYPES[settings.save_precision],
+                                        FAMILIES[access.family].key_style)
         conv_trained = any(isinstance(module.layer.get_base_layer(), torch.nn.Conv2d)
                            and tuple(module.layer.get_base_layer().kernel_size) != (1, 1)
                            for lora in self.injected for module in lora.modules)
@@ -524,7 +550,9 @@ def run_identity(settings: TrainSettings, rates, schedule, dataset, access: Mode
     data = {"fingerprint": getattr(dataset, "fingerprint", ""), "resolution": dataset.options.resolution,
             "images": len(dataset.samples), "images_per_epoch": dataset.effective_count}
     schedule_values = {key: value for key, value in asdict(schedule).items() if key != "preview_steps"}  # display only
-    identity = resume.run_identity(asdict(settings), asdict(rates), schedule_values, data, model)
+    settings_values = {key: value for key, value in asdict(settings).items()
+                       if not (key in LATER_DEFAULTS and value == LATER_DEFAULTS[key])}
+    identity = resume.run_identity(settings_values, asdict(rates), schedule_values, data, model)
     return json.loads(json.dumps(identity, default=str))
 
 

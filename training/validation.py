@@ -22,16 +22,11 @@ from typing import Callable
 
 import torch
 
-from .loop import DiffusionObjective, LoopSettings, autocast_context, diffusion_loss
+from .loop import DiffusionObjective, LoopSettings, autocast_context, loss_at_sigma, validation_timesteps  # noqa: F401
 
 VALIDATION_IMAGES = 4         # at most this many dataset images
 VALIDATION_TIMESTEPS = 8      # per image, evenly spaced over the schedule
 VALIDATION_SEED = 20231101    # fixed: the same images and noise whatever the training seed
-
-
-def validation_timesteps(schedule_length: int, count: int = VALIDATION_TIMESTEPS) -> list[int]:
-    """`count` timesteps at the centres of `count` equal slices of 0..schedule_length-1."""
-    return [min(schedule_length - 1, int((index + 0.5) * schedule_length / count)) for index in range(count)]
 
 
 def validation_indices(sample_count: int, count: int = VALIDATION_IMAGES) -> list[int]:
@@ -43,7 +38,7 @@ def validation_indices(sample_count: int, count: int = VALIDATION_IMAGES) -> lis
 class ValidationItem:
     x0: torch.Tensor          # [T, C, H, W] the image's latent, once per timestep (on the device)
     noise: torch.Tensor       # [T, C, H, W] fixed noise
-    timesteps: torch.Tensor   # [T]
+    sigmas: torch.Tensor      # [T] fixed noise levels
     caption: str
     sizes: list[dict]         # SDXL size conditioning, one per timestep
     cond: dict | None = None  # the caption's conditioning when the text encoders are frozen
@@ -60,19 +55,19 @@ class ValidationSet:
         self.objective = objective
         self.settings = LoopSettings(total_steps=1, precision=precision, device_type=device.type)
         dataset = feeder.dataset
-        steps = validation_timesteps(len(objective.sigmas), timesteps)
+        sigmas = objective.validation_sigmas(timesteps)
         generator = torch.Generator(device="cpu").manual_seed(VALIDATION_SEED)
         self.items: list[ValidationItem] = []
         for index in validation_indices(len(dataset.samples), images):
             sample = dataset.samples[index]
             offset, _ = dataset.augmentation(index, None)   # the centre crop, no flip, no rng draw
             latent = feeder.latent(index, offset, False)
-            noise = torch.randn((len(steps), *latent.shape[1:]), generator=generator, dtype=torch.float32)
+            noise = torch.randn((len(sigmas), *latent.shape[1:]), generator=generator, dtype=torch.float32)
             size = {"original_size": tuple(sample.original_size), "crop_offset": tuple(int(v) for v in offset),
                     "target_size": tuple(sample.bucket)}
-            item = ValidationItem(x0=latent.repeat(len(steps), 1, 1, 1).to(device), noise=noise.to(device),
-                                  timesteps=torch.tensor(steps), caption=dataset.base_caption(index),
-                                  sizes=[size] * len(steps))
+            item = ValidationItem(x0=latent.repeat(len(sigmas), 1, 1, 1).to(device), noise=noise.to(device),
+                                  sigmas=sigmas.to(device), caption=dataset.base_caption(index),
+                                  sizes=[size] * len(sigmas))
             if not feeder.train_text:
                 item.cond = self._conditioning(item)
             self.items.append(item)
@@ -100,5 +95,5 @@ class ValidationSet:
             for item in self.items:
                 cond = item.cond if item.cond is not None else self._conditioning(item)
                 with autocast_context(self.settings):
-                    total += float(diffusion_loss(self.objective, item.x0, cond, item.noise, item.timesteps))
+                    total += float(loss_at_sigma(self.objective, item.x0, cond, item.noise, item.sigmas))
         return total / len(self.items)

@@ -1,0 +1,264 @@
+"""Tiny random-weight flow-matching models (Flux.1, SD3, Z-Image) that ComfyUI's own detection
+recognises, and their text encoders in reduced configurations. Never committed: generated on demand
+into the fixtures cache (like tiny_checkpoint.py's SD files), an existing file is reused.
+
+How each is built: a "skeleton" holding only the tensors ComfyUI's model detection reads (their
+shapes pick the configuration) goes through ``comfy.model_detection`` exactly as a loaded file
+would; the detected config builds ComfyUI's own model class, whose weights are filled from one
+seeded generator and saved. So the files are what the stock loaders detect, in whichever ComfyUI
+runs (0.3.75 and 0.33 differ in the Flux config they detect), and loading them is real.
+
+* Flux.1 dev / schnell: 1 double + 1 single block at the real width (ComfyUI 0.3.75 detects every
+  Flux as 24 heads of 128, so hidden 3072; ~0.5 B parameters, saved in bf16), CLIP-L pooled width
+  768, text width 64 (the reduced T5 below). A diffusion-model-only file, loaded by UNETLoader as
+  flux1-dev.safetensors is.
+* SD3: MMDiT depth 2 (hidden 128, 2 heads), RMS q/k norm (SD3.5), pooled 2048 (CLIP-L + CLIP-G),
+  context 4096, a 32x32 position grid; one checkpoint with the full CLIP-L and CLIP-G (no T5, which
+  SD3 allows) and a 16-channel TAESD VAE, loaded by CheckpointLoaderSimple.
+* Z-Image: ComfyUI detects Z-Image by its width (dim 3840), so the blocks are real-width: one main
+  layer plus the two noise- and two context-refiner layers every Z-Image has (~0.9 B parameters,
+  saved in bf16), caption width 256 (the reduced Qwen3 below).
+* VAEs: TAESD with 16 latent channels (the Flux/SD3/Z-Image latent width), as ComfyUI's VAELoader
+  reads a TAESD state dict.
+
+Reduced text encoders (the real T5-XXL has 4.7 B parameters and Z-Image's Qwen3 4 B: far too big for
+a 2-core test machine): ComfyUI's own classes with smaller configurations, built by
+:func:`reduced_text_encoder`. T5: d_model 64, 2 layers, 2 heads, the real vocabulary and tokenizer;
+Qwen3: hidden 256, 3 layers (ComfyUI reads the second to last), 2 heads of 128, the real vocabulary, tokenizer and chat template. The
+CLIP-L of Flux is the real configuration. What this covers: ComfyUI's tokenizers, its encoder code
+paths, the conditioning they produce (shapes, masks, pooled vectors) and the model's use of it. What
+it does not: the real encoders' widths and depths (so not their memory or speed), or any learned
+behaviour (the weights are random).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .environment import fixtures_dir
+from .tiny_checkpoint import _import_comfy, _initialise, write_atomically
+
+FLOW_FIXTURE_VERSION = 1
+SEED = 20261201
+REDUCED_T5 = {"d_ff": 128, "d_kv": 32, "d_model": 64, "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True,
+              "layer_norm_epsilon": 1e-6, "model_type": "t5", "num_heads": 2, "num_layers": 2,
+              "relative_attention_num_buckets": 32, "vocab_size": 32128, "eos_token_id": 1, "pad_token_id": 0}
+REDUCED_QWEN3 = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 2,
+                 "num_key_value_heads": 1}
+FLUX_HIDDEN = 3072               # ComfyUI 0.3.75 fixes Flux at 24 heads of 128: the real width
+SD3_DEPTH = 2
+SD3_POSITIONS = 32                 # pos_embed grid side: images up to 32 x 2 x 8 = 512 px
+
+
+def fixture_path(name: str) -> Path:
+    return fixtures_dir() / f"lora_lab_{name}_v{FLOW_FIXTURE_VERSION}.safetensors"
+
+
+def _zeros(*shape):
+    import torch
+    return torch.zeros(shape)
+
+
+def flux_skeleton(guidance: bool = True) -> dict:
+    """The tensors ComfyUI's detection reads for a Flux.1 model (BFL key layout)."""
+    skeleton = {"img_in.weight": _zeros(FLUX_HIDDEN, 64), "txt_in.weight": _zeros(FLUX_HIDDEN, REDUCED_T5["d_model"]),
+                "vector_in.in_layer.weight": _zeros(FLUX_HIDDEN, 768)}
+    for index in range(1):
+        skeleton[f"double_blocks.{index}.img_attn.norm.key_norm.scale"] = _zeros(128)
+        skeleton[f"single_blocks.{index}.norm.key_norm.scale"] = _zeros(128)
+    if guidance:
+        skeleton["guidance_in.in_layer.weight"] = _zeros(FLUX_HIDDEN, 256)
+    return skeleton
+
+
+def sd3_skeleton() -> dict:
+    hidden = 64 * SD3_DEPTH
+    skeleton = {"x_embedder.proj.weight": _zeros(hidden, 16, 2, 2), "final_layer.linear.weight": _zeros(2 * 2 * 16, hidden),
+                "y_embedder.mlp.0.weight": _zeros(hidden, 2048), "context_embedder.weight": _zeros(hidden, 4096),
+                "pos_embed": _zeros(1, SD3_POSITIONS * SD3_POSITIONS, hidden)}
+    for index in range(SD3_DEPTH):
+        skeleton[f"joint_blocks.{index}.context_block.attn.qkv.weight"] = _zeros(3 * hidden, hidden)
+        skeleton[f"joint_blocks.{index}.context_block.attn.ln_q.weight"] = _zeros(64)
+    return skeleton
+
+
+def zimage_skeleton() -> dict:
+    skeleton = {"cap_embedder.1.weight": _zeros(3840, REDUCED_QWEN3["hidden_size"]),
+                "noise_refiner.0.attention.k_norm.weight": _zeros(128), "layers.0.attention.qkv.weight": _zeros(1),
+                "cap_pad_token": _zeros(1, 3840), "x_pad_token": _zeros(1, 3840)}
+    return skeleton
+
+
+SKELETONS = {"flux_dev": lambda: flux_skeleton(True), "flux_schnell": lambda: flux_skeleton(False),
+             "sd3": sd3_skeleton, "zimage": zimage_skeleton}
+
+
+def build_diffusion_model(name: str, dtype=None):
+    """ComfyUI's model (model_base) for a skeleton, as its detection configures it, with seeded weights."""
+    _import_comfy()
+    import torch
+    import comfy.model_detection
+
+    skeleton = SKELETONS[name]()
+    unet_config = comfy.model_detection.detect_unet_config(skeleton, "")
+    config = comfy.model_detection.model_config_from_unet_config(unet_config, skeleton)
+    if config is None:
+        raise RuntimeError(f"ComfyUI's detection did not recognise the {name} skeleton: {unet_config}")
+    config.set_inference_dtype(dtype or torch.float32, None)
+    base_model = config.get_model({})
+    _initialise(base_model.diffusion_model, torch.Generator().manual_seed(SEED + len(name)))
+    return config, base_model
+
+
+def tiny_taesd16(seed: int):
+    """A 16-latent-channel TAESD (Flux / SD3 / Z-Image latent width) with seeded weights."""
+    import torch
+    import comfy.taesd.taesd
+
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=16)
+    _initialise(taesd, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        taesd.vae_scale.fill_(1.0)
+        taesd.vae_shift.fill_(0.0)
+    return taesd
+
+
+def _save(target: Path, tensors: dict, dtype) -> Path:
+    import safetensors.torch
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().to(dtype).contiguous() for key, value in tensors.items()}
+    write_atomically(target, lambda temporary: safetensors.torch.save_file(
+        state, temporary, metadata={"lora_lab_fixture": target.name}))
+    return target
+
+
+def ensure_diffusion_model(name: str) -> Path:
+    """The diffusion-model-only file (UNETLoader) of flux_dev / flux_schnell / zimage."""
+    import torch
+
+    target = fixture_path(f"tiny_{name}_unet")
+    if target.is_file():
+        return target
+    dtype = torch.bfloat16 if name == "zimage" else torch.float32
+    _, base_model = build_diffusion_model(name, dtype)
+    state = base_model.diffusion_model.state_dict()
+    if name.startswith("flux"):   # BFL's file layout names the q/k RMSNorm weights "scale" (ComfyUI renames on load)
+        state = {(key[:-len(".weight")] + ".scale" if key.endswith("_norm.weight") else key): value
+                 for key, value in state.items()}
+    return _save(target, state, torch.bfloat16)
+
+
+def ensure_vae16() -> Path:
+    import torch
+
+    target = fixture_path("tiny_taesd16_vae")
+    if target.is_file():
+        return target
+    _import_comfy()
+    return _save(target, tiny_taesd16(SEED + 3).state_dict(), torch.float16)
+
+
+def reduced_text_encoder(kind: str, device="cpu", dtype=None, model_options=None):
+    """ComfyUI's text-encoder model for `kind` ("flux": CLIP-L + reduced T5; "zimage": reduced Qwen3),
+    the same classes and methods the stock loaders build, with the reduced configurations above."""
+    _import_comfy()
+    import torch
+    import comfy.sd1_clip
+    import comfy.text_encoders.flux
+    import comfy.text_encoders.t5
+    import comfy.text_encoders.z_image
+    import comfy.text_encoders.llama
+
+    options = dict(model_options or {})
+    if kind == "flux":
+        model = comfy.text_encoders.flux.FluxClipModel.__new__(comfy.text_encoders.flux.FluxClipModel)
+        torch.nn.Module.__init__(model)
+        model.clip_l = comfy.sd1_clip.SDClipModel(device=device, dtype=dtype, return_projected_pooled=False,
+                                                  model_options=options)
+        model.t5xxl = comfy.sd1_clip.SDClipModel(device=device, layer="last", textmodel_json_config=dict(REDUCED_T5),
+                                                 dtype=dtype, special_tokens={"end": 1, "pad": 0},
+                                                 model_class=comfy.text_encoders.t5.T5, model_options=options)
+        model.dtypes = {dtype}
+        return model
+    if kind == "zimage":
+        def qwen3(device="cpu", dtype=None, model_options={}):
+            return comfy.sd1_clip.SDClipModel(
+                device=device, layer="hidden", layer_idx=-2, textmodel_json_config=dict(REDUCED_QWEN3), dtype=dtype,
+                special_tokens={"pad": 151643}, layer_norm_hidden_state=False,
+                model_class=comfy.text_encoders.llama.Qwen3_4B, enable_attention_masks=True,
+                return_attention_masks=True, model_options=model_options)
+
+        model = comfy.text_encoders.z_image.ZImageTEModel.__new__(comfy.text_encoders.z_image.ZImageTEModel)
+        comfy.sd1_clip.SD1ClipModel.__init__(model, device=device, dtype=dtype, model_options=options,
+                                             name="qwen3_4b", clip_model=qwen3)
+        return model
+    raise ValueError(kind)
+
+
+def reduced_clip(kind: str, weights: dict | None = None, dtype=None):
+    """A comfy.sd.CLIP around :func:`reduced_text_encoder` (ComfyUI's tokenizer for the family)."""
+    _import_comfy()
+    import torch
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.flux
+    import comfy.text_encoders.z_image
+
+    dtype = dtype or torch.float32
+    tokenizer = {"flux": comfy.text_encoders.flux.FluxTokenizer,
+                 "zimage": comfy.text_encoders.z_image.ZImageTokenizer}[kind]
+
+    class ReducedTextEncoder(torch.nn.Module):
+        def __new__(cls, device="cpu", dtype=None, model_options={}):
+            return reduced_text_encoder(kind, device=device, dtype=dtype, model_options=model_options)
+
+    target = comfy.supported_models_base.ClipTarget(tokenizer, ReducedTextEncoder)
+    clip = comfy.sd.CLIP(target, model_options={"dtype": dtype})
+    if weights is not None:
+        clip.load_sd(weights, full_model=True)
+    return clip
+
+
+def ensure_text_encoder(kind: str) -> Path:
+    """Seeded weights of the reduced text encoder (the whole cond_stage_model state dict)."""
+    import torch
+
+    target = fixture_path(f"tiny_{kind}_text_encoder")
+    if target.is_file():
+        return target
+    model = reduced_text_encoder(kind, dtype=torch.float32)
+    _initialise(model, torch.Generator().manual_seed(SEED + 7))
+    state = {key: value for key, value in model.state_dict().items() if not key.endswith("position_ids")}
+    return _save(target, state, torch.float32)
+
+
+def ensure_sd3_checkpoint() -> Path:
+    """SD3 (MMDiT) + full CLIP-L + CLIP-G + 16-channel TAESD, written by ComfyUI's own save_checkpoint."""
+    target = fixture_path("tiny_sd3")
+    if target.is_file():
+        return target
+    _import_comfy()
+    import torch
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.sd3_clip
+
+    _, base_model = build_diffusion_model("sd3", torch.float16)
+    model = comfy.model_patcher.ModelPatcher(base_model, load_device=torch.device("cpu"),
+                                             offload_device=torch.device("cpu"))
+    clip_target = comfy.supported_models_base.ClipTarget(
+        comfy.text_encoders.sd3_clip.SD3Tokenizer,
+        comfy.text_encoders.sd3_clip.sd3_clip(clip_l=True, clip_g=True, t5=False))
+    clip = comfy.sd.CLIP(clip_target, model_options={"dtype": torch.float16})
+    _initialise(clip.cond_stage_model, torch.Generator().manual_seed(SEED + 5))
+    vae = comfy.sd.VAE(sd={key: value.half() for key, value in tiny_taesd16(SEED + 6).state_dict().items()})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(target, lambda name: comfy.sd.save_checkpoint(
+        name, model, clip=clip, vae=vae, metadata={"lora_lab_fixture": target.name}))
+    return target
+
+
+def parameter_count(module) -> int:
+    return sum(math.prod(parameter.shape) for parameter in module.parameters())
