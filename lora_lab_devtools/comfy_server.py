@@ -66,13 +66,17 @@ def widget_defaults(input_types: dict) -> dict:
 class ComfyServer(BaseDirectoryFolders):
     def __init__(self, comfyui_dir: Path, base_dir: Path, front_end_root: Path | None = None,
                  python: str | None = None, extra_args: list[str] | None = None, with_frontend: bool = False,
-                 cpu: bool = True) -> None:
+                 cpu: bool = True, extra_custom_nodes: list[Path] | None = None) -> None:
         """with_frontend: serve the installed comfyui-frontend-package (browser tests); otherwise an
         empty front-end root (API only, no frontend package needed). cpu=False: ComfyUI's default
         device handling (the GPU, and on NVIDIA with ComfyUI 0.3x of 2026 dynamic VRAM)."""
         self.comfyui_dir = Path(comfyui_dir)
         self.base_dir = Path(base_dir)
         prepare_base_dir(self.base_dir)
+        for package in extra_custom_nodes or []:   # test-only node packages (tests/support)
+            link = self.base_dir / "custom_nodes" / Path(package).name
+            if not link.exists():
+                link.symlink_to(Path(package).resolve(), target_is_directory=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base_dir / "server.log"

@@ -233,6 +233,25 @@ def ensure_text_encoder(kind: str) -> Path:
     return _save(target, state, torch.float32)
 
 
+def ensure_flux_text_encoder_files() -> tuple[Path, Path]:
+    """(clip_l, t5) files as DualCLIPLoader reads them (each encoder's own keys), split from
+    ensure_text_encoder("flux"). The T5 file loads only where ComfyUI builds T5 with the reduced
+    configuration (tests/support/reduced_text_encoders, installed in the e2e server that runs the
+    Flux example)."""
+    import safetensors.torch
+
+    clip_l, t5 = fixture_path("tiny_flux_clip_l"), fixture_path("tiny_flux_t5_reduced")
+    if clip_l.is_file() and t5.is_file():
+        return clip_l, t5
+    import torch
+
+    weights = safetensors.torch.load_file(str(ensure_text_encoder("flux")))
+    for target, prefix in ((clip_l, "clip_l.transformer."), (t5, "t5xxl.transformer.")):
+        _save(target, {key[len(prefix):]: value for key, value in weights.items() if key.startswith(prefix)},
+              torch.float32)
+    return clip_l, t5
+
+
 def ensure_sd3_checkpoint() -> Path:
     """SD3 (MMDiT) + full CLIP-L + CLIP-G + 16-channel TAESD, written by ComfyUI's own save_checkpoint."""
     target = fixture_path("tiny_sd3")
@@ -262,3 +281,23 @@ def ensure_sd3_checkpoint() -> Path:
 
 def parameter_count(module) -> int:
     return sum(math.prod(parameter.shape) for parameter in module.parameters())
+
+
+def flux_example_files() -> dict[str, Path]:
+    """The Flux example's files (diffusion model, CLIP-L, reduced T5, VAE), generated in a child process
+    (the e2e tier does not import ComfyUI itself)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .environment import REPO_ROOT
+    from .tiny_checkpoint import _comfyui_dir
+
+    code = ("import json; from lora_lab_devtools import flow_fixtures as f; clip_l, t5 = f.ensure_flux_text_encoder_files(); "
+            "print(json.dumps({'unet': str(f.ensure_diffusion_model('flux_dev')), 'clip_l': str(clip_l), "
+            "'t5': str(t5), 'vae': str(f.ensure_vae16())}))")
+    environment = {**os.environ, "LORA_LAB_COMFYUI_DIR": str(_comfyui_dir())}
+    output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=REPO_ROOT,
+                            env=environment).stdout
+    return {key: Path(value) for key, value in json.loads(output.strip().splitlines()[-1]).items()}

@@ -325,6 +325,7 @@ def model_access(model, clip, vae, family: str, timestep_sampling: str = "auto",
             ([vae.patcher] if vae_done else []) + ([clip.patcher] if text_done else [])),
         dora_norm=dora_norm_of_loader(),
         sampling=sampling, training_guidance=training_guidance, architecture=architecture,
+        in_place_blocks=entry.dit is not None,
     )
 
 

@@ -30,6 +30,8 @@ EXAMPLES_DIR = REPO_ROOT / "example_workflows"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 TRIGGER_WORD = "lrlab_checker"
+# Inputs naming a user's model files (not on the machine that builds the workflows).
+FREE_COMBOS = ("ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "vae_name")
 
 
 def chromium_path() -> str | None:
@@ -102,6 +104,57 @@ def finder_graph(checkpoint: str, resolution: int, rates: dict, steps: int, lora
     return graph
 
 
+def dit_graph(family: str, loaders: list[dict], model_link: tuple, clip_link: tuple, vae_link: tuple, rates: dict,
+              train: dict, sampler: dict, lora_name: str, guidance: float | None = None) -> dict:
+    """A flow-matching family's graph: its loaders (as users load it for generating) -> LoRA Lab's four
+    nodes -> sampling with the trained MODEL/CLIP at the family's usual settings (1024 px)."""
+    nodes = [
+        *loaders,
+        {"id": 2, "type": "LoRALabDataset", "column": 0, "widgets": {
+            "folder": "my_dataset", "resolution": 1024, "trigger_word": TRIGGER_WORD, "max_bucket_resolution": 2048}},
+        {"id": 3, "type": "LoRALabLRSchedule", "column": 1, "widgets": {
+            "scheduler": "cosine", "warmup": 5.0, "warmup_unit": "percent", "preview_steps": train["steps"]}},
+        {"id": 4, "type": "LoRALabLearningRates", "column": 1, "widgets": rates},
+        {"id": 5, "type": "LoRALabTrain", "column": 2, "widgets": {
+            "batch_size": 1, "rank": 16, "alpha": 16.0, "precision": "bf16", "gradient_checkpointing": True,
+            "training_seed": 0, "min_snr_gamma": 0.0, "noise_offset": 0.0, "lora_name": lora_name,
+            "timestep_sampling": "auto", **train}},
+        {"id": 6, "type": "CLIPTextEncode", "column": 3, "title": "Prompt (with the trigger word)",
+         "widgets": {"text": f"{TRIGGER_WORD}, a blue disc in the centre"}},
+        {"id": 7, "type": "CLIPTextEncode", "column": 3, "title": "Negative prompt", "widgets": {"text": ""}},
+        {"id": 8, "type": "EmptySD3LatentImage", "column": 3, "widgets": {"width": 1024, "height": 1024, "batch_size": 1}},
+        {"id": 9, "type": "KSampler", "column": 4, "widgets": {
+            "seed": 42, "control_after_generate": "fixed", "denoise": 1.0, **sampler}},
+        {"id": 10, "type": "VAEDecode", "column": 4, "widgets": {}},
+        {"id": 11, "type": "SaveImage", "column": 5, "title": "Sample with the LoRA", "size": [320, 380],
+         "widgets": {"filename_prefix": f"lora_lab/{family}_sample"}},
+        {"id": 12, "type": "SaveImage", "column": 3, "title": "Training chart (loss + rates)", "size": [400, 280],
+         "widgets": {"filename_prefix": "lora_lab/train_chart"}},
+        {"id": 13, "type": "SaveImage", "column": 1, "title": "Learning-rate chart", "size": [270, 220],
+         "widgets": {"filename_prefix": "lora_lab/lr_chart"}},
+        {"id": 14, "type": "PreviewImage", "column": 0, "title": "Dataset preview", "size": [400, 300], "widgets": {}},
+    ]
+    positive = (6, 0)
+    links = [
+        (*model_link, 5, "model"), (*clip_link, 5, "clip"), (*vae_link, 5, "vae"),
+        (2, 0, 5, "dataset"), (4, 0, 5, "learning_rates"), (3, 0, 5, "lr_schedule"), (3, 0, 4, "lr_schedule"),
+        (5, 1, 6, "clip"), (5, 1, 7, "clip"),
+        (5, 0, 9, "model"), (7, 0, 9, "negative"), (8, 0, 9, "latent_image"),
+        (9, 0, 10, "samples"), (*vae_link, 10, "vae"), (10, 0, 11, "images"),
+        (5, 3, 12, "images"), (4, 2, 13, "images"), (2, 2, 14, "images"),
+    ]
+    if guidance is not None:   # Flux-dev: the distilled guidance goes on the conditioning
+        nodes.append({"id": 18, "type": "FluxGuidance", "column": 4, "widgets": {"guidance": guidance}})
+        links += [(6, 0, 18, "conditioning")]
+        positive = (18, 0)
+    links.append((*positive, 9, "positive"))
+    return {"nodes": nodes, "links": links}
+
+
+# The text encoders of Flux and Z-Image stay frozen (their rates are not used): 0 says so in the graph.
+FROZEN_TEXT_RATES = {"learning_rate": 1e-4, "unet_lr": -1.0, "text_encoder_lr": 0.0, "text_encoder_2_lr": -1.0,
+                     "lora_plus_ratio": 1.0, "unet_block_weights": ""}
+
 WORKFLOWS = {
     "sd15_train_lora": training_graph(
         "v1-5-pruned-emaonly.safetensors", 512,
@@ -120,6 +173,37 @@ WORKFLOWS = {
         {"learning_rate": 1e-4, "unet_lr": -1.0, "text_encoder_lr": 5e-5, "text_encoder_2_lr": -1.0,
          "lora_plus_ratio": 1.0, "unet_block_weights": ""},
         steps=1500, lora_name="my_found_lr_lora"),
+    # Flux.1 dev as ComfyUI's own Flux template loads it; guidance 3.5 for the sample (trained at 1.0).
+    "flux_train_lora": dit_graph(
+        "flux", [
+            {"id": 1, "type": "UNETLoader", "column": 0, "widgets": {"unet_name": "flux1-dev.safetensors",
+                                                                     "weight_dtype": "default"}},
+            {"id": 15, "type": "DualCLIPLoader", "column": 0, "widgets": {
+                "clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors", "type": "flux"}},
+            {"id": 16, "type": "VAELoader", "column": 0, "widgets": {"vae_name": "ae.safetensors"}}],
+        (1, 0), (15, 0), (16, 0), FROZEN_TEXT_RATES, {"steps": 1500}, {
+            "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"},
+        "my_first_flux_lora", guidance=3.5),
+    # SD3.5 medium with its CLIPs in the checkpoint: CLIP-L and CLIP-G train at their own rates.
+    "sd35_train_lora": dit_graph(
+        "sd35", [{"id": 1, "type": "CheckpointLoaderSimple", "column": 0, "widgets": {
+            "ckpt_name": "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"}}],
+        (1, 0), (1, 1), (1, 2),
+        {"learning_rate": 1e-4, "unet_lr": -1.0, "text_encoder_lr": 2e-5, "text_encoder_2_lr": 1e-5,
+         "lora_plus_ratio": 1.0, "unet_block_weights": ""}, {"steps": 1500}, {
+            "steps": 30, "cfg": 4.5, "sampler_name": "euler", "scheduler": "sgm_uniform"},
+        "my_first_sd35_lora"),
+    # Z-Image Turbo as ComfyUI's template loads it: 8 steps at cfg 1.
+    "zimage_train_lora": dit_graph(
+        "zimage", [
+            {"id": 1, "type": "UNETLoader", "column": 0, "widgets": {"unet_name": "z_image_turbo_bf16.safetensors",
+                                                                     "weight_dtype": "default"}},
+            {"id": 15, "type": "CLIPLoader", "column": 0, "widgets": {"clip_name": "qwen_3_4b.safetensors",
+                                                                      "type": "lumina2"}},
+            {"id": 16, "type": "VAELoader", "column": 0, "widgets": {"vae_name": "ae.safetensors"}}],
+        (1, 0), (15, 0), (16, 0), FROZEN_TEXT_RATES, {"steps": 1500}, {
+            "steps": 8, "cfg": 1.0, "sampler_name": "res_multistep", "scheduler": "simple"},
+        "my_first_zimage_lora"),
 }
 
 BUILD_GRAPH = """async (spec) => {
@@ -233,7 +317,7 @@ def main() -> int:
             page = open_editor(browser, server, nodes2=False)
             for name, spec in WORKFLOWS.items():
                 workflow = page.evaluate(BUILD_GRAPH, {**spec, "rendered": rendered[name]})
-                problems = check_workflow(workflow, object_info, free_combos=("ckpt_name",))
+                problems = check_workflow(workflow, object_info, free_combos=FREE_COMBOS)
                 if problems:
                     raise SystemExit(f"{name}: " + "; ".join(problems))
                 path = EXAMPLES_DIR / f"{name}.json"

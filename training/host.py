@@ -43,6 +43,7 @@ class ModelAccess:
     sampling: tuple[str, float] = ("uniform", 0.0)
     training_guidance: float | None = None                  # guidance-distilled models (Flux-dev): the value trained with
     architecture: str = ""                                  # modelspec architecture where the host knows the variant
+    in_place_blocks: bool = False                           # unet_blocks update activations in place (DiTs): train them out of place
 
 
 @dataclass

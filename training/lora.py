@@ -284,6 +284,48 @@ def out_of_place_clip_layer_forward(layer: torch.nn.Module) -> Callable:
     return forward
 
 
+class _OutOfPlace(torch.Tensor):
+    """A tensor whose augmented assignments (``x += y``) make a new tensor instead of writing in place.
+    Every tensor computed from it is one too (torch's default __torch_function__ keeps the subclass)."""
+
+    def __iadd__(self, other):
+        return torch.add(self, other)
+
+    def __isub__(self, other):
+        return torch.sub(self, other)
+
+    def __imul__(self, other):
+        return torch.mul(self, other)
+
+
+def _retag(value, kind):
+    if isinstance(value, torch.Tensor):
+        return value.as_subclass(kind)
+    if isinstance(value, tuple):
+        return tuple(_retag(item, kind) for item in value)
+    if isinstance(value, list):
+        return [_retag(item, kind) for item in value]
+    return value
+
+
+def out_of_place_forward(module: torch.nn.Module, forward: Callable | None = None) -> Callable:
+    """The module's forward with ``x += y`` on its activations made out of place.
+
+    ComfyUI's DiT blocks update their streams in place (Flux: ``img += gate * attn``, then a LayerNorm of
+    that img, then ``img += gate * mlp``), which autograd refuses once a LoRA needs those activations
+    for backward. Rather than re-implement each block (their code differs between ComfyUI releases),
+    the block's tensor arguments are tagged so that its augmented assignments allocate; the results
+    are plain tensors again. The same computation, with one more activation kept per update."""
+    original = forward if forward is not None else functools.partial(type(module).forward, module)
+
+    def run(*args, **kwargs):
+        args = _retag(args, _OutOfPlace)
+        kwargs = {key: _retag(value, _OutOfPlace) for key, value in kwargs.items()}
+        return _retag(original(*args, **kwargs), torch.Tensor)
+
+    return run
+
+
 def checkpointed_forward(module: torch.nn.Module, forward: Callable | None = None) -> Callable:
     """The module's forward (or `forward`, a replacement for it) under activation checkpointing
     (recomputed in backward)."""

@@ -24,6 +24,7 @@ from .families import FAMILIES, TIMESTEP_SAMPLINGS, check_family_settings
 from .feeder import BatchFeeder, batches_per_epoch_of, largest_bucket_size
 from .host import ModelAccess, TrainCallbacks, TrainingResult
 from .lora import (InjectedLora, checkpointed_forward, inject_lora, lora_weights, out_of_place_clip_layer_forward,
+                   out_of_place_forward,
                    patched_forwards, text_target_paths, trainable_copies, unet_blocks, unet_target_paths, TARGETS)
 from .loop import LoopSettings, StepRecord, TrainingDiverged, TrainingOutOfMemory, make_grad_scaler, run_loop
 from .optimizers import OPTIMIZERS, TrainedLayer, build_optimizer, build_param_groups, check_optimizer
@@ -387,8 +388,12 @@ class Run:
         roots = [access.unet] + [access.text_encoders[part] for part in plan.trained_text]
         forward_patches = [(layer, text_layer_forward(layer, settings.gradient_checkpointing))
                            for part in plan.trained_text for layer in access.text_layers.get(part, [])]
-        if settings.gradient_checkpointing:
-            forward_patches += [(block, checkpointed_forward(block)) for block in access.unet_blocks]
+        for block in access.unet_blocks:
+            forward = out_of_place_forward(block) if access.in_place_blocks else None
+            if settings.gradient_checkpointing:
+                forward = checkpointed_forward(block, forward)
+            if forward is not None:
+                forward_patches.append((block, forward))
         stack.enter_context(trainable_copies(*roots, offload_device=access.offload_device))
         stack.enter_context(patched_forwards(forward_patches))
         unet_paths = unet_target_paths(access.unet, settings.target, access.family)

@@ -16,7 +16,7 @@ from lora_lab_devtools.workflow_api import DEMO_OVERRIDES, TINY_RUN, check_workf
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
 # Inputs whose value names a user's file (checked as strings only).
-FREE_COMBOS = ("ckpt_name", "lora_name")
+FREE_COMBOS = ("ckpt_name", "lora_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "vae_name")
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +133,52 @@ def test_find_lr_then_train_example_sweeps_then_trains_at_the_suggestion(server,
     assert log[0]["lr"]["unet"] == pytest.approx(suggested, rel=5e-3)   # the summary prints 3 digits
     assert log[0]["lr"]["text_encoder"] == pytest.approx(log[0]["lr"]["unet"] / 2, rel=1e-9)
     assert list((server.output_dir / "lora_lab").glob("lr_finder/sweep_*/sweep.jsonl"))
+
+
+def test_flux_example_trains_then_samples_with_the_trained_model(comfyui_dir, tmp_path, object_info):
+    """The saved Flux graph (UNETLoader + DualCLIPLoader + VAELoader -> Train LoRA -> FluxGuidance ->
+    KSampler) on a tiny Flux-dev that ComfyUI detects as Flux, 2 steps at 64 px, fp32. The server has
+    tests/support/reduced_text_encoders installed, so that the stock DualCLIPLoader builds T5 with a
+    reduced configuration (the real one is 4.7 B parameters); everything else is stock."""
+    from safetensors import safe_open
+
+    from lora_lab_devtools.flow_fixtures import flux_example_files
+
+    files = flux_example_files()
+    support = Path(__file__).resolve().parents[1] / "support" / "reduced_text_encoders"
+    server = ComfyServer(comfyui_dir, tmp_path / "flux-server", extra_custom_nodes=[support]).start()
+    try:
+        for folder, key in (("diffusion_models", "unet"), ("text_encoders", "clip_l"), ("text_encoders", "t5"),
+                            ("vae", "vae")):
+            target = server.models_dir / folder / files[key].name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(files[key])
+        workflow = json.loads((EXAMPLES[0].parent / "flux_train_lora.json").read_text())
+        overrides = {"UNETLoader": {"unet_name": files["unet"].name},
+                     "DualCLIPLoader": {"clip_name1": files["clip_l"].name, "clip_name2": files["t5"].name},
+                     "VAELoader": {"vae_name": files["vae"].name},
+                     "LoRALabDataset": {"folder": str(ensure_sample_dataset()), "resolution": 64,
+                                        "min_bucket_resolution": 64},
+                     "EmptySD3LatentImage": {"width": 64, "height": 64},
+                     "LoRALabTrain": {"steps": 2, "precision": "fp32"}, "KSampler": {"steps": 3}}
+        prompt = to_api_prompt(workflow, object_info, overrides)
+        entry = server.run(prompt, timeout=900)
+        titles = {node["_meta"]["title"]: node_id for node_id, node in prompt.items()}
+        lora_name = entry["outputs"][titles["Train LoRA"]]["text"][0]
+        with safe_open(str(server.models_dir / "loras" / lora_name), "pt") as handle:
+            keys, metadata = list(handle.keys()), handle.metadata()
+        assert keys and all(key.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for key in keys)
+        assert metadata["modelspec.architecture"] == "flux-1-dev/lora"
+        log = (server.output_dir / "lora_lab" / Path(lora_name).stem / "log.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in log] == [0, 1]
+        assert "lora key not loaded" not in server.log()
+        from PIL import Image
+
+        (sample,) = entry["outputs"][titles["Sample with the LoRA"]]["images"]
+        with Image.open(server.output_file(sample)) as image:
+            assert image.size == (64, 64)
+    finally:
+        server.stop()
 
 
 def run_training_example(server, object_info, name):

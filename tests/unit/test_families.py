@@ -1,0 +1,79 @@
+"""The family table and the flow-matching sigma samplers (training/families.py, training/loop.py)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lora_lab.training import families, loop
+from lora_lab.training.families import (FAMILIES, FLUX_TARGETS, check_family_settings, dit_block_of, draw_flow_sigmas,
+                                        flux_resolution_shift, sampling_for, shifted)
+
+
+def test_every_family_entry_is_complete():
+    for key, entry in FAMILIES.items():
+        assert entry.key == key and entry.objective in ("discrete", "flow")
+        assert entry.base_model_version and entry.modelspec_architecture and entry.modelspec_implementation
+        if entry.flow:
+            assert entry.sampling in ("uniform", "logit_normal", "shift", "flux_shift") and entry.sampling_source
+            assert entry.dit is not None and entry.dit.kohya_default_source and entry.key_style_reason
+            assert entry.frozen_text
+
+
+def test_auto_sampling_is_the_family_default_and_explicit_choices_win():
+    assert sampling_for("flux", "auto", 3.0) == ("flux_shift", 3.0)
+    assert sampling_for("sd3", "auto", 3.0)[0] == "logit_normal"
+    assert sampling_for("zimage", "auto", 7.0) == ("shift", 3.0)
+    assert sampling_for("zimage", "shift", 7.0) == ("shift", 7.0)
+    assert sampling_for("flux", "uniform", 3.0) == ("uniform", 3.0)
+
+
+def test_flux_shift_follows_the_token_count():
+    assert flux_resolution_shift(32, 32) == pytest.approx(math.exp(0.5))      # 256 tokens (512 px)
+    assert flux_resolution_shift(128, 128) == pytest.approx(math.exp(1.15))   # 4096 tokens (1024 px)
+    assert shifted(torch.tensor(0.5), 3.0) == pytest.approx(0.75)
+    assert shifted(torch.tensor(0.5), 1.0) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "logit_normal", "shift", "flux_shift"])
+def test_sigma_samplers_stay_in_range_and_are_reproducible(kind):
+    draw = lambda: draw_flow_sigmas(kind, 3.0, 4000, (4000, 16, 64, 64), torch.Generator().manual_seed(1))  # noqa: E731
+    sigmas = draw()
+    assert torch.equal(sigmas, draw())
+    assert sigmas.dtype == torch.float32 and sigmas.min() >= families.SIGMA_FLOOR and sigmas.max() <= 1.0
+    mean = float(sigmas.mean())
+    expected = {"uniform": (0.45, 0.55), "logit_normal": (0.45, 0.55), "shift": (0.65, 0.8), "flux_shift": (0.58, 0.68)}   # 1024 tokens: shift 1.88
+    assert expected[kind][0] < mean < expected[kind][1], mean
+    if kind == "logit_normal":   # mass in the middle: fewer extremes than uniform
+        assert float(((sigmas < 0.1) | (sigmas > 0.9)).float().mean()) < 0.1
+
+
+def test_flow_prediction_recovers_the_velocity_from_a_perfect_denoiser():
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    sigma = torch.tensor([0.3, 0.9])
+    objective = loop.DiffusionObjective(
+        sigmas=torch.linspace(0.001, 1, 1000), prediction_type="flow",
+        denoise=lambda xt, s, cond: x0,   # the exact x0: the loss must be 0
+        noise_scaling=lambda s, n, x: s.reshape(-1, 1, 1, 1) * n + (1 - s.reshape(-1, 1, 1, 1)) * x,
+        sigma_sampler=lambda batch, shape, generator: torch.full((batch,), 0.5))
+    assert float(loop.loss_at_sigma(objective, x0, {}, noise, sigma)) < 1e-10
+    assert objective.draw_sigmas(x0, torch.Generator()).tolist() == [0.5, 0.5]
+    assert objective.validation_sigmas(4).tolist() == [0.125, 0.375, 0.625, 0.875]
+
+
+def test_dit_block_weights_split_the_blocks_in_thirds_in_depth_order():
+    paths = [f"double_blocks.{i}.img_attn.qkv" for i in range(3)] + [f"single_blocks.{i}.linear1" for i in range(3)]
+    groups = dit_block_of(FLUX_TARGETS, paths)
+    assert [groups[path] for path in paths] == ["down", "down", "mid", "mid", "up", "up"]
+
+
+def test_settings_a_flow_model_cannot_use_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match="min_snr_gamma = 5 does not apply to Flux.1.*Set min_snr_gamma to 0"):
+        check_family_settings("flux", 0.0, 5.0, "auto")
+    with pytest.raises(ValueError, match="noise_offset = 0.05 does not apply to Z-Image"):
+        check_family_settings("zimage", 0.05, 0.0, "auto")
+    with pytest.raises(ValueError, match="timestep_sampling = shift applies to flow-matching models.*SDXL"):
+        check_family_settings("sdxl", 0.0, 0.0, "shift")
+    check_family_settings("sdxl", 0.05, 5.0, "uniform")   # the epsilon tools still work on SD
+    check_family_settings("sd3", 0.0, 0.0, "logit_normal")
