@@ -106,7 +106,12 @@ def build_diffusion_model(name: str, dtype=None):
         raise RuntimeError(f"ComfyUI's detection did not recognise the {name} skeleton: {unet_config}")
     config.set_inference_dtype(dtype or torch.float32, None)
     base_model = config.get_model({})
-    _initialise(base_model.diffusion_model, torch.Generator().manual_seed(SEED + len(name)))
+    generator = torch.Generator().manual_seed(SEED + len(name))
+    _initialise(base_model.diffusion_model, generator)
+    with torch.no_grad():   # buffers that a file holds (SD3's position table) are made with torch.empty too
+        for buffer_name, buffer in base_model.diffusion_model.named_buffers():
+            if buffer_name.endswith("pos_embed"):
+                buffer.copy_(0.02 * torch.randn(buffer.shape, generator=generator))
     return config, base_model
 
 

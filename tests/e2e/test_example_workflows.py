@@ -73,6 +73,33 @@ def test_training_examples_ship_real_starting_values(name, object_info):
         assert 0 < rates["text_encoder_2_lr"] != rates["text_encoder_lr"]  # CLIP-G at its own rate
 
 
+FLOW_EXAMPLES = {"flux_train_lora": (("UNETLoader", "unet_name"), "flux1-dev.safetensors"),
+                 "sd35_train_lora": (("CheckpointLoaderSimple", "ckpt_name"),
+                                     "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"),
+                 "zimage_train_lora": (("UNETLoader", "unet_name"), "z_image_turbo_bf16.safetensors")}
+
+
+@pytest.mark.parametrize("name", FLOW_EXAMPLES)
+def test_flow_examples_ship_real_starting_values(name, object_info):
+    """The flow-matching examples: the family's real file names and 1024 px, bf16, the family's own
+    timestep sampling, and none of the epsilon-only settings Train LoRA refuses on these models."""
+    prompt = to_api_prompt(json.loads((EXAMPLES[0].parent / f"{name}.json").read_text()), object_info)
+    by_type = {entry["class_type"]: entry["inputs"] for entry in prompt.values()}
+    (loader, widget), model_file = FLOW_EXAMPLES[name]
+    assert by_type[loader][widget] == model_file
+    assert by_type["LoRALabDataset"]["resolution"] == 1024
+    assert by_type["EmptySD3LatentImage"]["width"] == by_type["EmptySD3LatentImage"]["height"] == 1024
+    train = by_type["LoRALabTrain"]
+    assert train["precision"] == "bf16" and train["steps"] >= 500 and train["timestep_sampling"] == "auto"
+    assert train["min_snr_gamma"] == 0 and train["noise_offset"] == 0
+    rates = by_type["LoRALabLearningRates"]
+    if name == "sd35_train_lora":   # CLIP-L and CLIP-G train, each at its own rate
+        assert 0 < rates["text_encoder_2_lr"] < rates["text_encoder_lr"] < rates["learning_rate"]
+    else:                           # the T5 / LLM encoders stay frozen: the graph says 0
+        assert rates["text_encoder_lr"] == 0
+    assert ("FluxGuidance" in by_type) == (name == "flux_train_lora")
+
+
 def test_declared_overrides_change_only_the_declared_inputs(object_info):
     workflow = json.loads((EXAMPLES[0].parent / "sd15_train_lora.json").read_text())
     saved = to_api_prompt(workflow, object_info)
