@@ -84,21 +84,28 @@ def kohya_text_names(weight_key_map: Mapping[str, str], root_prefix: str, module
 
 
 def diffusers_unet_names(weight_key_map: Mapping[str, object], module_paths: list[str],
-                         prefix: str = "transformer.") -> dict[str, list[tuple[str, tuple[int, int] | None]]]:
-    """Diffusion-model module path -> [(diffusers module name, output rows or None)], from ComfyUI's
-    key map (its diffusers entries map a name to a weight, or to (weight, (dim, offset, size)) where
-    diffusers splits a fused layer: SD3's to_q/to_k/to_v are row slices of ComfyUI's qkv)."""
-    by_weight: dict[str, list[tuple[str, tuple[int, int] | None]]] = {}
+                         prefix: str = "transformer.") -> dict[str, list[tuple]]:
+    """Diffusion-model module path -> [(diffusers module name, output rows or None, row transform or None)],
+    from ComfyUI's key map. Its diffusers entries map a name to a weight; or to (weight, (dim, offset,
+    size)) where diffusers splits a fused layer (SD3's to_q/to_k/to_v are row slices of ComfyUI's qkv);
+    or to (weight, rows, function) where diffusers orders the rows differently (SD3's last context
+    block: scale and shift swapped). Those functions swap halves, their own inverse, so the same one
+    turns our rows into diffusers' order."""
+    by_weight: dict[str, list[tuple]] = {}
     for stem, target in weight_key_map.items():
         if not stem.startswith(prefix):
             continue
-        if isinstance(target, tuple):
-            weight, (dim, offset, size) = target
+        if not isinstance(target, tuple):
+            by_weight.setdefault(target, []).append((stem, None, None))
+            continue
+        weight, rows = target[0], (target[1] if len(target) > 1 else None)
+        transform = target[2] if len(target) > 2 else None
+        if rows is not None:
+            dim, offset, size = rows
             if dim != 0:
                 continue
-            by_weight.setdefault(weight, []).append((stem, (offset, size)))
-        else:
-            by_weight.setdefault(target, []).append((stem, None))
+            rows = (offset, size)
+        by_weight.setdefault(weight, []).append((stem, rows, transform))
     names = {}
     for path in module_paths:
         candidates = by_weight.get(f"diffusion_model.{path}.weight")
@@ -109,20 +116,24 @@ def diffusers_unet_names(weight_key_map: Mapping[str, object], module_paths: lis
 
 
 def file_entries(name, weights: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.Tensor]]]:
-    """[(key stem, weights)] for one trained layer. `name` is a stem, or [(stem, rows)] where the file
-    splits a fused layer into row slices (every slice keeps A; B and the DoRA scale are cut)."""
+    """[(key stem, weights)] for one trained layer. `name` is a stem, or [(stem, rows, transform)] where
+    the file splits a fused layer into row slices (every slice keeps A; B and the DoRA scale are cut) or
+    orders its rows differently (the transform reorders B and the DoRA scale)."""
     if isinstance(name, str):
         return [(name, weights)]
     entries = []
-    for stem, rows in name:
-        if rows is None:
-            entries.append((stem, weights))
-            continue
-        offset, size = rows
-        part = {"down": weights["down"], "up": weights["up"][offset:offset + size].contiguous()}
-        if "magnitude" in weights:
-            part["magnitude"] = weights["magnitude"][offset:offset + size].contiguous()
-        entries.append((stem, part))
+    for stem, rows, transform in name:
+        part = dict(weights)
+        if rows is not None:
+            offset, size = rows
+            part["up"] = weights["up"][offset:offset + size]
+            if "magnitude" in weights:
+                part["magnitude"] = weights["magnitude"][offset:offset + size]
+        if transform is not None:
+            part["up"] = transform(part["up"])
+            if "magnitude" in part:
+                part["magnitude"] = transform(part["magnitude"])
+        entries.append((stem, {key: value.contiguous() for key, value in part.items()}))
     return entries
 
 
@@ -139,7 +150,8 @@ def lora_state_dict(entries: list[tuple[str, dict[str, torch.Tensor]]], alpha: f
     tensors: dict[str, torch.Tensor] = {}
     for stem, weights in entries:
         scale = float(alpha) / weights["down"].shape[0]
-        tensors[f"{stem}.lora_A.weight"] = weights["down"].to(dtype).contiguous()
+        # a fused layer's slices share A: each key gets its own copy (safetensors refuses shared memory)
+        tensors[f"{stem}.lora_A.weight"] = weights["down"].to(dtype).clone()
         tensors[f"{stem}.lora_B.weight"] = (weights["up"].float() * scale).to(dtype).contiguous()
         if "magnitude" in weights:
             magnitude = weights["magnitude"].to(dtype)

@@ -101,10 +101,17 @@ def fixed_flow_loss(model, clip, vae, images: torch.Tensor) -> float:
     return total / (x0.shape[0] * len(FIXED_SIGMAS))
 
 
-def state_bytes(*modules) -> list[bytes]:
-    """Every tensor's bytes (NaN-safe exact comparison)."""
-    return [tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-            for module in modules for tensor in module.state_dict().values()]
+def state_bytes(*modules) -> str:
+    """A digest of every tensor's bytes, in order (a NaN-safe exact comparison that holds no copy)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            if tensor.numel():
+                digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 def no_unmatched(lines: list[str]) -> bool:
@@ -230,6 +237,21 @@ def test_dit_dora_trains_on_a_base_loaded_in_that_dtype(comfy, dataset, precisio
     assert no_unmatched(lines), lines
 
 
+def test_dit_trains_on_an_fp8_base(comfy, dataset):
+    """fp8 weights (UNETLoader's fp8_e4m3fn, how Flux is often loaded): ComfyUI casts them per layer, the
+    LoRA trains in the compute precision beside them and loads back with no unmatched key."""
+    loaded = load_sd3(comfy, torch.float8_e4m3fn)
+    assert loaded[0].model.diffusion_model.joint_blocks[0].x_block.attn.qkv.weight.dtype == torch.float8_e4m3fn
+    _, _, lora_name, _ = train(comfy, loaded, dataset, rates(comfy, learning_rate=1e-3, text_encoder_lr=0.0),
+                               schedule(comfy), steps=2, batch_size=1, precision="bf16", target="attention_ff",
+                               lora_name="dit_fp8")
+    tensors, _ = read_lora(comfy, lora_name)
+    assert all(torch.isfinite(tensor.float()).all() for tensor in tensors.values())
+    assert any(float(tensor.float().abs().max()) > 0 for key, tensor in tensors.items() if "lora_B" in key)
+    _, _, lines = stock_lora_loader(comfy, loaded, lora_name)
+    assert no_unmatched(lines), lines
+
+
 @pytest.mark.parametrize("widget, value", [("min_snr_gamma", 5.0), ("noise_offset", 0.05)])
 def test_flow_models_refuse_min_snr_and_noise_offset(comfy, sd3, dataset, widget, value):
     with pytest.raises(ValueError, match=f"{widget} = .* does not apply to SD3 / SD3.5.*Set {widget} to 0"):
@@ -284,29 +306,3 @@ def test_sd3_trains_transformer_and_both_clips_in_diffusers_keys(comfy, sd3, dat
     assert not [message for message in messages if "unexpected" in message.lower()], messages
     lora_a = [name for name, _ in transformer.named_parameters() if "lora_A" in name]
     assert len(lora_a) == len([key for key in transformer_keys if key.endswith("lora_A.weight")])
-
-
-def test_zimage_trains_and_its_file_loads_in_comfyui_and_diffusers(comfy, dataset):
-    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_z_image_lora_to_diffusers
-
-    loaded = load_dit(comfy, "zimage", "zimage")
-    model, clip, vae = loaded
-    assert type(model.model.model_config).__name__ == "ZImage"
-    base_bytes = state_bytes(model.model.diffusion_model, clip.cond_stage_model)
-    trained_model, _, lora_name, _ = train(comfy, loaded, dataset, rates(comfy, learning_rate=1e-3), schedule(comfy),
-                                           steps=2, batch_size=2, target="kohya_default", lora_name="zimage_lora")
-    assert state_bytes(model.model.diffusion_model, clip.cond_stage_model) == base_bytes
-    tensors, metadata = read_lora(comfy, lora_name)
-    stems = {key.split(".")[0] for key in tensors}
-    assert {"lora_unet_layers_0_attention_qkv", "lora_unet_noise_refiner_1_feed_forward_w3",
-            "lora_unet_context_refiner_0_attention_out"} <= stems
-    assert not any("adaLN" in stem for stem in stems)
-    assert metadata["ss_timestep_sampling"] == "shift" and metadata["ss_discrete_flow_shift"] == "3.0"
-
-    stock_model, _, lines = stock_lora_loader(comfy, loaded, lora_name)
-    assert no_unmatched(lines), lines
-    torch.testing.assert_close(dit_outputs(trained_model, clip, vae), dit_outputs(stock_model, clip, vae),
-                               rtol=0, atol=1e-4)
-    converted = _convert_non_diffusers_z_image_lora_to_diffusers(dict(tensors))   # raises on a leftover key
-    assert all(key.startswith("transformer.") for key in converted)
-    assert "transformer.layers.0.attention.to_q.lora_A.weight" in converted

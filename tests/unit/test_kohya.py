@@ -77,3 +77,43 @@ def test_weights_beyond_fp16_range_are_saved_in_fp32_not_as_inf():
     tensors = kohya_state_dict(huge, 2.0, torch.float16)
     assert all(tensor.dtype == torch.float32 and torch.isfinite(tensor).all() for tensor in tensors.values())
     assert float(tensors["lora_unet_x.lora_down.weight"].max()) == 1e6
+
+
+def test_diffusers_names_split_fused_layers_by_rows_and_skip_transformed_layouts():
+    """ComfyUI's diffusers key map: a plain weight, a row slice of a fused qkv, or a transformed layout."""
+    import torch
+
+    from lora_lab.training import kohya
+
+    key_map = {
+        "transformer.transformer_blocks.0.attn.to_q": ("diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", (0, 0, 4)),
+        "transformer.transformer_blocks.0.attn.to_k": ("diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", (0, 4, 4)),
+        "transformer.transformer_blocks.0.attn.to_v": ("diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", (0, 8, 4)),
+        "transformer.transformer_blocks.0.ff.net.2": "diffusion_model.joint_blocks.0.x_block.mlp.fc2.weight",
+        "transformer.norm_out.linear": ("diffusion_model.final_layer.adaLN_modulation.1.weight", None,
+                                        lambda t: torch.cat(list(reversed(t.chunk(2))))),
+        "lora_unet_joint_blocks_0_x_block_mlp_fc2": "diffusion_model.joint_blocks.0.x_block.mlp.fc2.weight",
+    }
+    names = kohya.diffusers_unet_names(key_map, ["joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.x_block.mlp.fc2"])
+    assert names["joint_blocks.0.x_block.attn.qkv"] == [("transformer.transformer_blocks.0.attn.to_q", (0, 4), None),
+                                                        ("transformer.transformer_blocks.0.attn.to_k", (4, 4), None),
+                                                        ("transformer.transformer_blocks.0.attn.to_v", (8, 4), None)]
+    assert names["joint_blocks.0.x_block.mlp.fc2"] == [("transformer.transformer_blocks.0.ff.net.2", None, None)]
+    with pytest.raises(ValueError, match="no diffusers name for layer joint_blocks.9"):
+        kohya.diffusers_unet_names(key_map, ["joint_blocks.9.x_block.mlp.fc2"])
+    (swapped,) = kohya.diffusers_unet_names(key_map, ["final_layer.adaLN_modulation.1"])["final_layer.adaLN_modulation.1"]
+    (entry,) = kohya.file_entries([swapped], {"down": torch.ones(1, 2), "up": torch.arange(4.0).reshape(4, 1)})
+    assert entry[1]["up"].flatten().tolist() == [2.0, 3.0, 0.0, 1.0]   # diffusers' row order
+
+    weights = {"down": torch.ones(2, 3), "up": torch.arange(24.0).reshape(12, 2), "magnitude": torch.arange(12.0)}
+    entries = [entry for name in [names["joint_blocks.0.x_block.attn.qkv"]]
+               for entry in kohya.file_entries(name, weights)]
+    tensors = kohya.lora_state_dict(entries, alpha=1.0, dtype=torch.float32, key_style="diffusers")
+    # A is shared, B and the DoRA scale are cut by rows, alpha / rank (1/2) is folded into B
+    assert torch.equal(tensors["transformer.transformer_blocks.0.attn.to_k.lora_A.weight"], torch.ones(2, 3))
+    assert torch.equal(tensors["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"],
+                       torch.arange(8.0, 16.0).reshape(4, 2) * 0.5)
+    assert tensors["transformer.transformer_blocks.0.attn.to_v.dora_scale"].flatten().tolist() == [8.0, 9.0, 10.0, 11.0]
+    assert not any(key.endswith(".alpha") for key in tensors)
+    from safetensors.torch import save
+    assert save(tensors)   # no two keys share memory (safetensors refuses that)
