@@ -325,8 +325,26 @@ def model_access(model, clip, vae, family: str, timestep_sampling: str = "auto",
             ([vae.patcher] if vae_done else []) + ([clip.patcher] if text_done else [])),
         dora_norm=dora_norm_of_loader(),
         sampling=sampling, training_guidance=training_guidance, architecture=architecture,
-        in_place_blocks=entry.dit is not None,
+        in_place_blocks=entry.dit is not None, training_mode=comfy_training_mode,
     )
+
+
+@contextlib.contextmanager
+def comfy_training_mode():
+    """ComfyUI's own "a trainer runs" switch, as its built-in trainer sets it: in 0.33 its DiTs then use
+    plain torch ops where they would call fused comfy_kitchen kernels that have no backward (Flux's and
+    Z-Image's RoPE). Older ComfyUI has no switch: nothing to do."""
+    import comfy.model_management
+
+    if not hasattr(comfy.model_management, "in_training"):
+        yield
+        return
+    previous = comfy.model_management.in_training
+    comfy.model_management.in_training = True
+    try:
+        yield
+    finally:
+        comfy.model_management.in_training = previous
 
 
 def dora_norm_of_loader() -> str:

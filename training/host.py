@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 import torch
 
@@ -43,6 +43,9 @@ class ModelAccess:
     sampling: tuple[str, float] = ("uniform", 0.0)
     training_guidance: float | None = None                  # guidance-distilled models (Flux-dev): the value trained with
     architecture: str = ""                                  # modelspec architecture where the host knows the variant
+    # Entered for the whole run: the host's training switch (ComfyUI 0.33's model_management.in_training,
+    # which routes fused kernels without a backward, e.g. comfy_kitchen's RoPE, to plain torch ops).
+    training_mode: Callable[[], ContextManager] | None = None
     in_place_blocks: bool = False                           # unet_blocks update activations in place (DiTs): train them out of place
 
 

@@ -394,6 +394,8 @@ class Run:
                 forward = checkpointed_forward(block, forward)
             if forward is not None:
                 forward_patches.append((block, forward))
+        if access.training_mode is not None:
+            stack.enter_context(access.training_mode())
         stack.enter_context(trainable_copies(*roots, offload_device=access.offload_device))
         stack.enter_context(patched_forwards(forward_patches))
         unet_paths = unet_target_paths(access.unet, settings.target, access.family)
