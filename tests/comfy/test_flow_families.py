@@ -265,7 +265,7 @@ def test_flow_model_previews_and_lr_finder(comfy, sd3, dataset):
                                sample_prompt="a red square on black --w 64 --h 64 --s 3", sample_every_n_steps=2)
     samples = comfy.output_dir / "lora_lab" / "sd3_previews" / "samples"
     assert [path.name for path in samples.iterdir()] == ["step00002_0.png"]
-    _, suggested, _, summary = find(comfy, sd3, dataset, steps=6, batch_size=1, min_lr=1e-5, max_lr=1e-2)
+    _, suggested, _, summary = find(comfy, sd3, dataset, steps=10, batch_size=1, min_lr=1e-5, max_lr=1e-2)
     assert 1e-5 <= suggested <= 1e-2 and "Suggested rate" in summary
 
 
