@@ -4,8 +4,11 @@ Key names are the ones kohya sd-scripts writes and ComfyUI / A1111 / Forge / dif
     SD1.x/2.x UNet  lora_unet_<diffusers path>   e.g. lora_unet_down_blocks_0_attentions_0_..._to_q
     SDXL UNet       lora_unet_<ldm path>         e.g. lora_unet_input_blocks_4_1_..._to_q
     text encoders   lora_te_ (SD1/2), lora_te1_ / lora_te2_ (SDXL)
+    Flux / Z-Image  lora_unet_<ComfyUI path>     e.g. lora_unet_double_blocks_0_img_attn_qkv
 each with ``.lora_down.weight`` (peft's A), ``.lora_up.weight`` (B), ``.alpha`` (scale =
-alpha / rank) and, with DoRA, ``.dora_scale``.
+alpha / rank) and, with DoRA, ``.dora_scale``. SD3 files use diffusers/peft names instead
+(``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``; training/families.py says why):
+``diffusers_unet_names``, ``file_entries`` and ``lora_state_dict`` write them.
 """
 from __future__ import annotations
 
