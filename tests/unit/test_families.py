@@ -77,3 +77,20 @@ def test_settings_a_flow_model_cannot_use_are_refused_with_the_fix():
         check_family_settings("sdxl", 0.0, 0.0, "shift")
     check_family_settings("sdxl", 0.05, 5.0, "uniform")   # the epsilon tools still work on SD
     check_family_settings("sd3", 0.0, 0.0, "logit_normal")
+
+
+def test_captions_of_an_llm_encoder_keep_their_lengths_in_a_batch():
+    """CLIP conds of different lengths are repeated to a common length (as ComfyUI batches them); an
+    encoder whose tokens carry positions (Z-Image's Qwen3: exact_length) keeps each caption separate."""
+    from lora_lab.training.feeder import concat_conditioning
+
+    short, long = torch.ones(1, 2, 4), torch.ones(1, 3, 4) * 2
+    clip = concat_conditioning([{"c_crossattn": short, "pooled": torch.zeros(1, 4)},
+                                {"c_crossattn": long, "pooled": torch.ones(1, 4)}])
+    assert clip["c_crossattn"].shape == (2, 6, 4) and clip["pooled"].shape == (2, 4)
+    llm = concat_conditioning([{"c_crossattn": short, "exact_length": True},
+                               {"c_crossattn": long, "exact_length": True}])
+    assert [sample["c_crossattn"].shape[1] for sample in llm["samples"]] == [2, 3]
+    same = concat_conditioning([{"c_crossattn": short, "exact_length": True},
+                                {"c_crossattn": short * 3, "exact_length": True}])
+    assert same["c_crossattn"].shape == (2, 2, 4) and same["exact_length"] is True
