@@ -89,8 +89,33 @@ def zimage_skeleton() -> dict:
     return skeleton
 
 
+def full_flux_skeleton() -> dict:
+    """Flux.1-dev's real layout (19 double + 38 single blocks, hidden 3072) with the reduced T5's text
+    width: the benchmark's Flux-sized model (~12 B parameters; the text width changes only txt_in)."""
+    skeleton = flux_skeleton(True)
+    for index in range(19):
+        skeleton[f"double_blocks.{index}.img_attn.norm.key_norm.scale"] = _zeros(128)
+    for index in range(38):
+        skeleton[f"single_blocks.{index}.norm.key_norm.scale"] = _zeros(128)
+    return skeleton
+
+
+def sd35_medium_skeleton() -> dict:
+    """SD3.5-medium-sized MMDiT (depth 24: hidden 1536, 24 heads; a 192 x 192 position grid as SD3's,
+    RMS q/k norm), the benchmark's SD3.5-sized model (~2 B parameters)."""
+    depth, hidden = 24, 64 * 24
+    skeleton = {"x_embedder.proj.weight": _zeros(hidden, 16, 2, 2), "final_layer.linear.weight": _zeros(64, hidden),
+                "y_embedder.mlp.0.weight": _zeros(hidden, 2048), "context_embedder.weight": _zeros(hidden, 4096),
+                "pos_embed": _zeros(1, 192 * 192, 1)}
+    for index in range(depth):
+        skeleton[f"joint_blocks.{index}.context_block.attn.qkv.weight"] = _zeros(1)
+        skeleton[f"joint_blocks.{index}.context_block.attn.ln_q.weight"] = _zeros(1)
+    return skeleton
+
+
 SKELETONS = {"flux_dev": lambda: flux_skeleton(True), "flux_schnell": lambda: flux_skeleton(False),
-             "sd3": sd3_skeleton, "zimage": zimage_skeleton}
+             "sd3": sd3_skeleton, "zimage": zimage_skeleton, "flux_full": full_flux_skeleton,
+             "sd35m_full": sd35_medium_skeleton}
 
 
 def build_diffusion_model(name: str, dtype=None):
@@ -139,13 +164,14 @@ def _save(target: Path, tensors: dict, dtype) -> Path:
 
 
 def ensure_diffusion_model(name: str) -> Path:
-    """The diffusion-model-only file (UNETLoader) of flux_dev / flux_schnell / zimage."""
+    """The diffusion-model-only file (UNETLoader) of a SKELETONS entry (flux_dev, flux_schnell, zimage;
+    sd3's diffusion model alone; flux_full / sd35m_full for the GPU benchmark)."""
     import torch
 
     target = fixture_path(f"tiny_{name}_unet")
     if target.is_file():
         return target
-    dtype = torch.bfloat16 if name == "zimage" else torch.float32
+    dtype = torch.float32 if name in ("flux_dev", "flux_schnell", "sd3") else torch.bfloat16   # big ones in bf16
     _, base_model = build_diffusion_model(name, dtype)
     state = base_model.diffusion_model.state_dict()
     if name.startswith("flux"):   # BFL's file layout names the q/k RMSNorm weights "scale" (ComfyUI renames on load)
