@@ -39,6 +39,23 @@ def link(comfy, folder: str, source) -> str:
     return source.name
 
 
+@pytest.fixture(scope="module", autouse=True)
+def release_models_after_module():
+    """The flow models are large (Flux at its real width, ~2 GB in fp32 each): out of ComfyUI's
+    loaded-model list when the module ends, so later modules and tiers have the memory."""
+    yield
+    release_all_models()
+
+
+def release_all_models() -> None:
+    import gc
+
+    from comfy import model_management
+    model_management.unload_all_models()
+    gc.collect()
+    model_management.soft_empty_cache()
+
+
 @pytest.fixture(scope="module")
 def dataset(comfy):
     module = comfy.pack.training.dataset

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from .test_flow_families import dataset, dit_outputs, load_dit, no_unmatched, state_bytes  # noqa: F401
+from .test_flow_families import (dataset, dit_outputs, load_dit, no_unmatched, release_all_models,  # noqa: F401
+                                 release_models_after_module, state_bytes)
 from .test_train import rates, read_lora, schedule, stock_lora_loader, train
 
 
 def test_zimage_trains_and_its_file_loads_in_comfyui_and_diffusers(comfy, dataset):
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_z_image_lora_to_diffusers
 
+    release_all_models()   # room for a model at Z-Image's real width
     loaded = load_dit(comfy, "zimage", "zimage")
     model, clip, vae = loaded
     assert type(model.model.model_config).__name__ == "ZImage"
