@@ -9,7 +9,7 @@ one entry here plus its detection in nodes/comfy_bridge.py.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -143,7 +143,6 @@ class Family:
     preview_cfg: float = 7.0
     preview_guidance: float | None = None
     preview_steps: int = 20
-    notes: dict = field(default_factory=dict)
 
     @property
     def flow(self) -> bool:
@@ -220,10 +219,6 @@ FAMILIES: dict[str, Family] = {
         modelspec_implementation="https://github.com/Tongyi-MAI/Z-Image",
         preview_cfg=1.0, preview_steps=8),
 }
-
-
-def family(key: str) -> Family:
-    return FAMILIES[key]
 
 
 def sampling_for(family_key: str, timestep_sampling: str, timestep_shift: float) -> tuple[str, float]:

@@ -147,9 +147,7 @@ def lora_state_dict(entries: list[tuple[str, dict[str, torch.Tensor]]], alpha: f
     such as .alpha, and ComfyUI then applies scale 1)."""
     if key_style == "kohya":
         return kohya_state_dict(entries, alpha, dtype)
-    if dtype != torch.float32 and not fits_dtype(entries, dtype):
-        logger.warning("LoRA Lab: the trained weights exceed %s's range; this file is saved in fp32 instead", dtype)
-        dtype = torch.float32
+    dtype = file_dtype(entries, dtype)
     tensors: dict[str, torch.Tensor] = {}
     for stem, weights in entries:
         scale = float(alpha) / weights["down"].shape[0]
@@ -169,11 +167,7 @@ def kohya_state_dict(entries: list[tuple[str, dict[str, torch.Tensor]]], alpha: 
     DoRA: peft's magnitude vector (one value per output feature) is written as ``dora_scale``
     shaped [out, 1] (ComfyUI's `weight_decompose` normalises per output row in that layout).
     """
-    if dtype != torch.float32 and not fits_dtype(entries, dtype):
-        # fp16 overflows above 65504: such weights (a run that was diverging) would be written as inf,
-        # a file that breaks every image it touches. Keep the values: write fp32.
-        logger.warning("LoRA Lab: the trained weights exceed %s's range; this file is saved in fp32 instead", dtype)
-        dtype = torch.float32
+    dtype = file_dtype(entries, dtype)
     tensors: dict[str, torch.Tensor] = {}
     for stem, weights in entries:
         tensors[f"{stem}.lora_down.weight"] = weights["down"].to(dtype).contiguous()
@@ -183,6 +177,15 @@ def kohya_state_dict(entries: list[tuple[str, dict[str, torch.Tensor]]], alpha: 
             magnitude = weights["magnitude"].to(dtype)
             tensors[f"{stem}.dora_scale"] = magnitude.reshape(-1, *([1] * (weights["up"].ndim - 1))).contiguous()
     return tensors
+
+
+def file_dtype(entries: list[tuple[str, dict[str, torch.Tensor]]], dtype: torch.dtype) -> torch.dtype:
+    """The dtype to write: `dtype`, or fp32 where fp16/bf16 would turn finite weights into inf (a run that
+    was diverging: such a file breaks every image it touches; keep the values)."""
+    if dtype != torch.float32 and not fits_dtype(entries, dtype):
+        logger.warning("LoRA Lab: the trained weights exceed %s's range; this file is saved in fp32 instead", dtype)
+        return torch.float32
+    return dtype
 
 
 def fits_dtype(entries: list[tuple[str, dict[str, torch.Tensor]]], dtype: torch.dtype) -> bool:
