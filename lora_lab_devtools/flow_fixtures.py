@@ -307,3 +307,23 @@ def ensure_sd3_checkpoint() -> Path:
     write_atomically(target, lambda name: comfy.sd.save_checkpoint(
         name, model, clip=clip, vae=vae, metadata={"lora_lab_fixture": target.name}))
     return target
+
+
+def flux_example_files() -> dict[str, Path]:
+    """The Flux example's files (diffusion model, CLIP-L, reduced T5, VAE), generated in a child process
+    (the e2e tier does not import ComfyUI itself)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .environment import REPO_ROOT
+    from .tiny_checkpoint import _comfyui_dir
+
+    code = ("import json; from lora_lab_devtools import flow_fixtures as f; clip_l, t5 = f.ensure_flux_text_encoder_files(); "
+            "print(json.dumps({'unet': str(f.ensure_diffusion_model('flux_dev')), 'clip_l': str(clip_l), "
+            "'t5': str(t5), 'vae': str(f.ensure_vae16())}))")
+    environment = {**os.environ, "LORA_LAB_COMFYUI_DIR": str(_comfyui_dir())}
+    output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=REPO_ROOT,
+                            env=environment).stdout
+    return {key: Path(value) for key, value in json.loads(output.strip().splitlines()[-1]).items()}

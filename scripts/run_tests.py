@@ -4,7 +4,8 @@
 
 0.33.0 comes from ../shared/upstream (see scripts/setup_env.py); without that archive (a user's fresh
 clone) it is skipped with one line saying why. With COMFYUI_DIR set (your own ComfyUI) the suite runs
-once, on it. Extra arguments go to pytest (both runs); test paths among them replace the second
+once, on it. The tiers that start servers (e2e, browser) run in a pytest process of their own, before
+the others (see SERVER_TIERS). Extra arguments go to pytest (both runs); test paths among them replace the second
 run's tier selection too. The last line counts both runs: "matrix: N passed, N failed, N skipped".
 
 Environment: LORA_LAB_TEST_COMFYUIS="0.3.75 0.33.0" picks the versions (default: all that can be set up).
@@ -22,10 +23,21 @@ from setup_env import DEFAULT_COMFYUI, available  # scripts/ is on sys.path: it 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# On the second ComfyUI only what can behave differently there: everything that boots ComfyUI. The
-# servers' tiers first: the in-process tier leaves the test process large (an SDXL-family model was
-# trained in it), and a 2-core, 24 GB machine cannot hold that and a server training one too.
+# On the second ComfyUI only what can behave differently there: everything that boots ComfyUI.
 COMFYUI_TIERS = ["tests/e2e", "tests/browser", "tests/comfy"]
+# The tiers that start ComfyUI servers run in a pytest process of their own, before the rest: their
+# servers are session fixtures, alive until the process ends, and the in-process tier trains models as
+# large as Flux in the test process itself. A 2-core, 24 GB machine cannot hold a server that trained
+# the example workflows and that at once (CI's 0.33.0 run was OOM-killed so).
+SERVER_TIERS = ["tests/e2e", "tests/browser"]
+
+
+def tier_groups(tiers: list[str]) -> list[list[str]]:
+    """The selection split into pytest runs: the server tiers, then the rest (no tiers = all of tests/)."""
+    servers = [tier for tier in SERVER_TIERS if not tiers or tier in tiers]
+    rest = [tier for tier in tiers if tier not in SERVER_TIERS] if tiers else \
+        [f"--ignore={tier}" for tier in SERVER_TIERS]
+    return [group for group in (servers, rest) if group]
 
 
 def counts(junit: Path) -> dict[str, int]:
@@ -45,15 +57,23 @@ def run_pytest(version: str | None, arguments: list[str], junit: Path) -> int:
     environment = dict(os.environ)
     if version is not None:
         environment["LORA_LAB_COMFYUI"] = version
-    print(f"\n===== pytest on ComfyUI {version or os.environ.get('COMFYUI_DIR', '')} =====", flush=True)
+    print(f"\n===== pytest on ComfyUI {version or os.environ.get('COMFYUI_DIR', '')}: {' '.join(arguments)} =====",
+          flush=True)
     command = [sys.executable, str(REPO_ROOT / "scripts" / "setup_env.py"), "run", "--", "-m", "pytest", "-q", "-rs",
                f"--junitxml={junit}", *arguments]
     return subprocess.call(command, env=environment, cwd=REPO_ROOT)
 
 
+def runs(version: str | None, arguments: list[str], tiers: list[str]) -> list[tuple[str | None, list[str]]]:
+    """The pytest runs for one ComfyUI: the given selection as one run, or the tiers in groups."""
+    if any(not argument.startswith("-") for argument in arguments):
+        return [(version, arguments)]
+    return [(version, [*arguments, *group]) for group in tier_groups(tiers)]
+
+
 def main(arguments: list[str]) -> int:
     if os.environ.get("COMFYUI_DIR"):
-        plan = [(None, arguments)]
+        plan = runs(None, arguments, [])
     else:
         wanted = os.environ.get("LORA_LAB_TEST_COMFYUIS", "").split()
         plan = []
@@ -64,9 +84,7 @@ def main(arguments: list[str]) -> int:
             if state != "ok":
                 print(f"ComfyUI {version} {state}", flush=True)
                 continue
-            selects = any(not argument.startswith("-") for argument in arguments)
-            tiers = [] if (selects or version == DEFAULT_COMFYUI) else COMFYUI_TIERS
-            plan.append((version, [*arguments, *tiers]))
+            plan += runs(version, arguments, [] if version == DEFAULT_COMFYUI else COMFYUI_TIERS)
     totals = {"passed": 0, "failed": 0, "skipped": 0}
     status = 0
     with tempfile.TemporaryDirectory(prefix="lora-lab-junit-") as folder:
@@ -76,7 +94,8 @@ def main(arguments: list[str]) -> int:
             found = counts(junit)
             for key in totals:
                 totals[key] += found[key]
-            print(f"ComfyUI {version or 'COMFYUI_DIR'}: {found['passed']} passed, {found['failed']} failed, "
+            label = " ".join(argument for argument in pytest_arguments if argument not in arguments) or "all tests"
+            print(f"ComfyUI {version or 'COMFYUI_DIR'} ({label}): {found['passed']} passed, {found['failed']} failed, "
                   f"{found['skipped']} skipped (pytest exit {code})", flush=True)
             # pytest's 5 = nothing collected: a selection that matched no test is not a failure here.
             if code not in (0, 5):
