@@ -60,7 +60,7 @@ def run_pytest(version: str | None, arguments: list[str], junit: Path) -> int:
     print(f"\n===== pytest on ComfyUI {version or os.environ.get('COMFYUI_DIR', '')}: {' '.join(arguments)} =====",
           flush=True)
     command = [sys.executable, str(REPO_ROOT / "scripts" / "setup_env.py"), "run", "--", "-m", "pytest", "-q", "-rs",
-               f"--junitxml={junit}", *arguments]
+               "--durations=15", f"--junitxml={junit}", *arguments]   # the slowest tests, for keeping the suite short
     return subprocess.call(command, env=environment, cwd=REPO_ROOT)
 
 
