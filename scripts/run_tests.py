@@ -5,8 +5,8 @@
 0.33.0 comes from ../shared/upstream (see scripts/setup_env.py); without that archive (a user's fresh
 clone) it is skipped with one line saying why. With COMFYUI_DIR set (your own ComfyUI) the suite runs
 once, on it. The tiers that start servers (e2e, browser) run in a pytest process of their own, before
-the others (see SERVER_TIERS). Extra arguments go to pytest (both runs); test paths among them replace the second
-run's tier selection too. The last line counts both runs: "matrix: N passed, N failed, N skipped".
+the others (see SERVER_TIERS). Extra arguments go to every run; test paths among them replace the tier
+selection (one run per ComfyUI then). The last line counts all runs: "matrix: N passed, N failed, N skipped".
 
 Environment: LORA_LAB_TEST_COMFYUIS="0.3.75 0.33.0" picks the versions (default: all that can be set up).
 """
@@ -34,10 +34,10 @@ SERVER_TIERS = ["tests/e2e", "tests/browser"]
 
 def tier_groups(tiers: list[str]) -> list[list[str]]:
     """The selection split into pytest runs: the server tiers, then the rest (no tiers = all of tests/)."""
-    servers = [tier for tier in SERVER_TIERS if not tiers or tier in tiers]
-    rest = [tier for tier in tiers if tier not in SERVER_TIERS] if tiers else \
-        [f"--ignore={tier}" for tier in SERVER_TIERS]
-    return [group for group in (servers, rest) if group]
+    if not tiers:
+        return [SERVER_TIERS, [f"--ignore={tier}" for tier in SERVER_TIERS]]
+    groups = ([tier for tier in tiers if tier in SERVER_TIERS], [tier for tier in tiers if tier not in SERVER_TIERS])
+    return [group for group in groups if group]
 
 
 def counts(junit: Path) -> dict[str, int]:
