@@ -253,7 +253,9 @@ def ensure_sdxl_family(path: Path | str | None, config_name: str, unet_config: d
 
 
 def link_checkpoint(source: Path, checkpoints_dir: Path) -> str:
-    """Make source visible to CheckpointLoaderSimple (symlink, copy where links are not allowed)."""
+    """Make source visible to the loader that reads `checkpoints_dir` (models/checkpoints for
+    CheckpointLoaderSimple; any models/ subfolder likewise): symlink, copy where links are not allowed."""
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
     target = checkpoints_dir / source.name
     if target.is_symlink() or target.exists():
         if target.exists() and target.resolve() == source.resolve():

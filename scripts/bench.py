@@ -81,13 +81,10 @@ def flow_loaders(comfy, shape: str, weight_dtype: str) -> tuple[dict, dict]:
     tests/support/reduced_text_encoders in this process) + VAELoader, or for SD3 the checkpoint's CLIP-L/G
     and VAE beside the diffusion model from UNETLoader."""
     from lora_lab_devtools import flow_fixtures
+    from lora_lab_devtools.tiny_checkpoint import link_checkpoint
 
     def link(folder: str, source: Path) -> str:
-        target = comfy.models_dir / folder / source.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            target.symlink_to(source)
-        return source.name
+        return link_checkpoint(source, comfy.models_dir / folder)
 
     unet = link("diffusion_models", flow_fixtures.ensure_diffusion_model(FLOW_SHAPES[shape]))
     nodes = {"1u": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": weight_dtype}}}

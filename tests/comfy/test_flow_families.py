@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from lora_lab_devtools import flow_fixtures
+from lora_lab_devtools.tiny_checkpoint import link_checkpoint
 
 from .test_train import pattern_images, rates, read_lora, schedule, stock_lora_loader, train
 
@@ -32,11 +33,7 @@ FIXED_SIGMAS = (0.2, 0.5, 0.8)
 
 
 def link(comfy, folder: str, source) -> str:
-    target = comfy.models_dir / folder / source.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not target.exists():
-        target.symlink_to(source)
-    return source.name
+    return link_checkpoint(source, comfy.models_dir / folder)
 
 
 @pytest.fixture(scope="module", autouse=True)
