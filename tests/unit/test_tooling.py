@@ -54,6 +54,6 @@ def test_runtime_requirements_never_include_torch():
     declared = [re.split(r"[<>=!~\[ ;]", item, maxsplit=1)[0].lower() for item in project["project"]["dependencies"]]
     assert sorted(names) == sorted(declared)  # requirements.txt mirrors pyproject
     assert not {"torch", "torchvision", "torchaudio"} & set(names)
-    assert {"diffusers", "peft", "safetensors", "matplotlib"} <= set(names)
+    assert {"peft", "safetensors", "matplotlib"} <= set(names)
     comfy = project["tool"]["comfy"]
     assert comfy["PublisherId"] and comfy["DisplayName"] == "LoRA Lab" and (REPO_ROOT / comfy["Icon"]).exists()
