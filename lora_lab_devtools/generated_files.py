@@ -2,7 +2,7 @@
 
 - README.md's "Node reference", from the nodes (whose widgets come from the settings dataclasses:
   training/settings.py);
-- web/js/parts.js, the editor charts' part colours and labels, from training/parts.py.
+- web/js/parts.js, the editor charts' part colours and labels, from training/charts/parts.py.
 
 Command line: scripts/update_generated_files.py; check: tests/unit/test_generated_files.py."""
 from __future__ import annotations
@@ -75,7 +75,7 @@ def current_and_generated() -> tuple[str, str]:
 def generated_files() -> dict:
     """{path: (current text, generated text)} for every generated file."""
     register_lora_lab_package()
-    from lora_lab.training.parts import javascript_module
+    from lora_lab.training.charts.parts import javascript_module
 
     text, generated = current_and_generated()
     current_js = PARTS_JS.read_text(encoding="utf-8") if PARTS_JS.is_file() else ""

@@ -16,14 +16,14 @@ from typing import Any, Callable
 
 import torch
 
-from ..training import kohya
-from ..training.families import FAMILIES, draw_flow_sigmas, sampling_for
-from ..training.image_tensors import image_to_pil
-from ..training.loop import DiffusionObjective, StepRecord
-from ..training.sampling import PreviewSampler, SamplePrompt
-from ..training.feeder import concat_conditioning
-from ..training.host import ModelAccess
-from ..training.trainer import check_fits
+from ..training.data.feeder import concat_conditioning
+from ..training.data.image_tensors import image_to_pil
+from ..training.families.table import FAMILIES, draw_flow_sigmas, sampling_for
+from ..training.network import kohya
+from ..training.run.host import ModelAccess
+from ..training.run.loop import DiffusionObjective, StepRecord
+from ..training.run.memory import check_fits
+from ..training.run.sampling import PreviewSampler, SamplePrompt
 
 logger = logging.getLogger("lora_lab")
 
@@ -70,7 +70,7 @@ def _detect_family(base_model) -> str | None:
 
 
 def model_family(model) -> str:
-    """A key of training/families.FAMILIES for a MODEL, or ValueError for anything this trainer does
+    """A key of training/families/table.FAMILIES for a MODEL, or ValueError for anything this trainer does
     not support."""
     family = _detect_family(model.model)
     if family is None:
@@ -269,7 +269,7 @@ def model_access(model, clip, vae, family: str, timestep_sampling: str = "auto",
             result["y"] = torch.cat(rows).to(device)
         elif family in ("flux", "sd3") and cond.get("pooled") is not None:
             result["y"] = cond["pooled"].to(device)
-        if training_guidance is not None:   # Flux-dev: the distilled guidance input (families.py says which value)
+        if training_guidance is not None:   # Flux-dev: the distilled guidance input (families/table.py says which value)
             result["guidance"] = torch.full((batch,), float(training_guidance), device=device)
         if family == "zimage":   # Lumina 2's forward takes the caption's token count (and a mask with padding)
             result["num_tokens"] = int(cond["attention_mask"].sum(dim=-1).max()) if "attention_mask" in cond \

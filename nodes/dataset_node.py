@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..training.dataset import (DatasetError, DatasetOptions, accepted_extensions_text, require_folder,
-                                build_folder_dataset, build_image_dataset, folder_fingerprint,
-                                preview_grid, summarize)
-from ..training.image_tensors import pil_to_image
+from ..training.data.dataset import (DatasetError, DatasetOptions, accepted_extensions_text, require_folder,
+                                     build_folder_dataset, build_image_dataset, folder_fingerprint,
+                                     preview_grid, summarize)
+from ..training.data.image_tensors import pil_to_image
 from ..training.settings import specs
 from . import comfy_bridge
 from .widgets import widgets

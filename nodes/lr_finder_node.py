@@ -1,16 +1,16 @@
 """LR Finder node: sweeps the learning rate on a throwaway LoRA, measuring the stable validation loss,
-and suggests the rate to train with (training/lr_finder.py)."""
+and suggests the rate to train with (training/lr/finder.py)."""
 from __future__ import annotations
 
 import logging
 
-from ..training.host import TrainCallbacks
-from ..training.image_tensors import pil_to_image
-from ..training.loop import StepRecord
-from ..training.lr_charts import sweep_chart
-from ..training.lr_finder import FinderSettings, SweepRecord, find_lr, summary
+from ..training.data.image_tensors import pil_to_image
+from ..training.lr.charts import sweep_chart
+from ..training.lr.finder import FinderSettings, SweepRecord, find_lr, summary
+from ..training.run.host import TrainCallbacks
+from ..training.run.loop import StepRecord
+from ..training.run.train_settings import TEXT_PARTS, part_rates_for
 from ..training.settings import specs
-from ..training.trainer import TEXT_PARTS, part_rates_for
 from . import comfy_bridge
 from .widgets import TRAINING_SOCKETS, widgets
 

@@ -7,8 +7,8 @@ Invalid settings raise ValueError with the node's own message (the route answers
 """
 from __future__ import annotations
 
-from ..training.rates import rates_from_values
-from ..training.schedules import settings_from_values
+from ..training.lr.rates import rates_from_values
+from ..training.lr.schedules import settings_from_values
 
 MAX_PREVIEW_STEPS = 1_000_000
 

@@ -1,10 +1,10 @@
 """UNet/TE Learning Rates node: global / UNet / TE / TE2 rates, LoRA+ and block weights."""
 from __future__ import annotations
 
-from ..training.image_tensors import pil_to_image
-from ..training.lr_charts import rates_chart
-from ..training.rates import LearningRates, rates_from_values
-from ..training.schedules import ScheduleSettings
+from ..training.data.image_tensors import pil_to_image
+from ..training.lr.charts import rates_chart
+from ..training.lr.rates import LearningRates, rates_from_values
+from ..training.lr.schedules import ScheduleSettings
 from .widgets import widgets
 
 

@@ -1,9 +1,9 @@
 """LR Schedule node: warmup + scheduler settings -> LR_SCHEDULE and a chart of the multiplier."""
 from __future__ import annotations
 
-from ..training.image_tensors import pil_to_image
-from ..training.lr_charts import schedule_chart
-from ..training.schedules import ScheduleSettings, settings_from_values
+from ..training.data.image_tensors import pil_to_image
+from ..training.lr.charts import schedule_chart
+from ..training.lr.schedules import ScheduleSettings, settings_from_values
 from .widgets import widgets
 
 

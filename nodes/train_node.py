@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 
-from ..training.host import TrainCallbacks
-from ..training.image_tensors import pil_to_image
-from ..training.kohya import lora_name_for
-from ..training.resume import resolve_state_path
-from ..training.families import FAMILIES
-from ..training.sampling import parse_sample_prompts
+from ..training.charts.training_chart import training_chart
+from ..training.data.image_tensors import pil_to_image
+from ..training.families.table import FAMILIES
+from ..training.network.kohya import lora_name_for
+from ..training.run.host import TrainCallbacks
+from ..training.run.resume import resolve_state_path
+from ..training.run.sampling import parse_sample_prompts
+from ..training.run.train_settings import (OPTIONAL_SETTINGS, TEXT_PARTS, RunOptions, TrainSettings, check_inputs,
+                                           part_rates_for)
+from ..training.run.trainer import train_lora
 from ..training.settings import specs
-from ..training.training_chart import training_chart
-from ..training.trainer import (OPTIONAL_SETTINGS, TEXT_PARTS, RunOptions, TrainSettings, check_inputs,
-                                part_rates_for, train_lora)
 from . import comfy_bridge
 from .widgets import TRAINING_SOCKETS, widgets
 

@@ -22,7 +22,7 @@ import _repo_path  # noqa: F401  (puts the checkout on sys.path)
 from lora_lab_devtools.environment import register_lora_lab_package
 
 register_lora_lab_package()  # the library without the pack's ComfyUI __init__
-from lora_lab.training.dataset import DatasetOptions, build_folder_dataset, folder_fingerprint  # noqa: E402
+from lora_lab.training.data.dataset import DatasetOptions, build_folder_dataset, folder_fingerprint  # noqa: E402
 
 SIZES = [(64, 64), (96, 64), (64, 96), (128, 72), (72, 128)]
 FORMATS = [("png", "PNG"), ("jpg", "JPEG"), ("webp", "WEBP")]

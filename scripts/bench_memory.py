@@ -59,17 +59,17 @@ def run_child(arguments: argparse.Namespace) -> dict:
     comfy = boot(find_comfyui_dir(), base)
     (comfy.models_dir / "checkpoints" / "tiny.safetensors").symlink_to(ensure_tiny_sd15())
     pack = comfy.pack
-    dataset_module, trainer, bridge = pack.training.dataset, pack.training.trainer, pack.nodes.comfy_bridge
+    dataset_module, run, bridge = pack.training.data.dataset, pack.training.run, pack.nodes.comfy_bridge
     with torch.inference_mode():
         model, clip, vae = comfy.node_class("CheckpointLoaderSimple")().load_checkpoint("tiny.safetensors")[:3]
     dataset = dataset_module.build_folder_dataset(arguments.data, dataset_module.DatasetOptions(
         resolution=arguments.size, bucketing=False))
     steps = -(-len(dataset.samples) // arguments.batch_size)   # one epoch: every image encoded once
-    settings = trainer.TrainSettings(steps=steps, batch_size=arguments.batch_size, rank=4, alpha=4.0,
-                                     target="attention", precision="fp32", gradient_checkpointing=False,
-                                     lora_name="bench_memory", cache_latents_to_disk=arguments.disk)
-    rates = pack.training.rates.rates_from_values({"learning_rate": 1e-4, "text_encoder_lr": 0.0})
-    schedule = pack.training.schedules.settings_from_values({"scheduler": "constant", "warmup": 0.0})
+    settings = run.train_settings.TrainSettings(steps=steps, batch_size=arguments.batch_size, rank=4, alpha=4.0,
+                                                target="attention", precision="fp32", gradient_checkpointing=False,
+                                                lora_name="bench_memory", cache_latents_to_disk=arguments.disk)
+    rates = pack.training.lr.rates.rates_from_values({"learning_rate": 1e-4, "text_encoder_lr": 0.0})
+    schedule = pack.training.lr.schedules.settings_from_values({"scheduler": "constant", "warmup": 0.0})
     samples: list[float] = []
 
     def on_step(record, total) -> None:
@@ -79,9 +79,9 @@ def run_child(arguments: argparse.Namespace) -> dict:
     started = time.perf_counter()
     with torch.inference_mode():
         access = bridge.model_access(model, clip, vae, bridge.check_compatible(model, clip, vae))
-        result = trainer.train_lora(settings, access, dataset, rates, schedule, bridge.loras_dir(),
-                                    bridge.output_dir(), trainer.TrainCallbacks(on_step=on_step))
-    cache_folder = bridge.output_dir() / "lora_lab" / trainer.LATENT_CACHE_FOLDER
+        result = run.trainer.train_lora(settings, access, dataset, rates, schedule, bridge.loras_dir(),
+                                        bridge.output_dir(), run.host.TrainCallbacks(on_step=on_step))
+    cache_folder = bridge.output_dir() / "lora_lab" / run.trainer.LATENT_CACHE_FOLDER
     disk_bytes = sum(path.stat().st_size for path in cache_folder.glob("*.pt")) if cache_folder.is_dir() else 0
     return {"disk": arguments.disk, "images": len(dataset.samples), "steps": steps, "seconds": time.perf_counter() - started,
             "rss_before_mib": rss_before, "rss_after_first_step_mib": samples[0], "rss_end_mib": samples[-1],

@@ -4,7 +4,7 @@
 On the tiny SD1.5 checkpoint (CPU) and three datasets of different difficulty, it runs the LR Finder,
 then trains a LoRA at every rate of a half-decade grid (and at the suggestion) for the same steps
 with the default cosine schedule, and measures each one's final stable validation loss (the same
-fixed images, noise and timesteps for every run: training/validation.py). Prints, per dataset, the
+fixed images, noise and timesteps for every run: training/run/validation.py). Prints, per dataset, the
 ranking, the suggestion's regret (its loss minus the grid's best) and its distance from the best
 rate in decades, and writes a chart and the numbers as JSON. Not a test: nothing is asserted.
 

@@ -6,8 +6,9 @@ A settings dataclass declares each node widget once, peft-style::
 
 and calls :func:`validate` in ``__post_init__``. From the same fields the node builds its
 ``INPUT_TYPES`` (nodes/widgets.py) and the README's node reference is generated
-(scripts/update_readme_reference.py, checked by a test), so a default, a range or a tooltip is
-written in exactly one place. ComfyUI-agnostic: the specs are plain data.
+(scripts/update_generated_files.py writes it, tests/unit/test_generated_files.py checks it is
+current), so a default, a range or a tooltip is written in exactly one place. ComfyUI-agnostic:
+the specs are plain data.
 
 Errors are :class:`SettingError` (a ValueError), whose message names the node, the input, the
 value and the fix; code that needs to tell our own errors from a library's catches the class

@@ -55,7 +55,7 @@ def test_dora_file_names_lycoris_and_lycoris_reads_it_as_documented(comfy, loade
     assert metadata["ss_network_module"] == "lycoris.kohya"
     arguments = json.loads(metadata["ss_network_args"])
     assert (arguments["algo"], arguments["dora_wd"], arguments["wd_on_output"]) == ("lora", "True", "True")
-    assert metadata["lora_lab_dora_scale"] == pack.training.trainer.DORA_SCALE_RULES[rule]
+    assert metadata["lora_lab_dora_scale"] == pack.training.run.metadata.DORA_SCALE_RULES[rule]
 
     layers = comfy_and_file_weights(comfy, loaded, name)
     assert any(stem.startswith("lora_unet_") for stem in layers) and any(stem.startswith("lora_te_") for stem in layers)

@@ -130,7 +130,7 @@ def test_unwritable_folder_is_refused_before_training(comfy, loaded, dataset):  
 def test_a_file_that_appears_under_the_name_during_the_run_is_never_overwritten(comfy, loaded, dataset):  # noqa: F811
     """Someone (another run, a copy) creates race.safetensors while step 1 trains: ours becomes race_2."""
     pack = comfy.pack
-    bridge, trainer = pack.nodes.comfy_bridge, pack.training.trainer
+    bridge, run = pack.nodes.comfy_bridge, pack.training.run
     model, clip, vae = loaded
     intruder = loras(comfy) / "race.safetensors"
 
@@ -138,12 +138,13 @@ def test_a_file_that_appears_under_the_name_during_the_run_is_never_overwritten(
         if record.step == 1:
             intruder.write_bytes(b"someone else's file")
 
-    settings = trainer.TrainSettings(steps=3, batch_size=2, rank=4, alpha=4.0, precision="fp32",
-                                     gradient_checkpointing=False, lora_name="race")
+    settings = run.train_settings.TrainSettings(steps=3, batch_size=2, rank=4, alpha=4.0, precision="fp32",
+                                                gradient_checkpointing=False, lora_name="race")
     with torch.inference_mode():
         access = bridge.model_access(model, clip, vae, bridge.check_compatible(model, clip, vae))
-        result = trainer.train_lora(settings, access, dataset, rates(comfy, **UNET_ONLY), schedule(comfy),
-                                    bridge.loras_dir(), bridge.output_dir(), trainer.TrainCallbacks(on_step=on_step))
+        result = run.trainer.train_lora(settings, access, dataset, rates(comfy, **UNET_ONLY), schedule(comfy),
+                                        bridge.loras_dir(), bridge.output_dir(),
+                                        run.host.TrainCallbacks(on_step=on_step))
     assert result.path.name == "race_2.safetensors"
     assert intruder.read_bytes() == b"someone else's file"
     read_lora(comfy, "race_2.safetensors")
@@ -168,7 +169,7 @@ def test_the_dataset_folder_is_only_read(comfy, loaded, tmp_path):  # noqa: F811
     for index, image in enumerate(pattern_images()):
         Image.fromarray((image.numpy() * 255).astype("uint8")).save(folder / f"{index}.png")
         (folder / f"{index}.txt").write_text(CAPTIONS[index])
-    module = comfy.pack.training.dataset
+    module = comfy.pack.training.data.dataset
     before = tree_digest(tmp_path)
     cache = comfy.output_dir / "lora_lab" / ".latent_cache"
     cached_before = set(cache.glob("*.pt"))

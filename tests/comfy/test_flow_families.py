@@ -55,7 +55,7 @@ def release_all_models() -> None:
 
 @pytest.fixture(scope="module")
 def dataset(comfy):
-    module = comfy.pack.training.dataset
+    module = comfy.pack.training.data.dataset
     return module.build_image_dataset(pattern_images(), CAPTIONS, module.DatasetOptions(resolution=64, bucketing=False))
 
 

@@ -35,9 +35,10 @@ def test_validation_loss_of_the_same_weights_is_bit_identical(comfy, loaded, dat
     model, clip, vae = loaded
     with torch.inference_mode():
         access = bridge.model_access(model, clip, vae, bridge.check_compatible(model, clip, vae))
-        feeder = pack.training.feeder.BatchFeeder(dataset, access, False, pack.training.trainer.TrainSettings(),
-                                                  comfy.output_dir / "unused")
-        validation = pack.training.validation.ValidationSet(feeder, access.objective, "fp32", access.device)
+        feeder = pack.training.data.feeder.BatchFeeder(dataset, access, False,
+                                                       pack.training.run.train_settings.TrainSettings(),
+                                                       comfy.output_dir / "unused")
+        validation = pack.training.run.validation.ValidationSet(feeder, access.objective, "fp32", access.device)
         first, second = validation.loss(), validation.loss()
     assert validation.size == 4 * 8   # the tiny dataset has 4 images: all of them, 8 timesteps each
     assert first == second and 0.0 < first < 100.0

@@ -63,11 +63,11 @@ def test_precision_trains_every_tensor_of_every_part_in_fp32(comfy, load_in_dtyp
     assert clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers[0].mlp.fc1.weight.dtype == \
         PRECISIONS[precision]
     pack = comfy.pack
-    bridge, trainer = pack.nodes.comfy_bridge, pack.training.trainer
+    bridge, run = pack.nodes.comfy_bridge, pack.training.run
     name = f"precision_{precision}_{'dora' if use_dora else 'lora'}"
-    settings = trainer.TrainSettings(steps=3, batch_size=2, rank=4, alpha=4.0, target="attention_ff",
-                                     use_dora=use_dora, precision=precision, gradient_checkpointing=True,
-                                     weight_decay=0.01, lora_name=name)
+    settings = run.train_settings.TrainSettings(steps=3, batch_size=2, rank=4, alpha=4.0, target="attention_ff",
+                                                use_dora=use_dora, precision=precision, gradient_checkpointing=True,
+                                                weight_decay=0.01, lora_name=name)
     snapshots: dict[str, dict[str, torch.Tensor]] = {}
     dtypes: dict[str, torch.dtype] = {}
 
@@ -87,9 +87,10 @@ def test_precision_trains_every_tensor_of_every_part_in_fp32(comfy, load_in_dtyp
     with torch.inference_mode():
         family = bridge.check_compatible(model, clip, vae)
         access = bridge.model_access(model, clip, vae, family)
-        result = trainer.train_lora(settings, access, dataset, rates(comfy, learning_rate=1e-3, text_encoder_lr=1e-3),
-                                    schedule(comfy), bridge.loras_dir(), bridge.output_dir(),
-                                    trainer.TrainCallbacks(on_step=on_step, check_cancel=check_cancel))
+        result = run.trainer.train_lora(settings, access, dataset,
+                                        rates(comfy, learning_rate=1e-3, text_encoder_lr=1e-3),
+                                        schedule(comfy), bridge.loras_dir(), bridge.output_dir(),
+                                        run.host.TrainCallbacks(on_step=on_step, check_cancel=check_cancel))
     initial, final = snapshots["initial"], snapshots["final"]
     assert {tensor_name.split("/")[0] for tensor_name in initial} == {"unet", "text_encoder"}
     kinds = {tensor_name.rsplit("/", 1)[1] for tensor_name in initial}
@@ -108,7 +109,7 @@ def test_precision_trains_every_tensor_of_every_part_in_fp32(comfy, load_in_dtyp
 
 def test_dora_magnitude_gets_no_weight_decay(comfy):
     """Weight decay pulls toward zero: right for the low-rank update, wrong for DoRA's per-row norms."""
-    optimizers = comfy.pack.training.optimizers
+    optimizers = comfy.pack.training.lr.optimizers
     down, up, magnitude = (torch.nn.Parameter(torch.ones(2, 2)) for _ in range(3))
     layer = optimizers.TrainedLayer(part="unet", block="down", down=down, up=up, magnitude=magnitude)
     groups = optimizers.build_param_groups([layer], {"unet": 1e-3}, 1.0, lambda block: 1.0)

@@ -107,7 +107,7 @@ def test_cancel_writes_a_checkpoint_and_resuming_it_equals_the_uninterrupted_run
 
 
 def test_a_checkpoint_from_another_run_is_refused_before_training(comfy, loaded, varied, uninterrupted):  # noqa: F811
-    module = comfy.pack.training.dataset
+    module = comfy.pack.training.data.dataset
     other_data = module.build_image_dataset(pattern_images(4).flip(1), CAPTIONS,
                                             module.DatasetOptions(resolution=64, bucketing=False, flip=True))
     with torch.inference_mode():

@@ -40,7 +40,7 @@ def kohya_count(unet: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("family, known", [("SD15", 192), ("SDXL", 722)])
 def test_kohya_default_is_sd_scripts_default_module_set(comfy, family, known):
-    lora = comfy.pack.training.lora
+    lora = comfy.pack.training.network.lora
     unet = full_size_unet(family)
     paths = lora.unet_target_paths(unet, "kohya_default")
     assert len(paths) == kohya_count(unet)

@@ -52,26 +52,27 @@ def pattern_images(count: int = 4, size: int = 64) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def dataset(comfy):
-    module = comfy.pack.training.dataset
+    module = comfy.pack.training.data.dataset
     return module.build_image_dataset(pattern_images(), CAPTIONS,
                                       module.DatasetOptions(resolution=64, bucketing=False))
 
 
 def rates(comfy, **values):
-    return comfy.pack.training.rates.rates_from_values(values)
+    return comfy.pack.training.lr.rates.rates_from_values(values)
 
 
 def schedule(comfy, **values):
-    return comfy.pack.training.schedules.settings_from_values({"scheduler": "constant", "warmup": 0.0, **values})
+    return comfy.pack.training.lr.schedules.settings_from_values({"scheduler": "constant", "warmup": 0.0, **values})
 
 
 def train(comfy, loaded, dataset, learning_rates, lr_schedule, **widgets):
     """Call the node the way ComfyUI's executor does (inside inference_mode)."""
     model, clip, vae = loaded
-    trainer = comfy.pack.training.trainer
+    train_settings = comfy.pack.training.run.train_settings
     # The node's own defaults (from TrainSettings' fields), made tiny and CPU-friendly for tests.
-    defaults = {name: default for name, (default, _) in comfy.pack.training.settings.specs(trainer.TrainSettings).items()
-                if name not in trainer.OPTIONAL_SETTINGS}
+    defaults = {name: default for name, (default, _)
+                in comfy.pack.training.settings.specs(train_settings.TrainSettings).items()
+                if name not in train_settings.OPTIONAL_SETTINGS}
     defaults.update(steps=4, batch_size=2, rank=4, alpha=4.0, weight_decay=0.0, precision="fp32",
                     gradient_checkpointing=False, lora_name="test_lora")
     defaults.update(widgets)
@@ -376,11 +377,11 @@ def test_file_through_stock_loader_equals_the_model_as_trained(comfy, loaded, da
     model, clip, vae = loaded
     pack = comfy.pack
     bridge = pack.nodes.comfy_bridge
-    trainer = pack.training.trainer
-    settings = trainer.TrainSettings(steps=3, batch_size=2, rank=4, alpha=8.0, target="attention_ff",
-                                     use_dora=use_dora, precision="fp32", gradient_checkpointing=False,
-                                     lora_name=f"as_trained_{'dora' if use_dora else 'lora'}", weight_decay=0.0,
-                                     save_precision="fp32")
+    run = pack.training.run
+    settings = run.train_settings.TrainSettings(steps=3, batch_size=2, rank=4, alpha=8.0, target="attention_ff",
+                                                use_dora=use_dora, precision="fp32", gradient_checkpointing=False,
+                                                lora_name=f"as_trained_{'dora' if use_dora else 'lora'}",
+                                                weight_decay=0.0, save_precision="fp32")
     in_training: list[torch.Tensor] = []
 
     def on_step(record, total):
@@ -394,9 +395,10 @@ def test_file_through_stock_loader_equals_the_model_as_trained(comfy, loaded, da
     with torch.inference_mode():
         family = bridge.check_compatible(model, clip, vae)
         access = bridge.model_access(model, clip, vae, family)
-        result = trainer.train_lora(settings, access, dataset, rates(comfy, learning_rate=5e-3, text_encoder_lr=0.0),
-                                    schedule(comfy), bridge.loras_dir(), bridge.output_dir(),
-                                    trainer.TrainCallbacks(on_step=on_step))
+        result = run.trainer.train_lora(settings, access, dataset,
+                                        rates(comfy, learning_rate=5e-3, text_encoder_lr=0.0),
+                                        schedule(comfy), bridge.loras_dir(), bridge.output_dir(),
+                                        run.host.TrainCallbacks(on_step=on_step))
     tensors, _ = read_lora(comfy, result.path.name)
     assert any(key.endswith(".dora_scale") for key in tensors) == use_dora
     stock_model, _, log_lines = stock_lora_loader(comfy, loaded, result.path.name)

@@ -14,9 +14,9 @@ from PIL import Image
 
 from support.images import gradient_image, hash_tree, write_image
 
-from lora_lab.training import dataset
-from lora_lab.training.dataset import DatasetError, DatasetOptions
-from lora_lab.training.image_tensors import pil_to_image
+from lora_lab.training.data import dataset
+from lora_lab.training.data.dataset import DatasetError, DatasetOptions
+from lora_lab.training.data.image_tensors import pil_to_image
 
 
 def build(folder: Path, **options) -> dataset.LoraDataset:

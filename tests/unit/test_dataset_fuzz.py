@@ -16,7 +16,7 @@ from PIL import Image
 
 from support.images import gradient_image, hash_tree
 
-from lora_lab.training.dataset import DatasetError, DatasetOptions, build_folder_dataset, caption_for_step
+from lora_lab.training.data.dataset import DatasetError, DatasetOptions, build_folder_dataset, caption_for_step
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "bmp": "BMP"}
 
@@ -94,7 +94,7 @@ def test_caption_rules_never_crash_and_keep_their_promises(caption, trigger, shu
     if dropout == 0.0 and trigger.strip() and not shuffle:
         assert result.startswith(trigger.strip())
     if dropout == 0.0 and shuffle:
-        from lora_lab.training.dataset import place_trigger_word, split_tags
+        from lora_lab.training.data.dataset import place_trigger_word, split_tags
 
         expected = split_tags(place_trigger_word(caption, trigger))
         assert sorted(split_tags(result)) == sorted(expected)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from lora_lab.training.loop import TrainingDiverged
-from lora_lab.training.feeder import conditioning_crop
+from lora_lab.training.run.loop import TrainingDiverged
+from lora_lab.training.data.feeder import conditioning_crop
 
 
 def test_crop_of_an_unflipped_image_is_its_offset():

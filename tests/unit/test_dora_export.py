@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_lab.training.lora import inject_lora, lora_weights
+from lora_lab.training.network.lora import inject_lora, lora_weights
 
 
 def trained_dora(kind: str) -> tuple[torch.nn.Module, object, torch.Tensor]:

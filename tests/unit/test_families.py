@@ -1,4 +1,4 @@
-"""The family table and the flow-matching sigma samplers (training/families.py, training/loop.py)."""
+"""The family table and the flow-matching sigma samplers (training/families/table.py, training/run/loop.py)."""
 from __future__ import annotations
 
 import math
@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from lora_lab.training import families, loop
-from lora_lab.training.families import (FAMILIES, FLUX_TARGETS, check_family_settings, dit_block_of, draw_flow_sigmas,
-                                        flux_resolution_shift, sampling_for, shifted)
+from lora_lab.training.families import table as families
+from lora_lab.training.families.table import (FAMILIES, FLUX_TARGETS, check_family_settings, dit_block_of, draw_flow_sigmas,
+                                              flux_resolution_shift, sampling_for, shifted)
+from lora_lab.training.run import loop
 
 
 def test_every_family_entry_is_complete():
@@ -82,7 +83,7 @@ def test_settings_a_flow_model_cannot_use_are_refused_with_the_fix():
 def test_captions_of_an_llm_encoder_keep_their_lengths_in_a_batch():
     """CLIP conds of different lengths are repeated to a common length (as ComfyUI batches them); an
     encoder whose tokens carry positions (Z-Image's Qwen3: exact_length) keeps each caption separate."""
-    from lora_lab.training.feeder import concat_conditioning
+    from lora_lab.training.data.feeder import concat_conditioning
 
     short, long = torch.ones(1, 2, 4), torch.ones(1, 3, 4) * 2
     clip = concat_conditioning([{"c_crossattn": short, "pooled": torch.zeros(1, 4)},

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from lora_lab.training.trainer import GIB, check_fits
+from lora_lab.training.run.memory import GIB, check_fits
 
 
 def test_fits_when_weights_and_reserve_are_free():

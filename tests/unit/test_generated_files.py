@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from lora_lab.training.parts import PARTS
-from lora_lab.training.trainer import TrainSettings
+from lora_lab.training.charts.parts import PARTS
+from lora_lab.training.run.train_settings import TrainSettings
 from lora_lab_devtools.generated_files import generated_files, reference
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from support.images import gradient_image  # noqa: E402
 
-from lora_lab.training.image_tensors import image_to_pil, pil_to_image  # noqa: E402
+from lora_lab.training.data.image_tensors import image_to_pil, pil_to_image  # noqa: E402
 
 
 def test_a_pil_image_becomes_a_batch_of_one_in_zero_to_one():

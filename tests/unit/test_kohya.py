@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lora_lab.training import kohya
+from lora_lab.training.network import kohya
 
 
 @pytest.mark.parametrize("name, expected", [("my_style", "my_style"), ("styles/alice", "styles/alice"),
@@ -69,7 +69,7 @@ def test_unet_names_follow_kohya_per_family():
 
 
 def test_weights_beyond_fp16_range_are_saved_in_fp32_not_as_inf():
-    from lora_lab.training.kohya import kohya_state_dict
+    from lora_lab.training.network.kohya import kohya_state_dict
 
     normal = [("lora_unet_x", {"down": torch.ones(2, 3), "up": torch.ones(3, 2)})]
     assert kohya_state_dict(normal, 2.0, torch.float16)["lora_unet_x.lora_up.weight"].dtype == torch.float16
@@ -83,7 +83,7 @@ def test_diffusers_names_split_fused_layers_by_rows_and_skip_transformed_layouts
     """ComfyUI's diffusers key map: a plain weight, a row slice of a fused qkv, or a transformed layout."""
     import torch
 
-    from lora_lab.training import kohya
+    from lora_lab.training.network import kohya
 
     key_map = {
         "transformer.transformer_blocks.0.attn.to_q": ("diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", (0, 0, 4)),

@@ -1,4 +1,4 @@
-"""The loss pieces (training/loop.py), parameter groups and optimizers (optimizers.py) and batching
+"""The loss pieces (training/run/loop.py), parameter groups and optimizers (optimizers.py) and batching
 (feeder.py), without ComfyUI."""
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lora_lab.training import feeder, loop, optimizers
+from lora_lab.training.data import feeder
+from lora_lab.training.lr import optimizers
+from lora_lab.training.run import loop
 
 
 def discrete_schedule():

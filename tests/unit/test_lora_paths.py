@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from lora_lab.training import kohya
+from lora_lab.training.network import kohya
 
 TENSORS = {"lora_unet_x.lora_down.weight": torch.ones(2, 3), "lora_unet_x.lora_up.weight": torch.zeros(3, 2),
            "lora_unet_x.alpha": torch.tensor(2.0)}

@@ -7,12 +7,12 @@ import math
 
 import pytest
 
-from lora_lab.training.lr_finder import (FORWARDS_PER_TRAINING_IMAGE, VALIDATION_BUDGET, FinderSettings, scaled_rates,
+from lora_lab.training.lr.finder import (FORWARDS_PER_TRAINING_IMAGE, VALIDATION_BUDGET, FinderSettings, scaled_rates,
                                          smoothed_curve, suggest, validate_every)
-from lora_lab.training.rates import LearningRates
+from lora_lab.training.lr.rates import LearningRates
+from lora_lab.training.run.train_settings import TrainSettings
+from lora_lab.training.run.validation import validation_indices, validation_timesteps
 from lora_lab.training.settings import SettingError, specs
-from lora_lab.training.trainer import TrainSettings
-from lora_lab.training.validation import validation_indices, validation_timesteps
 
 
 def test_the_sweep_is_exponential_between_the_bounds():
@@ -57,7 +57,7 @@ def test_suggestion_is_the_steepest_descent_before_the_minimum():
 
 
 def test_the_sweep_also_stops_when_the_gain_over_no_lora_is_given_back():
-    from lora_lab.training.lr_finder import gave_back
+    from lora_lab.training.lr.finder import gave_back
 
     assert gave_back(1.1, lowest=0.4, baseline=1.2)          # 0.4 + 0.75 x 0.8 = 1.0 < 1.1
     assert not gave_back(0.9, lowest=0.4, baseline=1.2)

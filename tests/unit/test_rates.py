@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from lora_lab.training.rates import LearningRates, parse_block_weights, rates_from_values
-from lora_lab.training.schedules import ScheduleSettings
+from lora_lab.training.lr.rates import LearningRates, parse_block_weights, rates_from_values
+from lora_lab.training.lr.schedules import ScheduleSettings
 
 
 def test_defaults_resolve_like_kohya():

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lora_lab.training import feeder, resume
+from lora_lab.training.data import feeder
+from lora_lab.training.run import resume
 
 
 class TwoBuckets:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_lab.training.loop import DiffusionObjective
-from lora_lab.training.sampling import SamplePrompt, euler_sample, parse_sample_prompts, sampling_sigmas
+from lora_lab.training.run.loop import DiffusionObjective
+from lora_lab.training.run.sampling import SamplePrompt, euler_sample, parse_sample_prompts, sampling_sigmas
 
 
 def test_prompts_with_kohya_options():

@@ -19,7 +19,7 @@ from diffusers.optimization import get_linear_schedule_with_warmup, get_schedule
 from transformers.optimization import (get_cosine_with_min_lr_schedule_with_warmup, get_inverse_sqrt_schedule,
                                        get_wsd_schedule)
 
-from lora_lab.training.schedules import SCHEDULER_NAMES, ScheduleSettings, parse_step_rules, settings_from_values
+from lora_lab.training.lr.schedules import SCHEDULER_NAMES, ScheduleSettings, parse_step_rules, settings_from_values
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOTAL = 100
@@ -252,7 +252,7 @@ def test_schedules_are_plain_math_without_torch_or_scheduler_libraries():
         package = types.ModuleType("lora_lab")
         package.__path__ = [{str(REPO_ROOT)!r}]
         sys.modules["lora_lab"] = package
-        from lora_lab.training.schedules import SCHEDULER_NAMES, ScheduleSettings
+        from lora_lab.training.lr.schedules import SCHEDULER_NAMES, ScheduleSettings
         for name in SCHEDULER_NAMES:
             ScheduleSettings(scheduler=name, step_rules="1:10,0.1").multipliers(50)
         print(sorted(name for name in ("torch", "diffusers", "transformers") if name in sys.modules))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from lora_lab.training.dataset import DatasetOptions
-from lora_lab.training.rates import LearningRates, rates_from_values
-from lora_lab.training.schedules import ScheduleSettings
+from lora_lab.training.data.dataset import DatasetOptions
+from lora_lab.training.lr.rates import LearningRates, rates_from_values
+from lora_lab.training.lr.schedules import ScheduleSettings
+from lora_lab.training.run.train_settings import RunOptions, TrainSettings
 from lora_lab.training.settings import SettingError, specs
-from lora_lab.training.trainer import RunOptions, TrainSettings
 
 
 @pytest.mark.parametrize("values, message", [

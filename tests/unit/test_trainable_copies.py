@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_lab.training.lora import trainable_copies
+from lora_lab.training.network.lora import trainable_copies
 
 
 def inference_model() -> torch.nn.Module:

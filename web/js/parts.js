@@ -1,4 +1,4 @@
-// Generated from training/parts.py by scripts/update_generated_files.py: edit that table, not this file.
+// Generated from training/charts/parts.py by scripts/update_generated_files.py: edit that table, not this file.
 export const PARTS = {
   "unet": {
     "label": "UNet",

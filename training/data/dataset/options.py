@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..settings import setting
+from ...settings import setting
 
 CROP_MODES = ("center", "random")
 

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from .settings import SettingError, setting, specs, validate
+from ..settings import SettingError, setting, specs, validate
 
 WARMUP_UNITS = ("steps", "percent")
 

@@ -7,7 +7,7 @@ Key names are the ones kohya sd-scripts writes and ComfyUI / A1111 / Forge / dif
     Flux / Z-Image  lora_unet_<ComfyUI path>     e.g. lora_unet_double_blocks_0_img_attn_qkv
 each with ``.lora_down.weight`` (peft's A), ``.lora_up.weight`` (B), ``.alpha`` (scale =
 alpha / rank) and, with DoRA, ``.dora_scale``. SD3 files use diffusers/peft names instead
-(``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``; training/families.py says why):
+(``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``; training/families/table.py says why):
 ``diffusers_unet_names``, ``file_entries`` and ``lora_state_dict`` write them.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ LORA_EXTENSION = ".safetensors"
 TEXT_ENCODER_PREFIXES = {
     ("sd1", "text_encoder"): "lora_te_", ("sd2", "text_encoder"): "lora_te_",
     ("sdxl", "text_encoder"): "lora_te1_", ("sdxl", "text_encoder_2"): "lora_te2_",
-    # SD3's files use diffusers names (training/families.py says why)
+    # SD3's files use diffusers names (training/families/table.py says why)
     ("sd3", "text_encoder"): "text_encoder.", ("sd3", "text_encoder_2"): "text_encoder_2.",
 }
 

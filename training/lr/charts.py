@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from .charts import VAL_LOSS_COLOR, WARMUP_COLOR, figure_to_image, new_figure, part_color, part_label, part_linestyle
+from ..charts.figures import VAL_LOSS_COLOR, WARMUP_COLOR, figure_to_image, new_figure, part_color, part_label, part_linestyle
 from .rates import LearningRates
 from .schedules import ScheduleSettings
 

@@ -1,5 +1,5 @@
 """LR Finder (ComfyUI-agnostic): a learning-rate range test for diffusion LoRAs, on the stable
-validation loss (training/validation.py).
+validation loss (training/run/validation.py).
 
 A throwaway LoRA trains for `steps` optimizer steps while the rate rises exponentially from min_lr
 to max_lr; every k steps the validation loss (fixed images, noise and timesteps) is measured. A
@@ -25,12 +25,13 @@ from typing import Callable
 
 import torch
 
-from .host import ModelAccess, TrainCallbacks
-from .loop import StepRecord, TrainingDiverged
+from ..run.host import ModelAccess, TrainCallbacks
+from ..run.loop import StepRecord, TrainingDiverged
+from ..run.train_settings import TEXT_PARTS, TrainSettings, check_inputs, part_rates_for
+from ..run.trainer import Run, RunPlan
+from ..settings import SettingError, setting, setting_like, validate
 from .rates import INHERIT, LearningRates
 from .schedules import ScheduleSettings
-from .settings import SettingError, setting, setting_like, validate
-from .trainer import TEXT_PARTS, Run, RunPlan, TrainSettings, check_inputs, part_rates_for
 
 STOP_FACTOR = 4.0                # the sweep stops once the validation loss passes this x its minimum,
 GIVEN_BACK = 0.75                # or gives back this share of its gain over the model without the LoRA

@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .parts import PART_LABELS
+from ..charts.parts import PART_LABELS
+from ..settings import SettingError, setting, specs, validate
 from .schedules import ScheduleSettings
-from .settings import SettingError, setting, specs, validate
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 BLOCKS = ("down", "mid", "up")

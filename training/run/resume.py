@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import kohya
+from ..network import kohya
 
 logger = logging.getLogger("lora_lab")
 

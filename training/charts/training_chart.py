@@ -5,7 +5,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from .charts import VAL_LOSS_COLOR, figure_to_image, new_figure, part_color, part_label, part_linestyle
+from .figures import VAL_LOSS_COLOR, figure_to_image, new_figure, part_color, part_label, part_linestyle
 
 SMOOTHING = 0.9  # exponential moving average factor, as TensorBoard's default-ish smoothing
 

@@ -11,9 +11,9 @@ from typing import Any, Callable
 
 import torch
 
-from .host import ModelAccess
+from ..run.host import ModelAccess
+from ..run.resume import random_state_from_json, random_state_to_json
 from .image_tensors import pil_to_image
-from .resume import random_state_from_json, random_state_to_json
 
 def largest_bucket_size(dataset) -> int:
     """Images per epoch (repeats counted) in the fullest bucket: the largest possible batch."""

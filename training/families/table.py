@@ -133,7 +133,7 @@ class Family:
     sampling_source: str = ""
     text_parts: tuple[str, ...] = ()        # text encoders whose LoRA can train (CLIPs)
     frozen_text: str = ""                   # encoders that always stay frozen, in words (for errors and logs)
-    dit: DitTargets | None = None           # None: a UNet (training/lora.py's TARGETS)
+    dit: DitTargets | None = None           # None: a UNet (training/network/lora.py's TARGETS)
     key_style: str = "kohya"                # "kohya" (lora_unet_/lora_te*_) | "diffusers" (transformer./text_encoder*.)
     key_style_reason: str = ""
     base_model_version: str = ""            # kohya's ss_base_model_version

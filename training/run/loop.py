@@ -16,8 +16,7 @@ from typing import Callable
 
 import torch
 
-from .host import TrainCallbacks
-from .optimizers import applied_rates
+from ..lr.optimizers import applied_rates
 
 logger = logging.getLogger("lora_lab")
 
@@ -229,19 +228,20 @@ def autocast_context(settings: LoopSettings):
 def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective: DiffusionObjective,
              next_batch: Callable[[], tuple[torch.Tensor, dict]], multiplier: Callable[[int], float],
              generator: torch.Generator, log_path: Path | None = None,
-             callbacks: TrainCallbacks | None = None,
+             on_step: Callable[[StepRecord, int], None] | None = None,
+             check_cancel: Callable[[], None] | None = None,
              scaler: torch.amp.GradScaler | None = None,
              validate: Callable[[int], float | None] | None = None) -> list[StepRecord]:
     """Train steps settings.start_step .. total_steps - 1; returns one record per step run (also
-    appended to log_path). Of `callbacks`, on_step (after each update) and check_cancel (before each
-    micro-batch) are used. With fp16, `scaler` is the loss scaler to use (one is made when None).
-    `validate(step)`, after each update, returns that step's validation loss or None.
+    appended to log_path). `on_step(record, total steps)` is called after each update and
+    `check_cancel()` before each micro-batch (it raises to stop the run). With fp16, `scaler` is the
+    loss scaler to use (one is made when None). `validate(step)`, after each update, returns that
+    step's validation loss or None.
 
     Each step: every group's lr = its base_lr x multiplier(step) (set explicitly), then
     `gradient_accumulation` micro-batches, gradient clipping, the update; the rates are read back from
     ``optimizer.param_groups`` and logged with the step's mean loss.
     """
-    callbacks = callbacks or TrainCallbacks()
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     if settings.precision == "fp16" and scaler is None:
         scaler = make_grad_scaler(settings)
@@ -254,8 +254,8 @@ def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective
                 group["lr"] = group["base_lr"] * factor
             step_loss: torch.Tensor | None = None   # stays on the device: no host sync per micro-batch
             for _ in range(settings.gradient_accumulation):
-                if callbacks.check_cancel is not None:
-                    callbacks.check_cancel()
+                if check_cancel is not None:
+                    check_cancel()
                 x0, cond = next_batch()
                 noise = draw_noise(x0, generator, settings.noise_offset)
                 sigma = objective.draw_sigmas(x0, generator)
@@ -292,8 +292,8 @@ def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective
             if log_file is not None:
                 log_file.write(record.as_json() + "\n")
                 log_file.flush()
-            if callbacks.on_step is not None:
-                callbacks.on_step(record, settings.total_steps)
+            if on_step is not None:
+                on_step(record, settings.total_steps)
     finally:
         if log_file is not None:
             log_file.close()

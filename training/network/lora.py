@@ -60,8 +60,8 @@ _UNET_EXCLUDED_PREFIXES = ("input_blocks.0.",)
 
 def unet_target_paths(unet: torch.nn.Module, target: str, family: str = "sd1") -> list[str]:
     """Module paths (relative to ComfyUI's ``diffusion_model``) that get LoRA layers: for a DiT family
-    its table's rules (training/families.py), for a UNet the TARGETS specs."""
-    from .families import FAMILIES, dit_target_paths
+    its table's rules (training/families/table.py), for a UNet the TARGETS specs."""
+    from ..families.table import FAMILIES, dit_target_paths
 
     if FAMILIES[family].dit is not None:
         return dit_target_paths(unet, FAMILIES[family].dit, target)
@@ -93,7 +93,7 @@ def text_target_paths(text_model: torch.nn.Module, target: str) -> list[str]:
 
 def unet_blocks(paths: list[str], family: str = "sd1") -> dict[str, str]:
     """Module path -> "down" | "mid" | "up" (block weights) for this family's diffusion model."""
-    from .families import FAMILIES, dit_block_of
+    from ..families.table import FAMILIES, dit_block_of
 
     if FAMILIES[family].dit is not None:
         return dit_block_of(FAMILIES[family].dit, paths)

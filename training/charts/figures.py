@@ -1,5 +1,5 @@
 """What every chart of the pack shares: a headless matplotlib figure turned into a PIL image, and each
-part's line style from the one parts table (training/parts.py, which the editor's charts share)."""
+part's line style from the one parts table (training/charts/parts.py, which the editor's charts share)."""
 from __future__ import annotations
 
 import io

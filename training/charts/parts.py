@@ -31,7 +31,7 @@ PART_LABELS = {part: style.label for part, style in PARTS.items()}
 def javascript_module() -> str:
     """web/js/parts.js: the table for the editor's charts."""
     table = json.dumps({part: asdict(style) for part, style in PARTS.items()}, indent=2)
-    return ("// Generated from training/parts.py by scripts/update_generated_files.py: edit that table, not this file.\n"
+    return ("// Generated from training/charts/parts.py by scripts/update_generated_files.py: edit that table, not this file.\n"
             f"export const PARTS = {table};\n"
             "export const PART_COLORS = Object.fromEntries(Object.entries(PARTS).map(([part, style]) => "
             "[part, style.color_on_dark]));\n"

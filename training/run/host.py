@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 class ModelAccess:
     """What the trainer needs from the host application (built by nodes/comfy_bridge.py)."""
 
-    family: str                                             # a key of training/families.FAMILIES
+    family: str                                             # a key of training/families/table.FAMILIES
     device: torch.device
     unet: torch.nn.Module                                   # the diffusion model (ldm layout)
     unet_blocks: list[torch.nn.Module]                      # modules to checkpoint (each called by the UNet)
@@ -39,7 +39,7 @@ class ModelAccess:
     clip_skip: int | None = None                            # kohya's clip_skip (2 = penultimate layer); None = last
     # The norm the host's LoRA loader divides a dora_scale by (lora.lora_weights): "original" | "updated"
     dora_norm: str = "updated"
-    # Flow matching: (sampler kind, shift) the run draws sigmas with (training/families.py), recorded in the file
+    # Flow matching: (sampler kind, shift) the run draws sigmas with (training/families/table.py), recorded in the file
     sampling: tuple[str, float] = ("uniform", 0.0)
     training_guidance: float | None = None                  # guidance-distilled models (Flux-dev): the value trained with
     architecture: str = ""                                  # modelspec architecture where the host knows the variant

@@ -1,0 +1,155 @@
+"""The Train LoRA node's settings (each field the one source of its widget) and the checks of a run's
+inputs that need no heavy work."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from ..data.feeder import largest_bucket_size
+from ..families.table import FAMILIES, TIMESTEP_SAMPLINGS, check_family_settings
+from ..lr.optimizers import OPTIMIZERS, check_optimizer
+from ..network import kohya
+from ..network.lora import TARGETS
+from ..settings import setting, validate
+
+TEXT_PARTS = ("text_encoder", "text_encoder_2")
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+# TrainSettings fields that came after the node's first release: they sit in its "optional" section.
+OPTIONAL_SETTINGS = ("save_precision", "validate_every_n_steps", "timestep_sampling", "timestep_shift")
+# Appended settings a run made before them is identical without, at their default (resume checks).
+LATER_DEFAULTS = {"timestep_sampling": "auto", "timestep_shift": 3.0}
+
+
+def _lora_name_problem(name: str) -> None:
+    kohya.sanitize_lora_name(name)   # raises naming the problem and the fix
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The Train LoRA node's widgets: each field is the one source of its default, range and help
+    (the node's INPUT_TYPES and the README's reference are generated from it)."""
+
+    steps: int = setting(1000, "Optimizer updates. One step = batch_size x gradient_accumulation images.",
+                         min=1, max=1_000_000)
+    batch_size: int = setting(1, "Images per forward pass (all from one aspect-ratio bucket).", min=1, max=256)
+    gradient_accumulation: int = setting(1, "Forward passes summed into one update (bigger effective batch, "
+                                            "same memory).", min=1, max=1024)
+    rank: int = setting(16, "LoRA rank (network_dim): capacity and file size.", min=1, max=1024)
+    alpha: float = setting(16.0, "LoRA alpha: the update is scaled by alpha / rank.", min=0.01, max=1024.0,
+                           step=0.5, hint="(alpha = rank gives scale 1)")
+    target: str = setting("attention_ff", "Which layers get LoRA: attention only, attention + feed-forward, every "
+                                          "linear and conv layer of the UNet blocks, or kohya_default: exactly "
+                                          "sd-scripts' default LoRA (every linear / 1x1 conv of the UNet's "
+                                          "transformers, proj_in/proj_out included; 192 modules on SD1.5, 722 on SDXL).",
+                          choices=tuple(TARGETS))
+    use_dora: bool = setting(False, "Weight-decomposed LoRA (DoRA).")
+    optimizer: str = setting("AdamW", "AdamW is the safe choice. 8-bit ones need bitsandbytes and an NVIDIA "
+                                      "GPU; Prodigy needs prodigyopt (use rates near 1.0).", choices=tuple(OPTIMIZERS))
+    weight_decay: float = setting(0.01, "Decoupled weight decay of the LoRA matrices. The DoRA magnitude gets "
+                                        "none: it is a per-row norm, and decay would shrink every layer.",
+                                  min=0.0, max=10.0, step=0.001)
+    max_grad_norm: float = setting(1.0, "Clip the gradient norm to this; 0 = off.", min=0.0, max=1000.0, step=0.1)
+    precision: str = setting("bf16", "Compute precision. bf16 on modern GPUs; fp16 uses loss scaling; fp32 on "
+                                     "CPU (bf16 is very slow there). The file's dtype is save_precision.",
+                             choices=PRECISIONS)
+    gradient_checkpointing: bool = setting(True, "Recompute activations in backward: much less memory, "
+                                                 "~20-30% slower.")
+    training_seed: int = setting(0, "Drives data order, caption shuffle/dropout, flips, crops, noise, "
+                                    "timesteps and LoRA init. Same seed + settings = same LoRA.",
+                                 min=0, max=0xFFFFFFFF)
+    noise_offset: float = setting(0.0, "kohya noise offset (0.05-0.1 helps very dark/bright images); 0 = off.",
+                                  min=0.0, max=1.0, step=0.01)
+    min_snr_gamma: float = setting(0.0, "Min-SNR loss weighting (5 is typical); 0 = off.", min=0.0, max=100.0,
+                                   step=0.5)
+    lora_name: str = setting("lora_lab", "File name in models/loras (sub-folders allowed). A taken name gets "
+                                         "_2, _3...", check=_lora_name_problem)
+    save_every_n_steps: int = setting(0, "Also save <lora_name>_stepNNNNN every N steps; 0 = off.", min=0,
+                                      max=1_000_000)
+    cache_latents_to_disk: bool = setting(False, "Keep encoded latents in the run folder (output/lora_lab/<name>) "
+                                                 "so re-runs skip the VAE. Not possible with random crop.")
+    save_precision: str = setting("fp16", "Dtype of the weights in the saved file (kohya's --save_precision): fp16 "
+                                          "is what most LoRAs ship in and every loader takes; fp32 keeps the "
+                                          "trained values exactly (twice the size); bf16 keeps fp32's range at "
+                                          "fp16's size. Weights beyond fp16's range (a diverging run) are saved in "
+                                          "fp32 rather than as inf.", choices=tuple(SAVE_DTYPES))
+    validate_every_n_steps: int = setting(0, (
+        "Every N steps (and at the last), measure the stable validation loss: up to 4 dataset images, each "
+        "with fixed noise at 8 fixed timesteps, no gradient. Unlike the training loss it only moves when the "
+        "weights do; it is drawn on the chart and logged as val_loss. Costs about 32 forward passes each "
+        "time; training is the same with or without it. 0 = off."), min=0, max=1_000_000)
+    timestep_sampling: str = setting("auto", (
+        "Which noise levels train (flow-matching models: Flux, SD3, Z-Image). auto = the family's usual "
+        "default: Flux = its resolution-dependent shift, SD3 = logit_normal, Z-Image = shift 3.0. uniform = "
+        "every level alike; logit_normal = more weight on the middle levels (SD3 paper); shift = logit_normal "
+        "moved toward high noise by timestep_shift. SD1.x/2.x/SDXL: auto or uniform (their 1000 timesteps "
+        "uniformly)."), choices=tuple(TIMESTEP_SAMPLINGS))
+    timestep_shift: float = setting(3.0, "The shift of timestep_sampling = shift (sigma = s*t / (1 + (s-1)*t)); "
+                                         "> 1 trains more at high noise (composition), < 1 at low noise (detail).",
+                                    min=0.1, max=20.0, step=0.05)
+
+    def __post_init__(self) -> None:
+        validate(self, "Train LoRA")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Train LoRA's optional inputs that are not training settings: previews and resume."""
+
+    sample_prompt: str = setting("", (
+        "Preview prompts drawn with the model being trained, one per line, kohya options allowed: "
+        "'a photo of sks --n blurry --w 512 --h 512 --d 42 --l 7 --s 20' (negative, size, seed, cfg, "
+        "steps; Euler sampler). Saved in output/lora_lab/<name>/samples/ and shown on this node."), multiline=True)
+    sample_every_n_steps: int = setting(0, "Draw the sample prompts every N optimizer steps; 0 = off.", min=0,
+                                        max=1_000_000)
+    resume_from: str = setting("", (
+        "Continue a stopped run from its last checkpoint: the run folder (output/lora_lab/<name>, or "
+        "just <name>) or its resume_state.json. Checkpoints are written every save_every_n_steps and on "
+        "Cancel. The model, dataset, rates, schedule and settings must match the saved run (lora_name, "
+        "save_every_n_steps, cache_latents_to_disk, gradient_checkpointing and save_precision may "
+        "change); the result equals an uninterrupted run. Empty = start a new run."))
+
+    def __post_init__(self) -> None:
+        validate(self, "Train LoRA")
+
+
+def part_rates_for(rates, family: str, text_parts: Iterable[str] | None = None) -> dict[str, float]:
+    """Base rate per part for this model family (0 = frozen): a text encoder the family cannot train
+    (TE2 outside SDXL/SD3; Flux's and Z-Image's encoders, which stay frozen) and one the model lacks
+    (when `text_parts` is given) are frozen."""
+    part_rates = dict(rates.resolved())
+    for part in TEXT_PARTS:
+        if part not in FAMILIES[family].text_parts:
+            part_rates[part] = 0.0
+    if text_parts is not None:
+        for part in TEXT_PARTS:
+            if part not in text_parts:
+                part_rates[part] = 0.0
+    return part_rates
+
+
+def check_inputs(settings: TrainSettings, dataset, part_rates: dict[str, float], schedule, access_family: str,
+                 device_type: str) -> None:
+    """Every check that needs no heavy work; raises ValueError naming input, value and fix."""
+    if dataset is None or not getattr(dataset, "samples", None):
+        raise ValueError("Train LoRA: dataset has no images. Point the LoRA Dataset node at a folder with "
+                         "images (or feed it an IMAGE batch).")
+    largest = largest_bucket_size(dataset)
+    if settings.batch_size > largest:
+        raise ValueError(f"Train LoRA: batch_size = {settings.batch_size} is larger than the dataset's "
+                         f"largest bucket ({largest} images per epoch, repeats counted, "
+                         f"{len(dataset.samples)} images in {len(dataset.buckets())} bucket(s)). Lower "
+                         f"batch_size to at most {largest}, add images or repeats, or turn bucketing off.")
+    if not any(rate > 0 for part, rate in part_rates.items()):
+        frozen = FAMILIES[access_family].frozen_text
+        raise ValueError("Train LoRA: every learning rate resolves to 0, so nothing would train. Set "
+                         "learning_rate (or unet_lr / text_encoder_lr) above 0 in UNet/TE Learning Rates."
+                         + (f" ({FAMILIES[access_family].label}'s text encoders, {frozen}, always stay frozen: "
+                            "set unet_lr.)" if frozen and not FAMILIES[access_family].text_parts else ""))
+    check_family_settings(access_family, settings.noise_offset, settings.min_snr_gamma, settings.timestep_sampling)
+    schedule.check_total(settings.steps)
+    check_optimizer(settings.optimizer, device_type)
