@@ -4,13 +4,17 @@ SETUP := python3 scripts/setup_env.py
 PORT ?= 8188
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-unit demo bench lr-finder-bench serve python comfyui-dir
+.PHONY: setup test test-fast test-unit demo bench lr-finder-bench serve python comfyui-dir
 
 setup:
 	@$(SETUP)
 
 test:
 	@python3 scripts/run_tests.py $(PYTEST_ARGS)
+
+# Everyday check: tests/unit, then the in-process core (tests/comfy -m compat), on the default ComfyUI.
+test-fast:
+	@python3 scripts/run_tests.py --fast $(PYTEST_ARGS)
 
 test-unit:
 	@$(SETUP) run -- -m pytest -q tests/unit $(PYTEST_ARGS)

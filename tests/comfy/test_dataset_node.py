@@ -41,6 +41,7 @@ def kohya_folder(comfy) -> tuple[str, Path]:
     return name, root
 
 
+@pytest.mark.compat
 def test_registered_with_ordered_inputs_defaults_and_tooltips(comfy):
     import nodes
 
@@ -57,6 +58,7 @@ def test_registered_with_ordered_inputs_defaults_and_tooltips(comfy):
         assert spec[1].get("tooltip"), spec
 
 
+@pytest.mark.compat
 def test_folder_relative_to_input_dir_builds_the_dataset(comfy, kohya_folder):
     name, root = kohya_folder
     before = hash_tree(root)
@@ -79,6 +81,7 @@ def test_folder_relative_to_input_dir_builds_the_dataset(comfy, kohya_folder):
     assert hash_tree(root) == before  # only read
 
 
+@pytest.mark.compat
 def test_absolute_folder_and_rerun_only_when_files_change(comfy, kohya_folder, tmp_path):
     _, root = kohya_folder
     prompt = dataset_prompt(folder=str(root))
@@ -95,6 +98,7 @@ def test_absolute_folder_and_rerun_only_when_files_change(comfy, kohya_folder, t
     assert any(sample.caption == "cat, window, sunlight" for sample in changed.samples)
 
 
+@pytest.mark.compat
 def test_images_input_with_one_caption_per_line(comfy):
     prompt = {
         "0": {"class_type": "EmptyImage", "inputs": {"width": 96, "height": 64, "batch_size": 2, "color": 0x336699}},
@@ -117,6 +121,7 @@ def test_images_input_with_one_caption_per_line(comfy):
         comfy.run(prompt)
 
 
+@pytest.mark.compat
 def test_missing_folder_is_refused_before_running(comfy):
     with pytest.raises(PromptFailed) as caught:
         comfy.run(dataset_prompt(folder="no-such-folder-here"))

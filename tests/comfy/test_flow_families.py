@@ -199,8 +199,6 @@ def test_flux_schnell_trains_without_guidance(comfy, flux_schnell, dataset):
     assert no_unmatched(lines), lines
 
 
-@pytest.mark.skipif(os.environ.get("LORA_LAB_COMFYUI_VERSION") == "0.33.0",
-                    reason="the samplers are the pack's own code, the same on every ComfyUI: run on 0.3.75")
 @pytest.mark.parametrize("sampling", ["uniform", "logit_normal", "shift"])
 def test_each_timestep_sampling_trains_and_is_recorded(comfy, sd3, dataset, sampling):
     """Every timestep_sampling choice trains for real (on the SD3 fixture, frozen CLIPs: cheap), with the

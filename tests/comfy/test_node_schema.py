@@ -11,6 +11,10 @@ import pytest
 from lora_lab_devtools.node_schema import SNAPSHOT, compatibility_problems, node_schema
 
 
+# Every test here runs on every ComfyUI of make test (pyproject.toml: compat).
+pytestmark = pytest.mark.compat
+
+
 @pytest.fixture(scope="module")
 def current(comfy):
     return node_schema(comfy.pack.NODE_CLASS_MAPPINGS)

@@ -157,6 +157,7 @@ def sampling_graph(checkpoint: str) -> dict:
     }
 
 
+@pytest.mark.compat
 def test_tiny_checkpoint_loads_through_checkpoint_loader_as_sd15_and_samples(comfy, checkpoint):
     results = comfy.run(sampling_graph(checkpoint))
     model, clip, vae = (output[0] for output in results["1"]["outputs"][:3])
@@ -171,6 +172,7 @@ def test_tiny_checkpoint_loads_through_checkpoint_loader_as_sd15_and_samples(com
     assert text.shape == (1, 77, 768) and torch.isfinite(text).all() and text.std() > 0.01
 
 
+@pytest.mark.compat
 def test_train_unet_and_text_encoder_round_trips_through_stock_lora_loader(comfy, loaded, dataset, probe):
     latent, context = probe
     model, clip, _ = loaded
@@ -223,6 +225,7 @@ def test_train_unet_and_text_encoder_round_trips_through_stock_lora_loader(comfy
     assert chart.shape[0] == 1 and chart.shape[-1] == 3 and chart.std() > 0
 
 
+@pytest.mark.compat
 def test_frozen_text_encoder_gets_no_keys_and_clip_is_unchanged(comfy, loaded, dataset):
     clip = loaded[1]
     before = clip_outputs(clip)
@@ -321,6 +324,7 @@ def test_bad_inputs_fail_before_training_with_a_clear_message(comfy, loaded, dat
     assert sorted((comfy.models_dir / "loras").rglob("*")) == loras_before
 
 
+@pytest.mark.compat
 def test_models_are_restored_when_training_fails_midway(comfy, loaded, dataset, probe):
     latent, context = probe
     model, clip, _ = loaded
@@ -340,6 +344,7 @@ def test_models_are_restored_when_training_fails_midway(comfy, loaded, dataset, 
 
 
 
+@pytest.mark.compat
 def test_full_graph_dataset_train_ksampler_save(comfy, checkpoint):
     from PIL import Image
 
@@ -369,6 +374,7 @@ def test_full_graph_dataset_train_ksampler_save(comfy, checkpoint):
     assert len((comfy.output_dir / "lora_lab" / "graph_lora" / "log.jsonl").read_text().splitlines()) == 3
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_file_through_stock_loader_equals_the_model_as_trained(comfy, loaded, dataset, probe, use_dora):
     """What ComfyUI's loader makes of the file = the peft-injected model at the end of training
@@ -426,6 +432,7 @@ class InterruptingDataset:
         return self._dataset.caption_for_step(index, rng)
 
 
+@pytest.mark.compat
 def test_cancel_saves_interrupted_lora_and_restores_models(comfy, loaded, dataset, probe):
     import comfy.model_management as model_management
 
@@ -496,6 +503,7 @@ def tiny_sdxl(comfy, loaded):
     return model, clip, loaded[2]
 
 
+@pytest.mark.compat
 def test_sdxl_trains_unet_and_both_text_encoders_with_their_own_rates(comfy, tiny_sdxl, dataset):
     model, clip, _ = tiny_sdxl
     with torch.inference_mode():
@@ -651,6 +659,7 @@ def test_vega_sdxl_checkpoint_trains_both_text_encoders_with_their_own_rates(com
     assert (after[..., 768:] - before[..., 768:]).abs().max() > 0        # CLIP-G part changed
 
 
+@pytest.mark.compat
 def test_sample_previews_draw_with_the_model_being_trained(comfy, loaded, dataset, probe):
     """sample_prompt + sample_every_n_steps: PNGs per interval in the run folder, drawn with the LoRA in place
     (they change as it trains), and the input MODEL is still restored afterwards."""
@@ -684,6 +693,7 @@ def test_bad_sample_prompt_is_refused_before_training(comfy, loaded, dataset):
     assert not list((comfy.models_dir / "loras").glob("never_written*"))
 
 
+@pytest.mark.compat
 def test_vae_and_frozen_text_encoder_leave_the_device_once_their_outputs_are_cached(comfy, loaded, dataset):
     """Latents and frozen-TE captions are encoded up front; then ComfyUI's model management no longer
     holds the VAE or the frozen CLIP (on a GPU: their VRAM is free for training)."""

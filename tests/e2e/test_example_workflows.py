@@ -14,6 +14,9 @@ from lora_lab_devtools.sample_dataset import ensure_sample_dataset
 from lora_lab_devtools.tiny_checkpoint import tiny_checkpoint
 from lora_lab_devtools.workflow_api import DEMO_OVERRIDES, TINY_RUN, check_workflow, declared_overrides, to_api_prompt
 
+# Every test here runs on every ComfyUI of make test (pyproject.toml: compat).
+pytestmark = pytest.mark.compat
+
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
 # Inputs whose value names a user's file (checked as strings only).
 FREE_COMBOS = ("ckpt_name", "lora_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "vae_name")
