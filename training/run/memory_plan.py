@@ -1,0 +1,136 @@
+"""The memory plan of a run, computed before anything loads: which frozen weights stay on the
+compute device, which blocks stream from host memory, and the estimated peak.
+
+``memory`` (Train LoRA and LR Finder):
+- ``auto``: everything resident when it fits the budget with headroom; otherwise the fewest blocks
+  streamed (largest first) that make it fit;
+- ``resident``: everything on the device (refused, with the numbers, when it cannot fit);
+- ``stream``: every block streamed, only the rest resident (the least device memory), on any device.
+
+The budget is ``vram_budget_gb`` (0 = what is free on the device after ComfyUI unloaded what it
+could). The estimate counts the resident base weights, the streamed weights on the device at once
+(the block running, the one prefetched, and one whose backward still holds its weights), the LoRA
+training state (weights, gradients and two optimizer moments, fp32) and the host's working reserve for
+activations.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+MEMORY_MODES = ("auto", "resident", "stream")
+GIB = 1024 ** 3
+HEADROOM = 0.10            # auto stays resident only with 10 % of the budget to spare
+TRAINING_STATE_COPIES = 4  # LoRA weights, their gradients, AdamW's two moments (fp32 each)
+
+
+def gib(size: int) -> str:
+    return f"{size / GIB:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What stays, what streams, and the estimated peak on the compute device (bytes)."""
+
+    requested: str                  # the memory option: auto | resident | stream
+    mode: str                       # what the run does: resident | stream
+    device: str
+    budget: int                     # 0 = no limit known (a CPU run with no vram_budget_gb)
+    fixed: int                      # frozen weights outside the streamable blocks (always resident)
+    block_sizes: tuple[int, ...]    # frozen weights per streamable block, in the model's order
+    streamed: tuple[int, ...]       # indices of the blocks that stream
+    training: int                   # LoRA weights + gradients + optimizer state
+    reserve: int                    # activations and working memory
+    prefetch: int = 1
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(self.block_sizes[index] for index in self.streamed)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Base weights that live on the device for the whole run."""
+        return self.fixed + sum(self.block_sizes) - self.streamed_bytes
+
+    @property
+    def window_bytes(self) -> int:
+        """Streamed weights on the device at once: the running block, the prefetched ones, and one
+        whose backward still holds its copy."""
+        if not self.streamed:
+            return 0
+        return (self.prefetch + 2) * max(self.block_sizes[index] for index in self.streamed)
+
+    @property
+    def base_budget(self) -> int:
+        """What the base weights may take on the device (the budget less training state and reserve);
+        0 = no limit."""
+        return max(1, self.budget - self.training - self.reserve) if self.budget else 0
+
+    @property
+    def estimated_peak(self) -> int:
+        return self.resident_bytes + self.window_bytes + self.training + self.reserve
+
+    def summary(self) -> str:
+        blocks = len(self.block_sizes)
+        budget = gib(self.budget) if self.budget else "no limit"
+        if self.mode == "resident":
+            what = f"all {blocks} blocks resident ({gib(self.resident_bytes)} of base weights)"
+        else:
+            what = (f"{len(self.streamed)} of {blocks} blocks stream from host memory ({gib(self.streamed_bytes)}), "
+                    f"{gib(self.resident_bytes)} of base weights resident, {gib(self.window_bytes)} streamed at once")
+        return (f"memory {self.requested} -> {self.mode} on {self.device}: {what}; LoRA training state "
+                f"{gib(self.training)}, working reserve {gib(self.reserve)}; estimated peak "
+                f"{gib(self.estimated_peak)} (budget {budget})")
+
+    def as_dict(self) -> dict:
+        values = asdict(self)
+        values.update(streamed_bytes=self.streamed_bytes, resident_bytes=self.resident_bytes,
+                      window_bytes=self.window_bytes, estimated_peak=self.estimated_peak)
+        return values
+
+
+def plan_memory(requested: str, device: str, budget: int, fixed: int, block_sizes: list[int], training: int,
+                reserve: int, prefetch: int = 1) -> MemoryPlan:
+    """The plan for `requested` under `budget` bytes (0 = no limit); ValueError with the numbers when
+    even streaming every block cannot fit."""
+    if requested not in MEMORY_MODES:
+        raise ValueError(f"Train LoRA: memory = {requested!r} is not one of {', '.join(MEMORY_MODES)}.")
+    sizes = tuple(int(size) for size in block_sizes)
+
+    def make(streamed) -> MemoryPlan:
+        mode = "stream" if streamed else "resident"
+        return MemoryPlan(requested=requested, mode=mode, device=device, budget=budget, fixed=fixed,
+                          block_sizes=sizes, streamed=tuple(sorted(streamed)), training=training,
+                          reserve=reserve, prefetch=prefetch)
+
+    resident = make(())
+    everything = make(range(len(sizes)))
+    if requested == "stream":
+        plan = everything
+    elif requested == "resident" or not budget or resident.estimated_peak <= budget * (1 - HEADROOM):
+        plan = resident
+    else:   # auto: the fewest blocks, largest first, that bring the estimate under the budget
+        plan = everything
+        order = sorted(range(len(sizes)), key=lambda index: (-sizes[index], index))
+        for count in range(1, len(order) + 1):
+            candidate = make(order[:count])
+            if candidate.estimated_peak <= budget:
+                plan = candidate
+                break
+    if budget and plan.estimated_peak > budget:
+        raise ValueError(does_not_fit(plan))
+    return plan
+
+
+def does_not_fit(plan: MemoryPlan) -> str:
+    """The refusal: the numbers, and what to change."""
+    numbers = (f"it needs about {gib(plan.estimated_peak)} ({gib(plan.resident_bytes)} of base weights resident, "
+               f"{gib(plan.window_bytes)} streamed at once, {gib(plan.training)} LoRA training state, "
+               f"{gib(plan.reserve)} working reserve) but the budget is {gib(plan.budget)}")
+    if plan.mode == "resident" and plan.requested == "resident":
+        fix = ("Set memory to auto (streams as many blocks as needed) or stream, or load the model with a smaller "
+               "weight dtype (fp8).")
+    else:
+        fix = ("Even with every block streamed it does not fit: load the model with a smaller weight dtype (fp8), "
+               "lower rank, set the text-encoder rates to 0, raise vram_budget_gb (0 = all that is free) or close "
+               "other programs that use the GPU.")
+    return f"Train LoRA: the model does not fit on {plan.device} for training (memory = {plan.requested}): {numbers}. {fix}"
