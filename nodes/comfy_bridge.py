@@ -133,7 +133,7 @@ def is_dynamic(patcher) -> bool:
 
 
 @contextlib.contextmanager
-def training_models(model, clip, train_text: bool):
+def training_models(model, clip, train_text: bool, memory: str = "auto"):
     """The MODEL and CLIP the training run injects into: (model, clip), given back in `finally`.
 
     A model loaded for dynamic VRAM cannot take peft layers: ``ModelPatcherDynamic.load`` re-creates
@@ -174,7 +174,8 @@ def training_models(model, clip, train_text: bool):
         if private:
             logger.info("LoRA Lab: dynamic VRAM: training on a private resident copy of %s",
                         ", ".join(type(patcher.model).__name__ for patcher in private))
-            check_private_copies_fit(private)
+            if memory == "resident":   # otherwise the trainer's memory plan decides what stays and what streams
+                check_private_copies_fit(private)
         yield model, clip
     finally:
         if private:
@@ -201,11 +202,10 @@ def check_private_copies_fit(patchers: list) -> None:
 
 def model_access(model, clip, vae, family: str, timestep_sampling: str = "auto",
                  timestep_shift: float = 3.0) -> ModelAccess:
-    """Load MODEL and CLIP fully onto the compute device and describe them for training/."""
+    """Describe MODEL and CLIP for training/; the trainer loads them through `load` once its memory plan
+    is made (nothing is loaded here)."""
     import comfy.lora
-    import comfy.model_management
 
-    comfy.model_management.load_models_gpu([model, clip.patcher], force_full_load=True)
     entry = FAMILIES[family]
     base_model = model.model
     device = model.load_device
@@ -326,7 +326,46 @@ def model_access(model, clip, vae, family: str, timestep_sampling: str = "auto",
         dora_norm=dora_norm_of_loader(),
         sampling=sampling, training_guidance=training_guidance, architecture=architecture,
         in_place_blocks=entry.dit is not None, training_mode=comfy_training_mode,
+        load=lambda stream: loaded_for_training(model, clip, stream),
+        device_memory=lambda wanted: device_memory(model.load_device, wanted),
     )
+
+
+@contextlib.contextmanager
+def loaded_for_training(model, clip, stream: bool):
+    """MODEL and CLIP loaded through ComfyUI's model management, patches applied, for the run.
+
+    Resident: both fully onto the compute device (what sampling would do). Streaming: the model's
+    weights into host memory instead, through a clone of the patcher whose load device is the offload
+    device, so ComfyUI applies the user's patches there and knows where the weights are; the block
+    streamer lends them to the GPU per block, and the clone is unloaded afterwards (unpatched,
+    weights as before). The CLIP is loaded as for a resident run: a trained text encoder stays on the
+    device, a frozen one only encodes the captions and is released before training."""
+    import comfy.model_management
+
+    if not stream:
+        comfy.model_management.load_models_gpu([model, clip.patcher], force_full_load=True)
+        yield
+        return
+    loader = model.clone()
+    loader.load_device = model.offload_device
+    try:
+        comfy.model_management.load_models_gpu([loader, clip.patcher], force_full_load=True)
+        yield
+    finally:
+        release_models([loader])
+
+
+def device_memory(device, wanted: int) -> tuple[int, int]:
+    """(free bytes on `device` once ComfyUI unloaded what it can toward `wanted`, ComfyUI's working
+    reserve); (0, 0) on a CPU: no limit to plan for."""
+    import comfy.model_management
+
+    if torch.device(device).type == "cpu":
+        return 0, 0
+    reserve = comfy.model_management.minimum_inference_memory()
+    comfy.model_management.free_memory(wanted + reserve, device)
+    return comfy.model_management.get_free_memory(device), reserve
 
 
 @contextlib.contextmanager

@@ -16,6 +16,8 @@ from .widgets import TRAINING_SOCKETS, widgets
 
 logger = logging.getLogger("lora_lab")
 
+FINDER_OPTIONAL = ("memory", "vram_budget_gb")
+
 
 class LRFinderNode:
     """Input order is a public API (saved workflows store widget values by position): append only."""
@@ -39,12 +41,13 @@ class LRFinderNode:
         return {
             "required": {
                 **TRAINING_SOCKETS,
-                **widgets(FinderSettings),
+                **widgets(FinderSettings, exclude=FINDER_OPTIONAL),
             },
             "optional": {
                 "learning_rates": ("LORA_LEARNING_RATES", {"tooltip": (
                     "Given: every part is swept by the same factor, keeping their ratios (UNet vs text "
                     "encoders). Absent: the UNet alone.")}),
+                **widgets(FinderSettings, FINDER_OPTIONAL),   # appended: saved workflows fill widgets by position
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -54,7 +57,7 @@ class LRFinderNode:
         family = comfy_bridge.check_compatible(model, clip, vae)
         train_text = learning_rates is not None and any(
             part_rates_for(learning_rates, family)[part] > 0 for part in TEXT_PARTS)
-        with comfy_bridge.training_models(model, clip, train_text) as (train_model, train_clip):
+        with comfy_bridge.training_models(model, clip, train_text, settings.memory) as (train_model, train_clip):
             access = comfy_bridge.model_access(train_model, train_clip, vae, family)
             report = comfy_bridge.progress_reporter(
                 settings.steps, unique_id, lambda records: sweep_chart([SweepRecord(record.step, record.lr["unet"], record.loss, record.val_loss)

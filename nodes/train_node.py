@@ -79,14 +79,14 @@ class TrainNode:
         chart = pil_to_image(training_chart(result.records, title=f"Train LoRA: {name}"))
         logger.info("LoRA Lab: trained %s in %.1f s (%d steps, final loss %.4f)", name, result.seconds, settings.steps,
                     result.records[-1].loss)
-        return {"ui": {"text": [name]}, "result": (trained_model, trained_clip, name, chart)}
+        return {"ui": {"text": [name, result.memory]}, "result": (trained_model, trained_clip, name, chart)}
 
     @staticmethod
     def _run(model, clip, vae, family, train_text, settings, dataset, learning_rates, lr_schedule, sample_prompts,
              sample_every_n_steps, resume_from, unique_id):
         """Train on the models `training_models` hands out (the user's, or private copies under dynamic
         VRAM, released when this returns)."""
-        with comfy_bridge.training_models(model, clip, train_text) as (train_model, train_clip):
+        with comfy_bridge.training_models(model, clip, train_text, settings.memory) as (train_model, train_clip):
             access = comfy_bridge.model_access(train_model, train_clip, vae, family, settings.timestep_sampling,
                                                settings.timestep_shift)
             callbacks = TrainCallbacks(

@@ -136,3 +136,11 @@ def test_a_checkpoint_from_another_run_is_refused_before_training(comfy, loaded,
         train(comfy, loaded, varied, learning_rates(comfy, 1e-3), warm_linear(comfy), lora_name="refused",
               resume_from="no_such_run", **WIDGETS)
     assert sorted((comfy.models_dir / "loras").rglob("*")) == loras_before
+
+
+def test_resume_with_another_memory_mode_equals_the_uninterrupted_run(comfy, loaded, varied, uninterrupted):  # noqa: F811
+    """The reference ran resident; its step-3 checkpoint continues with every block streamed."""
+    _, _, name, _ = train(comfy, loaded, varied, learning_rates(comfy, 1e-3), warm_linear(comfy),
+                          lora_name="resume_streamed", resume_from="resume_full", memory="stream", **WIDGETS)
+    assert_same_tensors(comfy, uninterrupted, name)
+    assert log_lines(comfy, "resume_streamed") == log_lines(comfy, "resume_full")

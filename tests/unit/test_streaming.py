@@ -53,7 +53,7 @@ def train(stream: bool, dora: bool = False, steps: int = 3):
     with patched_forwards(patches):
         lora = inject_lora(net, "unet", paths, 4, 4.0, use_dora=dora, init_seed=3)
         optimizer = torch.optim.AdamW(list(lora.parameters()), lr=1e-2)
-        with streamer.active():
+        with streamer.active(lora.parameters()):
             for x in inputs:
                 loss = (net(x) - x).pow(2).mean()
                 loss.backward()
@@ -73,8 +73,8 @@ def test_streamed_training_equals_resident_bit_for_bit(dora):
     assert all(torch.equal(a, b) for a, b in zip(resident, streamed))
     assert ledger.copies > 0 and ledger.streamed == 0          # every copy made was freed again
     block = frozen_bytes(net.blocks[0])
-    # The plan's window (running + prefetched + one held by backward) bounds what was on the device.
-    assert ledger.resident < ledger.peak <= ledger.resident + 3 * block
+    # The plan's window (the running block + the prefetched one) bounds what was on the device.
+    assert ledger.resident < ledger.peak <= ledger.resident + 2 * block
 
 
 def test_prefetch_follows_the_recorded_call_order():

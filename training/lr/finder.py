@@ -28,7 +28,7 @@ import torch
 from ..run.host import ModelAccess, TrainCallbacks
 from ..run.loop import StepRecord, TrainingDiverged
 from ..run.train_settings import TEXT_PARTS, TrainSettings, check_inputs, part_rates_for
-from ..run.trainer import Run, RunPlan
+from ..run.trainer import Run, RunPlan, loaded_for, plan_memory_of
 from ..settings import SettingError, setting, setting_like, validate
 from .rates import INHERIT, LearningRates
 from .schedules import ScheduleSettings
@@ -61,6 +61,8 @@ class FinderSettings:
     batch_size: int = setting_like(TrainSettings, "batch_size")
     precision: str = setting_like(TrainSettings, "precision")
     training_seed: int = setting_like(TrainSettings, "training_seed")
+    memory: str = setting_like(TrainSettings, "memory")                  # appended (the node's optional inputs)
+    vram_budget_gb: float = setting_like(TrainSettings, "vram_budget_gb")
 
     def __post_init__(self) -> None:
         validate(self, "LR Finder")
@@ -75,7 +77,8 @@ class FinderSettings:
     def train_settings(self, lora_name: str) -> TrainSettings:
         return TrainSettings(steps=self.steps, batch_size=self.batch_size, rank=self.rank, alpha=self.alpha,
                              target=self.target, optimizer=self.optimizer, precision=self.precision,
-                             training_seed=self.training_seed, lora_name=lora_name)
+                             training_seed=self.training_seed, lora_name=lora_name, memory=self.memory,
+                             vram_budget_gb=self.vram_budget_gb)
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class FinderResult:
     run_dir: Path
     learning_rates: LearningRates      # ready for Train LoRA: the suggestion as the base, ratios kept
     curve: list[tuple[float, float]] = field(default_factory=list)   # (lr, smoothed val loss)
+    memory: str = ""                   # the memory plan, in words
 
 
 class SweepStop(Exception):
@@ -189,11 +193,12 @@ def find_lr(settings: FinderSettings, access: ModelAccess, dataset, rates: Learn
     base = sweep_base(part_rates)
     run_dir = free_run_dir(output_dir / "lora_lab" / "lr_finder")
     run_dir.mkdir(parents=True)
+    memory = plan_memory_of(train_settings, access, swept)
     plan = RunPlan(settings=train_settings, access=access, dataset=dataset, rates=swept, schedule=schedule,
                    loras_dir=run_dir, output_dir=output_dir, started=0.0, part_rates=part_rates,
                    trained_text=[part for part in TEXT_PARTS if part_rates[part] > 0],
                    identity={}, resumed=None, run_dir=run_dir, log_path=None, previous_lines=[],
-                   base_name="lr_finder", lora_settings={})
+                   base_name="lr_finder", lora_settings={}, memory=memory)
     records: list[SweepRecord] = []
     state = {"min": math.inf, "baseline": math.inf}
     sweep_path = run_dir / "sweep.jsonl"
@@ -218,7 +223,7 @@ def find_lr(settings: FinderSettings, access: ModelAccess, dataset, rates: Learn
 
     run = Run(plan, TrainCallbacks(on_step=on_step, check_cancel=callbacks.check_cancel),
               validation_shape=(FINDER_IMAGES, FINDER_TIMESTEPS))
-    with torch.inference_mode(False), contextlib.ExitStack() as stack:
+    with loaded_for(access, memory), torch.inference_mode(False), contextlib.ExitStack() as stack:
         try:
             run.attach(stack)
             run.prepare(stack)
@@ -245,7 +250,7 @@ def find_lr(settings: FinderSettings, access: ModelAccess, dataset, rates: Learn
     suggestion, min_rate, steepest = suggest(curve, settings)
     suggested_rates = (scaled_rates(rates, suggestion / base) if rates is not None
                        else LearningRates(learning_rate=suggestion, unet_lr=INHERIT, text_encoder_lr=0.0))
-    return FinderResult(records=records, suggested_lr=suggestion, min_loss_lr=min_rate, steepest_lr=steepest,
+    return FinderResult(memory=memory.summary(), records=records, suggested_lr=suggestion, min_loss_lr=min_rate, steepest_lr=steepest,
                         baseline_val_loss=baseline, stopped=stopped, validate_every=every, run_dir=run_dir,
                         learning_rates=suggested_rates, curve=curve)
 
@@ -264,4 +269,6 @@ def summary(result: FinderResult, settings: FinderSettings) -> str:
               f"Validation loss (fixed images, noise, timesteps) every {result.validate_every} steps; "
               f"{result.baseline_val_loss:.4f} before training.",
               f"Steps: {result.run_dir / 'sweep.jsonl'}"]
+    if result.memory:
+        lines.append(f"Memory: {result.memory}")
     return "\n".join(lines)

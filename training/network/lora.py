@@ -159,8 +159,11 @@ class InjectedLora:
         for parent, name, original in self._originals:
             setattr(parent, name, original)
         for parameter in self.root.parameters():
-            if id(parameter) in self._requires_grad:
-                parameter.requires_grad_(self._requires_grad[id(parameter)])
+            wanted = self._requires_grad.get(id(parameter))
+            if wanted is not None and parameter.requires_grad != wanted:
+                # A streamed block keeps the loader's inference tensors: only inference mode may flag them.
+                with torch.inference_mode(parameter.is_inference()):
+                    parameter.requires_grad_(wanted)
         for attribute in set(vars(self.root)) - self._root_attributes:
             delattr(self.root, attribute)
         self._removed = True
@@ -217,7 +220,8 @@ def inject_lora(root: torch.nn.Module, part: str, paths: list[str], rank: int, a
 
 
 @contextlib.contextmanager
-def trainable_copies(*roots: torch.nn.Module, offload_device: torch.device | None = None) -> Iterator[None]:
+def trainable_copies(*roots: torch.nn.Module, offload_device: torch.device | None = None,
+                     device: torch.device | None = None, streamed: frozenset[int] = frozenset()) -> Iterator[None]:
     """Swap inference-mode parameters/buffers for normal clones while training; restore the originals.
 
     Tensors created under ``torch.inference_mode()`` (everything ComfyUI's loaders produce) cannot
@@ -227,17 +231,24 @@ def trainable_copies(*roots: torch.nn.Module, offload_device: torch.device | Non
     offload_device: where the originals wait meanwhile (ComfyUI's offload device, the CPU), so a GPU
     holds one copy of the frozen weights, not two; their storage returns to its device on restore,
     same tensor objects.
+
+    device / streamed (streaming runs, whose weights were loaded into host memory): every tensor of
+    the modules not in `streamed` (ids) is copied onto `device`, where it stays resident; the modules
+    in `streamed` keep their host tensors, which the block streamer lends to the device per call.
     """
     swapped: list[tuple[dict, str, torch.Tensor, torch.device]] = []
     try:
         with torch.inference_mode(False):
             for root in roots:
                 for module in root.modules():
+                    if id(module) in streamed:
+                        continue
                     for store in (module._parameters, module._buffers):
                         for name, tensor in list(store.items()):
-                            if tensor is None or not tensor.is_inference():
+                            moving = tensor is not None and device is not None and tensor.device != device
+                            if tensor is None or not (tensor.is_inference() or moving):
                                 continue
-                            copy = tensor.detach().clone()
+                            copy = tensor.detach().to(device, copy=True) if moving else tensor.detach().clone()
                             if isinstance(tensor, torch.nn.Parameter):
                                 copy = torch.nn.Parameter(copy, requires_grad=False)
                             swapped.append((store, name, tensor, tensor.device))
@@ -247,10 +258,10 @@ def trainable_copies(*roots: torch.nn.Module, offload_device: torch.device | Non
                                     tensor.data = tensor.data.to(offload_device)
         yield
     finally:
-        for store, name, original, device in reversed(swapped):
-            if original.device != device:
+        for store, name, original, home in reversed(swapped):
+            if original.device != home:
                 with torch.inference_mode():
-                    original.data = original.data.to(device)
+                    original.data = original.data.to(home)
             store[name] = original
 
 

@@ -47,6 +47,12 @@ class ModelAccess:
     # which routes fused kernels without a backward, e.g. comfy_kitchen's RoPE, to plain torch ops).
     training_mode: Callable[[], ContextManager] | None = None
     in_place_blocks: bool = False                           # unet_blocks update activations in place (DiTs): train them out of place
+    # Loads the weights for the run (entered around it): False = resident on the device (the whole model),
+    # True = into host memory, for the block streamer (training/run/streaming.py). None: already in place.
+    load: Callable[[bool], ContextManager] | None = None
+    # (bytes the run would keep on the device) -> (bytes free once the host made room, working reserve for
+    # activations); None = no limit to plan for (a CPU run).
+    device_memory: Callable[[int], tuple[int, int]] | None = None
 
 
 @dataclass
@@ -56,6 +62,8 @@ class TrainingResult:
     run_dir: Path
     seconds: float
     cache_bytes: dict[str, int] = field(default_factory=dict)   # in-memory caches at the end (latents, text)
+    memory: str = ""                                            # the memory plan, in words
+    device_peak: int = 0                                        # base-weight bytes on the device at most (ledger)
 
 
 @dataclass

@@ -9,13 +9,19 @@ compute device, which blocks stream from host memory, and the estimated peak.
 
 The budget is ``vram_budget_gb`` (0 = what is free on the device after ComfyUI unloaded what it
 could). The estimate counts the resident base weights, the streamed weights on the device at once
-(the block running, the one prefetched, and one whose backward still holds its weights), the LoRA
+(the block running and the one prefetched), the LoRA
 training state (weights, gradients and two optimizer moments, fp32) and the host's working reserve for
 activations.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+
+import torch
+
+from ..network.lora import text_target_paths, unet_target_paths
+from .streaming import frozen_bytes
 
 MEMORY_MODES = ("auto", "resident", "stream")
 GIB = 1024 ** 3
@@ -53,11 +59,12 @@ class MemoryPlan:
 
     @property
     def window_bytes(self) -> int:
-        """Streamed weights on the device at once: the running block, the prefetched ones, and one
-        whose backward still holds its copy."""
+        """Streamed weights on the device at once: the running block and the prefetched ones (a block's
+        backward ends before the recompute of the one before it starts: the ledger measures it in the
+        tests)."""
         if not self.streamed:
             return 0
-        return (self.prefetch + 2) * max(self.block_sizes[index] for index in self.streamed)
+        return (self.prefetch + 1) * max(self.block_sizes[index] for index in self.streamed)
 
     @property
     def base_budget(self) -> int:
@@ -134,3 +141,32 @@ def does_not_fit(plan: MemoryPlan) -> str:
                "lower rank, set the text-encoder rates to 0, raise vram_budget_gb (0 = all that is free) or close "
                "other programs that use the GPU.")
     return f"Train LoRA: the model does not fit on {plan.device} for training (memory = {plan.requested}): {numbers}. {fix}"
+
+
+def training_state_bytes(modules: list[torch.nn.Module], rank: int, dora: bool) -> int:
+    """LoRA A and B (and DoRA's magnitude) for each targeted layer, fp32, times weights, gradients and
+    the optimizer's two moments."""
+    parameters = 0
+    for module in modules:
+        shape = module.weight.shape
+        fan_in = math.prod(shape[1:])
+        parameters += rank * (fan_in + shape[0]) + (shape[0] if dora else 0)
+    return parameters * 4 * TRAINING_STATE_COPIES
+
+
+def plan_for_run(settings, access, trained_text: list[str]) -> MemoryPlan:
+    """The plan for this run, from the module tree alone (sizes and shapes: nothing is loaded yet)."""
+    blocks = list(access.unet_blocks)
+    block_sizes = [frozen_bytes(block) for block in blocks]
+    roots = [access.unet] + [access.text_encoders[part] for part in trained_text]
+    fixed = sum(frozen_bytes(root) for root in roots) - sum(block_sizes)
+    targets = [access.unet.get_submodule(path)
+               for path in unet_target_paths(access.unet, settings.target, access.family)]
+    for part in trained_text:
+        encoder = access.text_encoders[part]
+        targets += [encoder.get_submodule(path) for path in text_target_paths(encoder, settings.target)]
+    training = training_state_bytes(targets, settings.rank, settings.use_dora)
+    free, reserve = (access.device_memory(fixed + sum(block_sizes) + training)
+                     if access.device_memory is not None else (0, 0))
+    budget = int(settings.vram_budget_gb * GIB) if settings.vram_budget_gb > 0 else free
+    return plan_memory(settings.memory, str(access.device), budget, fixed, block_sizes, training, reserve)

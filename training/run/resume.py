@@ -34,7 +34,7 @@ TUPLE_MARK = "__tuple__"     # JSON placeholder keeping tuples tuples (optimizer
 # TrainSettings fields that may differ on resume: they change where files go or how much memory is
 # used, not the numbers the run computes.
 FREE_SETTINGS = ("lora_name", "save_every_n_steps", "cache_latents_to_disk", "gradient_checkpointing", "save_precision",
-                 "validate_every_n_steps")
+                 "validate_every_n_steps", "memory", "vram_budget_gb")
 
 
 @dataclass
@@ -148,7 +148,7 @@ def _optimizer_from_json(state: dict[str, Any]) -> dict[str, Any]:
 # Files
 # --------------------------------------------------------------------------------------------
 
-def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
+def write_atomically(path: Path, write: Callable[[str], None]) -> None:
     """Write through a temp file in the same folder, then rename over `path` (our own file)."""
     with kohya.temporary_file(path.parent) as temporary:
         write(temporary)
@@ -175,8 +175,8 @@ def save_state(run_dir: Path, identity: dict[str, Any], progress: Progress, weig
     text = json.dumps(document, indent=1)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomically(run_dir / tensor_name, lambda temporary: safetensors.torch.save_file(tensors, temporary))
-        _write_atomically(run_dir / STATE_FILE, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+        write_atomically(run_dir / tensor_name, lambda temporary: safetensors.torch.save_file(tensors, temporary))
+        write_atomically(run_dir / STATE_FILE, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
     except OSError as error:
         raise kohya.write_error(run_dir / tensor_name, error) from None
     for old in run_dir.glob("resume_state_step*.safetensors"):

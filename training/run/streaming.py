@@ -29,7 +29,7 @@ import functools
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -40,19 +40,19 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def frozen_tensors(module: torch.nn.Module) -> Iterator[tuple[dict, str, torch.Tensor]]:
-    """(store, name, tensor) for every frozen parameter and buffer under `module`: what streams. The
-    LoRA parameters (requires_grad) stay on the device."""
+def frozen_tensors(module: torch.nn.Module, trained: frozenset[int] = frozenset()
+                   ) -> Iterator[tuple[dict, str, torch.Tensor]]:
+    """(store, name, tensor) for every parameter and buffer under `module` but the trained ones (ids in
+    `trained`: the LoRA parameters, which stay on the device): what streams."""
     for child in module.modules():
         for store in (child._parameters, child._buffers):
             for name, tensor in store.items():
-                if tensor is None or (isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad):
-                    continue
-                yield store, name, tensor
+                if tensor is not None and id(tensor) not in trained:
+                    yield store, name, tensor
 
 
-def frozen_bytes(module: torch.nn.Module) -> int:
-    return sum(tensor_bytes(tensor) for _, _, tensor in frozen_tensors(module))
+def frozen_bytes(module: torch.nn.Module, trained: frozenset[int] = frozenset()) -> int:
+    return sum(tensor_bytes(tensor) for _, _, tensor in frozen_tensors(module, trained))
 
 
 @dataclass
@@ -102,7 +102,7 @@ class BlockStreamer:
     """Keeps the frozen weights of `blocks` in host memory and lends them to the device per call.
 
     Use: ``streamer.forward(block, fn)`` gives the block's forward (wrap it in checkpointing outside),
-    then ``with streamer.active():`` after the LoRA layers are in (it collects the blocks' frozen
+    then ``with streamer.active(lora_parameters):`` after the LoRA layers are in (it collects the blocks' frozen
     tensors, pins them where the host allows, and gives everything back on exit).
     """
 
@@ -125,9 +125,11 @@ class BlockStreamer:
 
     # Set-up ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def active(self) -> Iterator["BlockStreamer"]:
+    def active(self, trained: Iterable[torch.Tensor] = ()) -> Iterator["BlockStreamer"]:
+        """Streaming on, for everything in the blocks but the `trained` tensors (the LoRA parameters)."""
+        trained_ids = frozenset(id(tensor) for tensor in trained)
         for block in self.blocks:
-            block.entries = list(frozen_tensors(block.module))
+            block.entries = list(frozen_tensors(block.module, trained_ids))
         if self.device.type == "cuda":
             self._side = torch.cuda.Stream(self.device)
         if self.pin:

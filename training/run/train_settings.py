@@ -13,6 +13,7 @@ from ..lr.optimizers import OPTIMIZERS, check_optimizer
 from ..network import kohya
 from ..network.lora import TARGETS
 from ..settings import setting, validate
+from .memory_plan import MEMORY_MODES
 
 TEXT_PARTS = ("text_encoder", "text_encoder_2")
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -20,7 +21,8 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 # TrainSettings fields that came after the node's first release: they sit in its "optional" section.
-OPTIONAL_SETTINGS = ("save_precision", "validate_every_n_steps", "timestep_sampling", "timestep_shift")
+OPTIONAL_SETTINGS = ("save_precision", "validate_every_n_steps", "timestep_sampling", "timestep_shift", "memory",
+                     "vram_budget_gb")
 # Appended settings a run made before them is identical without, at their default (resume checks).
 LATER_DEFAULTS = {"timestep_sampling": "auto", "timestep_shift": 3.0}
 
@@ -91,6 +93,17 @@ class TrainSettings:
     timestep_shift: float = setting(3.0, "The shift of timestep_sampling = shift (sigma = s*t / (1 + (s-1)*t)); "
                                          "> 1 trains more at high noise (composition), < 1 at low noise (detail).",
                                     min=0.1, max=20.0, step=0.05)
+    memory: str = setting("auto", (
+        "Where the frozen model weights live while training. auto = all on the GPU when they fit the budget "
+        "with room to spare, otherwise the fewest blocks stream from system RAM (each block's weights copied "
+        "to the GPU just before it runs, the next one already on its way, and recomputed in backward instead "
+        "of kept). resident = all on the GPU (refused with the numbers when they cannot fit). stream = every "
+        "block streams: the least GPU memory, slower. The plan (what stays, what streams, the estimated "
+        "peak) is shown on the node and saved with the run. Trained text encoders stay on the GPU."),
+        choices=MEMORY_MODES)
+    vram_budget_gb: float = setting(0.0, "The GPU memory the run may use, in GB (GiB), for memory = auto or "
+                                         "stream; 0 = what is free once ComfyUI has unloaded what it can. Set it "
+                                         "to leave room for other programs.", min=0.0, max=1024.0, step=0.1)
 
     def __post_init__(self) -> None:
         validate(self, "Train LoRA")
@@ -110,8 +123,8 @@ class RunOptions:
         "Continue a stopped run from its last checkpoint: the run folder (output/lora_lab/<name>, or "
         "just <name>) or its resume_state.json. Checkpoints are written every save_every_n_steps and on "
         "Cancel. The model, dataset, rates, schedule and settings must match the saved run (lora_name, "
-        "save_every_n_steps, cache_latents_to_disk, gradient_checkpointing and save_precision may "
-        "change); the result equals an uninterrupted run. Empty = start a new run."))
+        "save_every_n_steps, cache_latents_to_disk, gradient_checkpointing, save_precision, memory and "
+        "vram_budget_gb may change); the result equals an uninterrupted run. Empty = start a new run."))
 
     def __post_init__(self) -> None:
         validate(self, "Train LoRA")

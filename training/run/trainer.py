@@ -13,7 +13,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -30,6 +30,8 @@ from .checkpoints import (capture_progress, load_resume_state, previous_log_line
 from .host import ModelAccess, TrainCallbacks, TrainingResult
 from .loop import LoopSettings, StepRecord, TrainingDiverged, TrainingOutOfMemory, make_grad_scaler, run_loop
 from .memory import out_of_memory_message, release_device_memory
+from .memory_plan import MemoryPlan, plan_for_run
+from .streaming import BlockStreamer, DeviceLedger, frozen_bytes
 from .metadata import kohya_fields, file_metadata
 from .train_settings import SAVE_DTYPES, TEXT_PARTS, TrainSettings, check_inputs, part_rates_for
 from .validation import VALIDATION_IMAGES, VALIDATION_TIMESTEPS, ValidationSet
@@ -59,24 +61,39 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
     LoRA layers), prepare (optimizer, cached latents/captions, generators, a resumed state), run (the
     step loop, with periodic saves), and on an exception the interruption policy; detach always.
     """
-    plan = plan_run(settings, access, dataset, rates, schedule, loras_dir, output_dir, resume_from)
-    run = Run(plan, callbacks or TrainCallbacks())
-    with torch.inference_mode(False), contextlib.ExitStack() as stack:
-        try:
-            run.attach(stack)
-            run.prepare(stack)
+    memory = plan_memory_of(settings, access, rates)
+    with loaded_for(access, memory):
+        plan = plan_run(settings, access, dataset, rates, schedule, loras_dir, output_dir, resume_from, memory)
+        run = Run(plan, callbacks or TrainCallbacks())
+        with torch.inference_mode(False), contextlib.ExitStack() as stack:
             try:
-                records = run.run()
-            except BaseException as error:
-                run.interrupted(error)
-                raise
-            path = run.export(plan.base_name, settings.steps)
-        finally:
-            run.detach()
+                run.attach(stack)
+                run.prepare(stack)
+                try:
+                    records = run.run()
+                except BaseException as error:
+                    run.interrupted(error)
+                    raise
+                path = run.export(plan.base_name, settings.steps)
+            finally:
+                run.detach()
     if plan.resumed is not None:
         records = [StepRecord(**json.loads(line)) for line in plan.previous_lines] + records
     return TrainingResult(path=path, records=records, run_dir=plan.run_dir, seconds=time.time() - plan.started,
-                          cache_bytes=run.feeder.cached_bytes())
+                          cache_bytes=run.feeder.cached_bytes(), memory=memory.summary(), device_peak=run.ledger.peak)
+
+
+def plan_memory_of(settings: TrainSettings, access: ModelAccess, rates) -> MemoryPlan:
+    """The memory plan (training/run/memory_plan.py), before anything loads; logged."""
+    part_rates = part_rates_for(rates, access.family, access.text_encoders)
+    memory = plan_for_run(settings, access, [part for part in TEXT_PARTS if part_rates[part] > 0])
+    logger.info("LoRA Lab: %s", memory.summary())
+    return memory
+
+
+def loaded_for(access: ModelAccess, memory: MemoryPlan) -> ContextManager:
+    """The host loads the weights as the plan says: resident on the device, or into host memory to stream."""
+    return access.load(memory.mode == "stream") if access.load is not None else contextlib.nullcontext()
 
 
 @dataclass
@@ -101,10 +118,11 @@ class RunPlan:
     previous_lines: list[str]
     base_name: str
     lora_settings: dict[str, Any]
+    memory: MemoryPlan | None = None        # None: everything resident, as loaded
 
 
 def plan_run(settings: TrainSettings, access: ModelAccess, dataset, rates, schedule, loras_dir: Path,
-             output_dir: Path, resume_from: str | Path) -> RunPlan:
+             output_dir: Path, resume_from: str | Path, memory: MemoryPlan | None = None) -> RunPlan:
     """Phase 1: every check that needs no heavy work, then the run folder and its log."""
     started = time.time()
     part_rates = part_rates_for(rates, access.family, access.text_encoders)
@@ -124,12 +142,18 @@ def plan_run(settings: TrainSettings, access: ModelAccess, dataset, rates, sched
                                  "resolution": dataset.options.resolution}}
     if resumed is not None:
         lora_settings["resumed_from"] = {"state": str(resumed.path), "step": resumed.step}
+    if memory is not None:
+        lora_settings["memory_plan"] = memory.as_dict()
+        # log.jsonl stays one line per optimizer step (its readers count them): the plan sits beside it.
+        text = json.dumps(memory.as_dict(), indent=1)
+        resume.write_atomically(run_dir / "memory_plan.json",
+                                lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
     return RunPlan(settings=settings, access=access, dataset=dataset, rates=rates, schedule=schedule,
                    loras_dir=loras_dir, output_dir=output_dir, started=started, part_rates=part_rates,
                    trained_text=[part for part in TEXT_PARTS if part_rates[part] > 0], identity=identity,
                    resumed=resumed, run_dir=run_dir, log_path=log_path, previous_lines=previous_lines,
                    base_name=kohya.sanitize_lora_name(settings.lora_name),   # no extension: suffixes go before it
-                   lora_settings=lora_settings)
+                   lora_settings=lora_settings, memory=memory)
 
 
 class Run:
@@ -156,6 +180,8 @@ class Run:
         self.checkpoint_steps: list[int] = [plan.resumed.step] if plan.resumed else []
         self.checkpoint_dirs: list[Path] = [plan.resumed.path.parent] if plan.resumed else []   # latest last
         self.out_of_memory = False
+        self.streamer: BlockStreamer | None = None
+        self.ledger = DeviceLedger()          # base weights on the compute device (resident + streamed copies)
 
     # Phase 2 ------------------------------------------------------------------------------------
     def attach(self, stack: contextlib.ExitStack) -> None:
@@ -164,15 +190,26 @@ class Run:
         roots = [access.unet] + [access.text_encoders[part] for part in plan.trained_text]
         forward_patches = [(layer, text_layer_forward(layer, settings.gradient_checkpointing))
                            for part in plan.trained_text for layer in access.text_layers.get(part, [])]
+        streamed = ([access.unet_blocks[index] for index in plan.memory.streamed]
+                    if plan.memory is not None else [])
+        self.streamer = BlockStreamer(streamed, access.device, ledger=self.ledger) if streamed else None
         for block in access.unet_blocks:
             forward = out_of_place_forward(block) if access.in_place_blocks else None
-            if settings.gradient_checkpointing:
+            if self.streamer is not None and block in streamed:
+                # Inside the checkpoint, so backward's recompute borrows the weights again instead of
+                # autograd keeping the forward's copies.
+                forward = checkpointed_forward(block, self.streamer.forward(block, forward))
+            elif settings.gradient_checkpointing:
                 forward = checkpointed_forward(block, forward)
             if forward is not None:
                 forward_patches.append((block, forward))
         if access.training_mode is not None:
             stack.enter_context(access.training_mode())
-        stack.enter_context(trainable_copies(*roots, offload_device=access.offload_device))
+        streamed_modules = frozenset(id(module) for block in streamed for module in block.modules())
+        if self.streamer is not None:   # loaded into host memory: the rest becomes resident on the device
+            stack.enter_context(trainable_copies(*roots, device=access.device, streamed=streamed_modules))
+        else:
+            stack.enter_context(trainable_copies(*roots, offload_device=access.offload_device))
         stack.enter_context(patched_forwards(forward_patches))
         unet_paths = unet_target_paths(access.unet, settings.target, access.family)
         if plan.part_rates["unet"] > 0:
@@ -185,6 +222,13 @@ class Run:
         for lora in self.injected:
             for parameter in lora.parameters():
                 parameter.data = parameter.data.to(access.device)
+        trained = frozenset(id(parameter) for lora in self.injected for parameter in lora.parameters())
+        self.ledger.resident = (sum(frozen_bytes(root, trained) for root in roots)
+                                - sum(frozen_bytes(block, trained) for block in streamed))
+        self.ledger.peak = max(self.ledger.peak, self.ledger.resident)
+        if self.streamer is not None:
+            stack.enter_context(self.streamer.active(
+                parameter for lora in self.injected for parameter in lora.parameters()))
 
     # Phase 3 ------------------------------------------------------------------------------------
     def prepare(self, stack: contextlib.ExitStack) -> None:
