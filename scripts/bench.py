@@ -154,7 +154,7 @@ def build_graphs(comfy, checkpoint: str, folder: Path, names: list[str], options
         "batch_size": options.batch, "rank": options.rank, "alpha": float(options.rank),
         "target": "all_linear_conv", "precision": options.precision,
         "gradient_checkpointing": options.checkpointing, "weight_decay": 0.01, "max_grad_norm": 0.0,
-        "lora_name": "bench"}}
+        "lora_name": "bench", "memory": options.memory, "vram_budget_gb": options.vram_budget_gb}}
     builtin = dict(graph)
     # Built from the node's own schema: newer ComfyUI versions add inputs (checkpoint_depth, offloading,
     # bucket_mode, bypass_mode, ...) and moved the LoRA output from index 1 to 0.
@@ -163,7 +163,9 @@ def build_graphs(comfy, checkpoint: str, folder: Path, names: list[str], options
               "learning_rate": options.learning_rate, "rank": options.rank, "optimizer": "AdamW",
               "loss_function": "MSE", "seed": 0, "training_dtype": options.precision,
               "lora_dtype": options.precision, "algorithm": "LoRA",
-              "gradient_checkpointing": options.checkpointing, "existing_lora": "[None]"}
+              "gradient_checkpointing": options.checkpointing, "existing_lora": "[None]",
+              # 0.33's built-in streams with its `offloading` (partial load + recompute): the same budget
+              "offloading": options.memory != "resident"}
     defaults = comfy.widget_defaults("TrainLoraNode")
     builtin["30"] = {"class_type": "TrainLoraNode", "inputs": {
         **defaults, **{key: value for key, value in wanted.items() if key in defaults},
@@ -187,7 +189,7 @@ def timed_run(comfy, prompt: dict, cuda: bool) -> tuple[float, float | None]:
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    peak = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30) if cuda else None
     return seconds, peak
 
 
@@ -225,7 +227,7 @@ def compare(comfy, options, label: str) -> dict[str, float]:
                 f"{options.precision} checkpointing {'on' if options.checkpointing else 'off'}: {options.steps} steps "
                 f"in {seconds:.2f} s, {rates[name]:.3f} steps/s, {images_per_second:.2f} img/s")
         if peak is not None:
-            line += f", peak {peak:.2f} GiB"
+            line += f", peak {peak[0]:.2f} GiB allocated, {peak[1]:.2f} GiB reserved"
         flop = TFLOP_PER_IMAGE.get((options.shape, options.resolution))
         rate = next((value for key, value in CARD_BF16_TFLOPS.items() if key in card), None)
         if cuda and flop and rate:
@@ -260,11 +262,22 @@ def main() -> int:
                              "SD3.5-medium-sized 1024px batch 1 with bf16 and fp8 bases; bf16 compute, "
                              "checkpointing on then off, both trainers in this one process on the card in hand")
     parser.add_argument("--cpu", action="store_true", help="force CPU even where CUDA is available")
+    parser.add_argument("--memory", choices=("auto", "resident", "stream"), default="auto",
+                        help="Train LoRA's memory option (the built-in gets offloading for auto/stream where it has it)")
+    parser.add_argument("--vram-budget-gb", type=float, default=0.0, help="Train LoRA's vram_budget_gb")
+    parser.add_argument("--gpu-memory", action="store_true",
+                        help="the memory matrix on a GPU: the SDXL- and Flux-sized models at card sizes of 8, 12, "
+                             "16 and 24 GiB (simulated with torch.cuda.set_per_process_memory_fraction, memory auto "
+                             "with that budget) and resident on the whole card; peak allocated/reserved, steps/s, "
+                             "both trainers")
     arguments = parser.parse_args()
 
     from lora_lab_devtools.inprocess import boot
 
-    comfy = boot(comfyui_dir(), Path(tempfile.mkdtemp(prefix="lora_lab_bench_")), cpu=not arguments.gpu)
+    comfy = boot(comfyui_dir(), Path(tempfile.mkdtemp(prefix="lora_lab_bench_")),
+                 cpu=not (arguments.gpu or arguments.gpu_memory))
+    if arguments.gpu_memory:
+        return memory_matrix(comfy, arguments)
     if not arguments.gpu:
         arguments.precision = arguments.precision or "fp32"
         compare(comfy, arguments, "")
@@ -283,6 +296,35 @@ def main() -> int:
             if "builtin" in rates:
                 ratios.append(rates["lora_lab"] / rates["builtin"])
     print(f"ratio lora_lab/builtin steps_per_s: {min(ratios):.2f} (lowest of {len(ratios)} GPU settings)", flush=True)
+    return 0
+
+
+GIB = 1024 ** 3
+CARD_SIZES_GIB = (8, 12, 16, 24)
+MEMORY_SHAPES = (("sdxl", 1024, 1, "default"), ("flux", 1024, 1, "default"), ("flux", 1024, 1, "fp8_e4m3fn"))
+
+
+def memory_matrix(comfy, arguments) -> int:
+    """Each model at each simulated card size (memory auto under that budget), then resident on the whole
+    card: steps/s and peak memory of both trainers, and streaming's speed against resident."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu-memory needs a CUDA device")
+    total = torch.cuda.get_device_properties(0).total_memory
+    for shape, resolution, batch, base_dtype in MEMORY_SHAPES:
+        for card in (*CARD_SIZES_GIB, None):
+            torch.cuda.set_per_process_memory_fraction(min(1.0, card * GIB / total) if card else 1.0)
+            options = argparse.Namespace(**{**vars(arguments), "shape": shape, "resolution": resolution,
+                                            "batch": batch, "checkpointing": True, "base_dtype": base_dtype,
+                                            "precision": arguments.precision or "bf16", "images": 4,
+                                            "memory": "auto" if card else "resident",
+                                            "vram_budget_gb": float(card or 0)})
+            try:
+                compare(comfy, options, f"[{shape} {base_dtype} card {card or 'whole'} GiB] ")
+            except Exception as error:   # a card too small for the plan: the refusal is the result
+                print(f"[{shape} {base_dtype} card {card} GiB] lora_lab: {str(error).splitlines()[0][:300]}", flush=True)
+    torch.cuda.set_per_process_memory_fraction(1.0)
     return 0
 
 
