@@ -79,7 +79,7 @@ class TrainNode:
         chart = pil_to_image(training_chart(result.records, title=f"Train LoRA: {name}"))
         logger.info("LoRA Lab: trained %s in %.1f s (%d steps, final loss %.4f)", name, result.seconds, settings.steps,
                     result.records[-1].loss)
-        return {"ui": {"text": [name, result.memory]}, "result": (trained_model, trained_clip, name, chart)}
+        return {"ui": {"text": [name]}, "result": (trained_model, trained_clip, name, chart)}
 
     @staticmethod
     def _run(model, clip, vae, family, train_text, settings, dataset, learning_rates, lr_schedule, sample_prompts,
