@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from .test_flow_families import load_sd3, no_unmatched, release_all_models
+from .test_resume import assert_same_tensors
 from .test_train import (InterruptingDataset, checkpoint, dataset, loaded, probe, rates, read_lora,  # noqa: F401
                          schedule, stock_lora_loader, tiny_sdxl, train, unet_outputs, clip_outputs)
 
@@ -30,14 +31,6 @@ def tight_budget_gb(model) -> float:
 
 def plan_of(comfy, name: str) -> dict:
     return json.loads((comfy.output_dir / "lora_lab" / name / "memory_plan.json").read_text())
-
-
-def assert_same_file(comfy, first: str, second: str) -> None:
-    tensors, _ = read_lora(comfy, first)
-    other, _ = read_lora(comfy, second)
-    assert tensors.keys() == other.keys()
-    different = [key for key in tensors if not torch.equal(tensors[key], other[key])]
-    assert not different, different[:5]
 
 
 def no_loader_clone_left(model) -> bool:
@@ -61,7 +54,7 @@ def test_sd15_streamed_under_a_budget_trains_the_resident_lora(comfy, loaded, da
     budget = tight_budget_gb(loaded[0]) + encoder / GIB
     _, _, streamed, _ = train(comfy, loaded, dataset, learning_rates, schedule(comfy), memory="auto",
                               vram_budget_gb=budget, lora_name=f"streamed_{use_dora}", **common)
-    assert_same_file(comfy, resident, streamed)
+    assert_same_tensors(comfy, resident, streamed)
     plan = plan_of(comfy, f"streamed_{use_dora}")
     assert plan["mode"] == "stream" and plan["requested"] == "auto"
     assert 0 < len(plan["streamed"]) <= len(plan["block_sizes"])
@@ -103,7 +96,7 @@ def test_sdxl_streamed_trains_the_resident_lora(comfy, tiny_sdxl, dataset):
                               lora_name="sdxl_resident", **common)
     _, _, streamed, _ = train(comfy, tiny_sdxl, dataset, learning_rates, schedule(comfy), memory="stream",
                               lora_name="sdxl_streamed", **common)
-    assert_same_file(comfy, resident, streamed)
+    assert_same_tensors(comfy, resident, streamed)
     assert plan_of(comfy, "sdxl_streamed")["mode"] == "stream"
 
 
@@ -118,7 +111,7 @@ def test_flow_dit_on_an_fp8_base_streamed_trains_the_resident_lora(comfy, datase
                                   lora_name="fp8_resident", **common)
         _, _, streamed, _ = train(comfy, loaded_fp8, dataset, learning_rates, schedule(comfy), memory="stream",
                                   lora_name="fp8_streamed", **common)
-        assert_same_file(comfy, resident, streamed)
+        assert_same_tensors(comfy, resident, streamed)
         plan = plan_of(comfy, "fp8_streamed")
         assert plan["mode"] == "stream" and plan["streamed"]
         _, _, lines = stock_lora_loader(comfy, loaded_fp8, streamed)
