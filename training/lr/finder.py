@@ -267,8 +267,9 @@ def summary(result: FinderResult, settings: FinderSettings) -> str:
         lines.append("Too few validation points to read a curve: lower min_lr or raise steps.")
     lines += [f"Sweep: {settings.min_lr:g} -> {settings.max_lr:g} over {settings.steps} steps; {result.stopped}.",
               f"Validation loss (fixed images, noise, timesteps) every {result.validate_every} steps; "
-              f"{result.baseline_val_loss:.4f} before training.",
-              f"Steps: {result.run_dir / 'sweep.jsonl'}"]
+              f"{result.baseline_val_loss:.4f} before training."]
     if result.memory:
         lines.append(f"Memory: {result.memory}")
+    # The path stays the last line: it is what a reader of the summary opens.
+    lines.append(f"Steps: {result.run_dir / 'sweep.jsonl'}")
     return "\n".join(lines)
