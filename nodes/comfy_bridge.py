@@ -24,6 +24,7 @@ from ..training.run.host import ModelAccess
 from ..training.run.loop import DiffusionObjective, StepRecord
 from ..training.run.memory import check_fits
 from ..training.run.sampling import PreviewSampler, SamplePrompt
+from . import comfy_quantize
 
 logger = logging.getLogger("lora_lab")
 
@@ -328,6 +329,8 @@ def model_access(model, clip, vae, family: str, timestep_sampling: str = "auto",
         in_place_blocks=entry.dit is not None, training_mode=comfy_training_mode,
         load=lambda stream: loaded_for_training(model, clip, stream),
         device_memory=lambda wanted: device_memory(model.load_device, wanted),
+        quantizable_layers=lambda: comfy_quantize.quantizable_layers(unet),
+        cast_per_forward=comfy_quantize.cast_per_forward,
     )
 
 

@@ -16,7 +16,7 @@ from .widgets import TRAINING_SOCKETS, widgets
 
 logger = logging.getLogger("lora_lab")
 
-FINDER_OPTIONAL = ("memory", "vram_budget_gb")
+FINDER_OPTIONAL = ("memory", "vram_budget_gb", "base_weights")
 
 
 class LRFinderNode:

@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from ..run.base_weights import check_base_weights
 from ..run.host import ModelAccess, TrainCallbacks
 from ..run.loop import StepRecord, TrainingDiverged
 from ..run.train_settings import TEXT_PARTS, TrainSettings, check_inputs, part_rates_for
@@ -63,6 +64,7 @@ class FinderSettings:
     training_seed: int = setting_like(TrainSettings, "training_seed")
     memory: str = setting_like(TrainSettings, "memory")                  # appended (the node's optional inputs)
     vram_budget_gb: float = setting_like(TrainSettings, "vram_budget_gb")
+    base_weights: str = setting_like(TrainSettings, "base_weights")
 
     def __post_init__(self) -> None:
         validate(self, "LR Finder")
@@ -78,7 +80,7 @@ class FinderSettings:
         return TrainSettings(steps=self.steps, batch_size=self.batch_size, rank=self.rank, alpha=self.alpha,
                              target=self.target, optimizer=self.optimizer, precision=self.precision,
                              training_seed=self.training_seed, lora_name=lora_name, memory=self.memory,
-                             vram_budget_gb=self.vram_budget_gb)
+                             vram_budget_gb=self.vram_budget_gb, base_weights=self.base_weights)
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,7 @@ def find_lr(settings: FinderSettings, access: ModelAccess, dataset, rates: Learn
     base = sweep_base(part_rates)
     run_dir = free_run_dir(output_dir / "lora_lab" / "lr_finder")
     run_dir.mkdir(parents=True)
+    check_base_weights(train_settings, access)
     memory = plan_memory_of(train_settings, access, swept)
     plan = RunPlan(settings=train_settings, access=access, dataset=dataset, rates=swept, schedule=schedule,
                    loras_dir=run_dir, output_dir=output_dir, started=0.0, part_rates=part_rates,

@@ -197,14 +197,14 @@ def inject_lora(root: torch.nn.Module, part: str, paths: list[str], rank: int, a
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(paths), lora_dropout=0.0,
                         use_dora=use_dora, init_lora_weights=True, bias="none")
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _float8_bases_read_as_float32():
             torch.manual_seed(init_seed)
             inject_adapter_in_model(config, root, adapter_name=ADAPTER_NAME)
-        for path in paths:
-            layer = root.get_submodule(path)
-            if not hasattr(layer, "lora_A"):
-                raise RuntimeError(f"peft did not inject a LoRA layer at {part}.{path}")
-            injected.modules.append(LoraModule(part=part, path=path, layer=layer))
+            for path in paths:
+                layer = root.get_submodule(path)
+                if not hasattr(layer, "lora_A"):
+                    raise RuntimeError(f"peft did not inject a LoRA layer at {part}.{path}")
+                injected.modules.append(LoraModule(part=part, path=path, layer=layer))
         # Every trainable tensor lives in fp32, whatever the base dtype: peft makes them in the base
         # layer's dtype. An fp16 DoRA magnitude breaks AdamW (its eps of 1e-8 and the squared
         # gradients underflow to 0 in fp16: 0/0 = NaN after the first update, at any rate) and the fp16
@@ -217,6 +217,41 @@ def inject_lora(root: torch.nn.Module, part: str, paths: list[str], rank: int, a
         injected.remove()
         raise
     return injected
+
+
+def _is_float8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and torch.finfo(dtype).bits == 8
+
+
+@contextlib.contextmanager
+def _float8_bases_read_as_float32() -> Iterator[None]:
+    """While peft injects over fp8 base weights (loaded so, or base_weights): the LoRA layers are made
+    in fp32, not in the base weight's dtype (peft's rule, which would round A's initial values to fp8's 3
+    mantissa bits), and DoRA's initial magnitude (the base weight's row norms) is computed from the fp8
+    weight upcast to fp32, one layer at a time (torch has no fp8 arithmetic on the CPU, nor mixed fp8
+    promotion). peft reads the weight through ``dequantize_module_weight``, its hook for quantized layers,
+    and casts it to the input's dtype itself in forward."""
+    from peft.tuners.lora import dora
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    dequantize_original = dora.dequantize_module_weight
+    device_and_dtype = BaseTunerLayer._get_base_layer_device_and_dtype
+
+    def dequantize(module: torch.nn.Module) -> torch.Tensor:
+        weight = dequantize_original(module)
+        return weight.float() if _is_float8(weight.dtype) else weight
+
+    def adapter_device_and_dtype(self, base_layer):
+        device, dtype = device_and_dtype(self, base_layer)
+        return device, (torch.float32 if dtype is not None and _is_float8(dtype) else dtype)
+
+    dora.dequantize_module_weight = dequantize
+    BaseTunerLayer._get_base_layer_device_and_dtype = adapter_device_and_dtype
+    try:
+        yield
+    finally:
+        dora.dequantize_module_weight = dequantize_original
+        BaseTunerLayer._get_base_layer_device_and_dtype = device_and_dtype
 
 
 @contextlib.contextmanager

@@ -53,6 +53,11 @@ class ModelAccess:
     # (bytes the run would keep on the device) -> (bytes free once the host made room, working reserve for
     # activations); None = no limit to plan for (a CPU run).
     device_memory: Callable[[int], tuple[int, int]] | None = None
+    # base_weights (training/run/base_weights.py): the diffusion model's layers whose weight may be stored in
+    # a smaller dtype for the run, and the host's switch (entered around the run) that makes those layers cast
+    # their weight to the compute dtype per forward. None: the host cannot (only as_loaded then).
+    quantizable_layers: Callable[[], list[torch.nn.Module]] | None = None
+    cast_per_forward: Callable[[list[torch.nn.Module]], ContextManager] | None = None
 
 
 @dataclass

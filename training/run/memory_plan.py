@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..network.lora import text_target_paths, unet_target_paths
+from .base_weights import BASE_WEIGHTS, bytes_saved
 from .streaming import frozen_bytes
 
 MEMORY_MODES = ("auto", "resident", "stream")
@@ -47,6 +48,13 @@ class MemoryPlan:
     training: int                   # LoRA weights + gradients + optimizer state
     reserve: int                    # activations and working memory
     prefetch: int = 1
+    base_weights: str = "as_loaded"  # the base_weights option: sizes above count the quantized bytes
+
+    @property
+    def host_loaded(self) -> bool:
+        """The weights load into host memory first: to stream, or to be quantized there (the device then
+        only ever holds the quantized copies)."""
+        return self.mode == "stream" or self.base_weights != "as_loaded"
 
     @property
     def streamed_bytes(self) -> int:
@@ -84,6 +92,8 @@ class MemoryPlan:
         else:
             what = (f"{len(self.streamed)} of {blocks} blocks stream from host memory ({gib(self.streamed_bytes)}), "
                     f"{gib(self.resident_bytes)} of base weights resident, {gib(self.window_bytes)} streamed at once")
+        if self.base_weights != "as_loaded":
+            what += f", Linear/Conv weights as {self.base_weights}"
         return (f"memory {self.requested} -> {self.mode} on {self.device}: {what}; LoRA training state "
                 f"{gib(self.training)}, working reserve {gib(self.reserve)}; estimated peak "
                 f"{gib(self.estimated_peak)} (budget {budget})")
@@ -96,7 +106,7 @@ class MemoryPlan:
 
 
 def plan_memory(requested: str, device: str, budget: int, fixed: int, block_sizes: list[int], training: int,
-                reserve: int, prefetch: int = 1) -> MemoryPlan:
+                reserve: int, prefetch: int = 1, base_weights: str = "as_loaded") -> MemoryPlan:
     """The plan for `requested` under `budget` bytes (0 = no limit); ValueError with the numbers when
     even streaming every block cannot fit."""
     if requested not in MEMORY_MODES:
@@ -107,7 +117,7 @@ def plan_memory(requested: str, device: str, budget: int, fixed: int, block_size
         mode = "stream" if streamed else "resident"
         return MemoryPlan(requested=requested, mode=mode, device=device, budget=budget, fixed=fixed,
                           block_sizes=sizes, streamed=tuple(sorted(streamed)), training=training,
-                          reserve=reserve, prefetch=prefetch)
+                          reserve=reserve, prefetch=prefetch, base_weights=base_weights)
 
     resident = make(())
     everything = make(range(len(sizes)))
@@ -156,10 +166,13 @@ def training_state_bytes(modules: list[torch.nn.Module], rank: int, dora: bool) 
 
 def plan_for_run(settings, access, trained_text: list[str]) -> MemoryPlan:
     """The plan for this run, from the module tree alone (sizes and shapes: nothing is loaded yet)."""
+    dtype = BASE_WEIGHTS[settings.base_weights]
+    quantized = frozenset(id(layer) for layer in access.quantizable_layers()) \
+        if dtype is not None and access.quantizable_layers is not None else frozenset()
     blocks = list(access.unet_blocks)
-    block_sizes = [frozen_bytes(block) for block in blocks]
+    block_sizes = [frozen_bytes(block) - bytes_saved(block, quantized, dtype) for block in blocks]
     roots = [access.unet] + [access.text_encoders[part] for part in trained_text]
-    fixed = sum(frozen_bytes(root) for root in roots) - sum(block_sizes)
+    fixed = sum(frozen_bytes(root) - bytes_saved(root, quantized, dtype) for root in roots) - sum(block_sizes)
     targets = [access.unet.get_submodule(path)
                for path in unet_target_paths(access.unet, settings.target, access.family)]
     for part in trained_text:
@@ -169,4 +182,5 @@ def plan_for_run(settings, access, trained_text: list[str]) -> MemoryPlan:
     free, reserve = (access.device_memory(fixed + sum(block_sizes) + training)
                      if access.device_memory is not None else (0, 0))
     budget = int(settings.vram_budget_gb * GIB) if settings.vram_budget_gb > 0 else free
-    return plan_memory(settings.memory, str(access.device), budget, fixed, block_sizes, training, reserve)
+    return plan_memory(settings.memory, str(access.device), budget, fixed, block_sizes, training, reserve,
+                       base_weights=settings.base_weights)

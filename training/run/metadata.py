@@ -24,7 +24,8 @@ DORA_SCALE_RULES = {
 
 
 def kohya_fields(settings: TrainSettings, rates, schedule, dataset, access: ModelAccess, started: float,
-                  part_rates: dict[str, float], steps_done: int, conv_trained: bool, name: str) -> dict[str, Any]:
+                  part_rates: dict[str, float], steps_done: int, conv_trained: bool, name: str,
+                  fp8_base: bool = False) -> dict[str, Any]:
     """sd-scripts' ss_* training metadata for this run, as train_network.py names and fills it
     (tests/comfy/test_kohya_metadata.py lists every key and each deliberate difference)."""
     family = access.family
@@ -85,6 +86,10 @@ def kohya_fields(settings: TrainSettings, rates, schedule, dataset, access: Mode
         "ss_caption_dropout_rate": dataset.options.caption_dropout,
         "ss_enable_bucket": dataset.options.bucketing,
         "ss_zero_terminal_snr": False,
+        # sd-scripts' --fp8_base / --fp8_base_unet: the diffusion model's frozen weights were fp8 while training
+        # (loaded so, or base_weights); the text encoders are never quantized, so both say the same.
+        "ss_fp8_base": fp8_base,
+        "ss_fp8_base_unet": fp8_base,
         # Flow-matching runs: how sigmas were drawn (sd-scripts' names) and the guidance trained with.
         "ss_timestep_sampling": access.sampling[0] if FAMILIES[family].flow else None,
         "ss_discrete_flow_shift": access.sampling[1] if FAMILIES[family].flow and access.sampling[0] == "shift" else None,

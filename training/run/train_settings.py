@@ -13,6 +13,7 @@ from ..lr.optimizers import OPTIMIZERS, check_optimizer
 from ..network import kohya
 from ..network.lora import TARGETS
 from ..settings import setting, validate
+from .base_weights import BASE_WEIGHTS
 from .memory_plan import MEMORY_MODES
 
 TEXT_PARTS = ("text_encoder", "text_encoder_2")
@@ -22,9 +23,9 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 PRECISIONS = ("bf16", "fp16", "fp32")
 # TrainSettings fields that came after the node's first release: they sit in its "optional" section.
 OPTIONAL_SETTINGS = ("save_precision", "validate_every_n_steps", "timestep_sampling", "timestep_shift", "memory",
-                     "vram_budget_gb")
+                     "vram_budget_gb", "base_weights")
 # Appended settings a run made before them is identical without, at their default (resume checks).
-LATER_DEFAULTS = {"timestep_sampling": "auto", "timestep_shift": 3.0}
+LATER_DEFAULTS = {"timestep_sampling": "auto", "timestep_shift": 3.0, "base_weights": "as_loaded"}
 
 
 def _lora_name_problem(name: str) -> None:
@@ -104,6 +105,13 @@ class TrainSettings:
     vram_budget_gb: float = setting(0.0, "The GPU memory the run may use, in GB (GiB), for memory = auto or "
                                          "stream; 0 = what is free once ComfyUI has unloaded what it can. Set it "
                                          "to leave room for other programs.", min=0.0, max=1024.0, step=0.1)
+    base_weights: str = setting("as_loaded", (
+        "The frozen diffusion-model weights during the run. as_loaded = as the loader made them. fp8_e4m3fn / "
+        "fp8_e5m2 = the Linear and Conv weights rounded to fp8 for the run (half the memory of bf16, a quarter "
+        "of fp32; ComfyUI casts them per layer, as for a model loaded with an fp8 weight_dtype), so more stays "
+        "on the GPU and auto streams less. e4m3fn keeps more precision (what fp8 checkpoints use), e5m2 more "
+        "range. The LoRA trains in full precision and loads on the unquantized model; your MODEL is not "
+        "changed. Weights already fp8 stay as loaded."), choices=tuple(BASE_WEIGHTS))
 
     def __post_init__(self) -> None:
         validate(self, "Train LoRA")

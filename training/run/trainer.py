@@ -25,6 +25,7 @@ from ..network.lora import (InjectedLora, checkpointed_forward, inject_lora, lor
                             out_of_place_clip_layer_forward, out_of_place_forward, patched_forwards,
                             text_target_paths, trainable_copies, unet_blocks, unet_target_paths)
 from . import resume
+from .base_weights import BASE_WEIGHTS, check_base_weights, float8_layers, quantized_weights
 from .checkpoints import (capture_progress, load_resume_state, previous_log_lines, restore_run, resume_weights,
                           run_identity, seeded_global_rng)
 from .host import ModelAccess, TrainCallbacks, TrainingResult
@@ -61,6 +62,7 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
     LoRA layers), prepare (optimizer, cached latents/captions, generators, a resumed state), run (the
     step loop, with periodic saves), and on an exception the interruption policy; detach always.
     """
+    check_base_weights(settings, access)
     memory = plan_memory_of(settings, access, rates)
     with loaded_for(access, memory):
         plan = plan_run(settings, access, dataset, rates, schedule, loras_dir, output_dir, resume_from, memory)
@@ -92,8 +94,9 @@ def plan_memory_of(settings: TrainSettings, access: ModelAccess, rates) -> Memor
 
 
 def loaded_for(access: ModelAccess, memory: MemoryPlan) -> ContextManager:
-    """The host loads the weights as the plan says: resident on the device, or into host memory to stream."""
-    return access.load(memory.mode == "stream") if access.load is not None else contextlib.nullcontext()
+    """The host loads the weights as the plan says: resident on the device, or into host memory to stream
+    or to quantize there."""
+    return access.load(memory.host_loaded) if access.load is not None else contextlib.nullcontext()
 
 
 @dataclass
@@ -182,6 +185,7 @@ class Run:
         self.out_of_memory = False
         self.streamer: BlockStreamer | None = None
         self.ledger = DeviceLedger()          # base weights on the compute device (resident + streamed copies)
+        self.fp8_base = False                 # the diffusion model trained over fp8 weights (as loaded or quantized)
 
     # Phase 2 ------------------------------------------------------------------------------------
     def attach(self, stack: contextlib.ExitStack) -> None:
@@ -205,8 +209,16 @@ class Run:
                 forward_patches.append((block, forward))
         if access.training_mode is not None:
             stack.enter_context(access.training_mode())
+        dtype = BASE_WEIGHTS[settings.base_weights]
+        if dtype is not None:   # fp8 copies made in host memory, before anything is copied to the device
+            layers = access.quantizable_layers()
+            count = stack.enter_context(quantized_weights(layers, dtype))
+            stack.enter_context(access.cast_per_forward(layers))
+            logger.info("LoRA Lab: base_weights %s: %d Linear/Conv weights of the diffusion model quantized for the run",
+                        settings.base_weights, count)
+        self.fp8_base = bool(float8_layers(access.unet.modules()))
         streamed_modules = frozenset(id(module) for block in streamed for module in block.modules())
-        if self.streamer is not None:   # loaded into host memory: the rest becomes resident on the device
+        if plan.memory is not None and plan.memory.host_loaded:   # the rest becomes resident on the device
             stack.enter_context(trainable_copies(*roots, device=access.device, streamed=streamed_modules))
         else:
             stack.enter_context(trainable_copies(*roots, offload_device=access.offload_device))
@@ -340,7 +352,7 @@ class Run:
                            and tuple(module.layer.get_base_layer().kernel_size) != (1, 1)
                            for lora in self.injected for module in lora.modules)
         fields = kohya_fields(settings, plan.rates, plan.schedule, plan.dataset, access, plan.started,
-                               plan.part_rates, steps_done, conv_trained, name)
+                               plan.part_rates, steps_done, conv_trained, name, self.fp8_base)
         metadata = file_metadata(fields, plan.lora_settings, tensors, access, name, plan.dataset.options.resolution,
                                  plan.started)
         return kohya.save_lora(tensors, metadata, plan.loras_dir, name)

@@ -1,0 +1,153 @@
+"""Training over quantized base weights, in a real ComfyUI on the CPU: the `base_weights` option (a
+full-precision base rounded to fp8 for the run), bases loaded as fp8 by ComfyUI's own loaders
+(fp8_e4m3fn, fp8_e5m2), and the combinations that cannot train, refused before any heavy work.
+
+Every file trained over fp8 weights loads through the stock LoraLoader onto the unquantized model
+with no unmatched key, and the user's MODEL keeps its exact tensors.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from .test_flow_families import load_sd3, no_unmatched, release_all_models
+from .test_train import checkpoint, dataset, loaded, rates, read_lora, schedule, stock_lora_loader, train  # noqa: F401
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_models_after_module():
+    yield
+    release_all_models()
+
+
+@pytest.fixture(scope="module")
+def sd3(comfy):
+    """The tiny SD3 checkpoint through the stock CheckpointLoaderSimple (fp32 on the CPU)."""
+    return load_sd3(comfy)
+
+
+def plan_of(comfy, name: str) -> dict:
+    return json.loads((comfy.output_dir / "lora_lab" / name / "memory_plan.json").read_text())
+
+
+def weights_of(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in model.model.diffusion_model.state_dict().items()}
+
+
+def same_weights(before: dict[str, torch.Tensor], model) -> bool:
+    after = model.model.diffusion_model.state_dict()
+    return before.keys() == after.keys() and all(
+        before[name].dtype == after[name].dtype and torch.equal(before[name], after[name]) for name in before)
+
+
+def no_cast_flag_left(model) -> bool:
+    """The run's per-forward cast switch is off again (no instance attribute left on any layer)."""
+    return not any("comfy_cast_weights" in vars(module) for module in model.model.diffusion_model.modules())
+
+
+def linear_conv_weight_bytes(model) -> tuple[int, int]:
+    """(bytes of the diffusion model's Linear/Conv weights, bytes of all its tensors)."""
+    layers = [module for module in model.model.diffusion_model.modules()
+              if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))]
+    weights = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers)
+    total = sum(tensor.numel() * tensor.element_size() for tensor in model.model.diffusion_model.state_dict().values())
+    return weights, total
+
+
+COMMON = dict(steps=2, batch_size=1, target="attention_ff", save_precision="fp32")
+
+
+def test_fp8_e4m3fn_base_weights_train_count_and_load_on_the_unquantized_model(comfy, sd3, dataset):
+    """SD3 loaded in fp32, trained over fp8 e4m3fn copies: the plan counts 1 byte per Linear/Conv weight,
+    the LoRA differs from the as-loaded run's (the base it saw was rounded), the metadata says fp8, the
+    model is untouched, and the file loads on the fp32 model with every key applied."""
+    model = sd3[0]
+    before = weights_of(model)
+    learning_rates = rates(comfy, learning_rate=1e-3, text_encoder_lr=0.0)
+    _, _, full, _ = train(comfy, sd3, dataset, learning_rates, schedule(comfy), lora_name="sd3_as_loaded", **COMMON)
+    _, _, quantized, _ = train(comfy, sd3, dataset, learning_rates, schedule(comfy), base_weights="fp8_e4m3fn",
+                               lora_name="sd3_e4m3fn", **COMMON)
+    assert same_weights(before, model) and no_cast_flag_left(model)
+
+    full_plan, plan = plan_of(comfy, "sd3_as_loaded"), plan_of(comfy, "sd3_e4m3fn")
+    weights, _ = linear_conv_weight_bytes(model)   # fp32: 4 bytes each, 1 as fp8
+    as_loaded_bytes = full_plan["fixed"] + sum(full_plan["block_sizes"])
+    assert plan["fixed"] + sum(plan["block_sizes"]) == as_loaded_bytes - weights * 3 // 4
+    assert plan["base_weights"] == "fp8_e4m3fn"
+
+    full_tensors, full_metadata = read_lora(comfy, full)
+    tensors, metadata = read_lora(comfy, quantized)
+    assert (metadata["ss_fp8_base"], metadata["ss_fp8_base_unet"]) == ("True", "True")
+    assert (full_metadata["ss_fp8_base"], full_metadata["ss_fp8_base_unet"]) == ("False", "False")
+    assert json.loads(metadata["lora_lab_settings"])["train"]["base_weights"] == "fp8_e4m3fn"
+    assert tensors.keys() == full_tensors.keys()
+    assert all(tensor.dtype == torch.float32 and torch.isfinite(tensor).all() for tensor in tensors.values())
+    assert any(not torch.equal(tensors[key], full_tensors[key]) for key in tensors if "lora_up" in key or "lora_B" in key)
+    assert any(float(tensor.abs().max()) > 0 for key, tensor in tensors.items() if "lora_B" in key or "lora_up" in key)
+    _, _, lines = stock_lora_loader(comfy, sd3, quantized)
+    assert no_unmatched(lines), lines
+
+
+def test_fp8_e5m2_base_weights_stream_with_dora(comfy, sd3, dataset):
+    """fp8 e5m2 copies in host memory, every block streamed (the streamer lends the fp8 copies), DoRA over
+    the fp8 Linear weights (its norms read by upcasting): trains, the base bytes on the device follow the
+    quantized sizes, the file loads on the fp32 model."""
+    model = sd3[0]
+    before = weights_of(model)
+    _, _, name, _ = train(comfy, sd3, dataset, rates(comfy, learning_rate=1e-3, text_encoder_lr=0.0), schedule(comfy),
+                          base_weights="fp8_e5m2", memory="stream", use_dora=True, lora_name="sd3_e5m2_dora", **COMMON)
+    assert same_weights(before, model) and no_cast_flag_left(model)
+    plan = plan_of(comfy, "sd3_e5m2_dora")
+    assert plan["mode"] == "stream" and plan["streamed"] and plan["base_weights"] == "fp8_e5m2"
+    tensors, metadata = read_lora(comfy, name)
+    assert metadata["ss_fp8_base"] == "True"
+    assert any(key.endswith("dora_scale") for key in tensors)
+    assert all(torch.isfinite(tensor).all() for tensor in tensors.values())
+    _, _, lines = stock_lora_loader(comfy, sd3, name)
+    assert no_unmatched(lines), lines
+
+
+def test_a_base_loaded_as_fp8_e5m2_trains(comfy, dataset):
+    """Load Diffusion Model's fp8_e5m2 weight dtype: ComfyUI casts per layer; the LoRA trains beside it,
+    records fp8, and loads on the fp8 model and on the full-precision one with every key applied."""
+    try:
+        loaded_e5m2 = load_sd3(comfy, torch.float8_e5m2)
+        assert loaded_e5m2[0].model.diffusion_model.joint_blocks[0].x_block.attn.qkv.weight.dtype == torch.float8_e5m2
+        _, _, name, _ = train(comfy, loaded_e5m2, dataset, rates(comfy, learning_rate=1e-3, text_encoder_lr=0.0),
+                              schedule(comfy), precision="bf16", lora_name="sd3_loaded_e5m2", **COMMON)
+        tensors, metadata = read_lora(comfy, name)
+        assert metadata["ss_fp8_base"] == "True"
+        assert all(torch.isfinite(tensor).all() for tensor in tensors.values())
+        assert any(float(tensor.abs().max()) > 0 for key, tensor in tensors.items() if "lora_B" in key or "lora_up" in key)
+        _, _, lines = stock_lora_loader(comfy, loaded_e5m2, name)
+        assert no_unmatched(lines), lines
+        _, _, lines = stock_lora_loader(comfy, load_sd3(comfy), name)
+        assert no_unmatched(lines), lines
+    finally:
+        release_all_models()
+
+
+def test_dora_on_fp8_convolutions_is_refused_before_loading(comfy, loaded, dataset):
+    """DoRA on 3x3 convolutions needs their weight in the compute dtype: refused with the inputs, the value
+    and the ways out, before the model loads."""
+    import comfy.model_management as model_management
+
+    model = loaded[0]
+    before = weights_of(model)
+    model_management.unload_all_models()
+    with pytest.raises(ValueError, match=r"use_dora = True with target = 'all_linear_conv'.*"
+                                         r"base_weights = 'fp8_e4m3fn'.*Set base_weights to as_loaded"):
+        train(comfy, loaded, dataset, rates(comfy, learning_rate=1e-3, text_encoder_lr=0.0), schedule(comfy),
+              steps=1, use_dora=True, target="all_linear_conv", base_weights="fp8_e4m3fn", lora_name="refused")
+    assert not [entry for entry in model_management.current_loaded_models if entry.model is model]
+    assert same_weights(before, model)
+
+
+def test_lr_finder_sweeps_over_fp8_base_weights(comfy, sd3, dataset):
+    from .test_lr_finder import find
+
+    _, suggested, _, summary = find(comfy, sd3, dataset, steps=10, batch_size=1, min_lr=1e-5, max_lr=1e-2,
+                                    base_weights="fp8_e4m3fn")
+    assert 1e-5 <= suggested <= 1e-2 and "as fp8_e4m3fn" in summary
