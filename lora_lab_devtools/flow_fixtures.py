@@ -309,6 +309,43 @@ def ensure_sd3_checkpoint() -> Path:
     return target
 
 
+def ensure_sd3_scaled_fp8_checkpoint() -> Path:
+    """The tiny SD3 checkpoint with its MMDiT blocks' Linear weights in ComfyUI's quantized checkpoint
+    format (comfy/quant_ops.py, scaled fp8): each such weight in fp8 with its fp32 ``weight_scale``
+    (weight = fp8 * scale), marked the way each ComfyUI detects it: per layer a ``comfy_quant`` JSON tensor
+    {"format": "float8_e4m3fn"} (0.33: comfy.utils.detect_layer_quantization) and the file's
+    ``_quantization_metadata`` (0.3.75: model_detection.detect_layer_quantization; names relative to the
+    diffusion model). Both load them as QuantizedTensor weights of their mixed-precision ops."""
+    target = fixture_path("tiny_sd3_scaled_fp8")
+    if target.is_file():
+        return target
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(ensure_sd3_checkpoint()), "pt") as handle:
+        metadata = handle.metadata() or {}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    marker = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode("utf-8")), dtype=torch.uint8)
+    largest = torch.finfo(torch.float8_e4m3fn).max
+    layers = {}
+    for key in [key for key, tensor in tensors.items() if key.startswith("model.diffusion_model.joint_blocks.")
+                and key.endswith(".weight") and tensor.dim() == 2]:
+        weight = tensors[key].float()
+        scale = weight.abs().max().clamp(min=1e-12) / largest
+        layer = key[:-len(".weight")]
+        tensors[key] = (weight / scale).clamp(-largest, largest).to(torch.float8_e4m3fn)
+        tensors[f"{layer}.weight_scale"] = scale.reshape(())
+        tensors[f"{layer}.comfy_quant"] = marker.clone()
+        layers[layer[len("model.diffusion_model."):]] = {"format": "float8_e4m3fn"}
+    metadata = {**metadata, "lora_lab_fixture": target.name,
+                "_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    write_atomically(target, lambda name: save_file(tensors, name, metadata=metadata))
+    return target
+
+
 def flux_example_files() -> dict[str, Path]:
     """The Flux example's files (diffusion model, CLIP-L, reduced T5, VAE), generated in a child process
     (the e2e tier does not import ComfyUI itself)."""

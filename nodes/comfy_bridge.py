@@ -177,7 +177,9 @@ def training_models(model, clip, train_text: bool, memory: str = "auto"):
                         ", ".join(type(patcher.model).__name__ for patcher in private))
             if memory == "resident":   # otherwise the trainer's memory plan decides what stays and what streams
                 check_private_copies_fit(private)
-        yield model, clip
+        # ComfyUI 0.33's quantized checkpoints: their Linear layers trained as Linears (comfy_quantize.py).
+        with comfy_quantize.linear_views(model.model.diffusion_model):
+            yield model, clip
     finally:
         if private:
             release_models(private)

@@ -32,6 +32,11 @@ def plan_of(comfy, name: str) -> dict:
     return json.loads((comfy.output_dir / "lora_lab" / name / "memory_plan.json").read_text())
 
 
+def comparable(tensor: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors compared by their bytes (torch has no fp8 comparison on the CPU)."""
+    return tensor.view(torch.uint8) if tensor.element_size() == 1 and tensor.dtype.is_floating_point else tensor
+
+
 def weights_of(model) -> dict[str, torch.Tensor]:
     return {name: tensor.clone() for name, tensor in model.model.diffusion_model.state_dict().items()}
 
@@ -39,7 +44,8 @@ def weights_of(model) -> dict[str, torch.Tensor]:
 def same_weights(before: dict[str, torch.Tensor], model) -> bool:
     after = model.model.diffusion_model.state_dict()
     return before.keys() == after.keys() and all(
-        before[name].dtype == after[name].dtype and torch.equal(before[name], after[name]) for name in before)
+        before[name].dtype == after[name].dtype and torch.equal(comparable(before[name]), comparable(after[name]))
+        for name in before)
 
 
 def no_cast_flag_left(model) -> bool:
@@ -151,3 +157,94 @@ def test_lr_finder_sweeps_over_fp8_base_weights(comfy, sd3, dataset):
     _, suggested, _, summary = find(comfy, sd3, dataset, steps=10, batch_size=1, min_lr=1e-5, max_lr=1e-2,
                                     base_weights="fp8_e4m3fn")
     assert 1e-5 <= suggested <= 1e-2 and "as fp8_e4m3fn" in summary
+
+
+def load_scaled_fp8_sd3(comfy):
+    """The tiny SD3 in ComfyUI's scaled-fp8 checkpoint format (comfy/quant_ops.py), through the stock
+    CheckpointLoaderSimple (skipped on a ComfyUI without quantized checkpoints)."""
+    from comfy import ops as comfy_ops
+
+    from lora_lab_devtools import flow_fixtures
+
+    from .test_flow_families import link
+
+    if not hasattr(comfy_ops, "mixed_precision_ops"):
+        pytest.skip("this ComfyUI has no quantized checkpoint format (comfy/quant_ops.py, ops.mixed_precision_ops)")
+    name = link(comfy, "checkpoints", flow_fixtures.ensure_sd3_scaled_fp8_checkpoint())
+    with torch.inference_mode():
+        return comfy.node_class("CheckpointLoaderSimple")().load_checkpoint(name)[:3]
+
+
+def castable(weight: torch.Tensor) -> bool:
+    """What ComfyUI's per-forward cast does to a weight in a training step works on this ComfyUI."""
+    with torch.inference_mode(False), torch.no_grad():
+        try:
+            weight.detach().clone().to(dtype=torch.float32).dequantize()
+        except (RuntimeError, NotImplementedError):
+            return False
+    return True
+
+
+def test_comfyui_quantized_checkpoint_trains_lora_and_dora_streamed(comfy, dataset):
+    """ComfyUI 0.33's scaled-fp8 checkpoint (QuantizedTensor weights in its mixed-precision ops): its Linear
+    layers train as Linears for the run (peft wraps them, ComfyUI dequantizes per forward), resident and
+    streamed with DoRA and base_weights on top (its unquantized layers to fp8); the plan counts the stored
+    fp8 bytes, the metadata says fp8, the layers get their own class back, and the file loads on the
+    quantized model and on the full-precision one with every key applied."""
+    from comfy.quant_ops import QuantizedTensor
+
+    try:
+        loaded_quantized = load_scaled_fp8_sd3(comfy)
+        model = loaded_quantized[0]
+        qkv = model.model.diffusion_model.joint_blocks[0].x_block.attn.qkv
+        assert isinstance(qkv.weight, QuantizedTensor) and not isinstance(qkv, torch.nn.Linear)
+        if not castable(qkv.weight):
+            pytest.skip("this ComfyUI's QuantizedTensor cannot be cast outside inference mode with an fp32 compute "
+                        "dtype (0.3.75 on the CPU); test_quantized_checkpoint_this_comfyui_cannot_cast_is_refused")
+        before = weights_of(model)
+        classes = {name: type(module) for name, module in model.model.diffusion_model.named_modules()}
+        learning_rates = rates(comfy, learning_rate=1e-3, text_encoder_lr=0.0)
+        _, _, plain, _ = train(comfy, loaded_quantized, dataset, learning_rates, schedule(comfy),
+                               lora_name="sd3_scaled_fp8", **COMMON)
+        _, _, dora, _ = train(comfy, loaded_quantized, dataset, learning_rates, schedule(comfy), use_dora=True,
+                              memory="stream", base_weights="fp8_e4m3fn", lora_name="sd3_scaled_fp8_dora", **COMMON)
+        assert same_weights(before, model) and no_cast_flag_left(model)
+        assert {name: type(module) for name, module in model.model.diffusion_model.named_modules()} == classes
+
+        fp32_block_bytes = sum(tensor.numel() * 4 for tensor in model.model.diffusion_model.joint_blocks.parameters())
+        assert sum(plan_of(comfy, "sd3_scaled_fp8")["block_sizes"]) < 0.4 * fp32_block_bytes
+        for name in (plain, dora):
+            tensors, metadata = read_lora(comfy, name)
+            assert metadata["ss_fp8_base"] == "True"
+            assert any(key.startswith("transformer.transformer_blocks.0.attn.to_q.") for key in tensors)  # a quantized qkv
+            assert all(torch.isfinite(tensor).all() for tensor in tensors.values())
+            assert any(float(tensor.abs().max()) > 0 for key, tensor in tensors.items()
+                       if "lora_B" in key or "lora_up" in key)
+            _, _, lines = stock_lora_loader(comfy, loaded_quantized, name)
+            assert no_unmatched(lines), lines
+            _, _, lines = stock_lora_loader(comfy, load_sd3(comfy), name)
+            assert no_unmatched(lines), lines
+        assert any(key.endswith("dora_scale") for key in read_lora(comfy, dora)[0])
+    finally:
+        release_all_models()
+
+
+def test_quantized_checkpoint_this_comfyui_cannot_cast_is_refused(comfy, dataset):
+    """Where this ComfyUI cannot cast its quantized weights in a training step (0.3.75 on the CPU), Train
+    LoRA says so before loading, naming the model's format and the ways out."""
+    import comfy.model_management as model_management
+
+    try:
+        loaded_quantized = load_scaled_fp8_sd3(comfy)
+        model = loaded_quantized[0]
+        if castable(model.model.diffusion_model.joint_blocks[0].x_block.attn.qkv.weight):
+            pytest.skip("this ComfyUI casts its quantized weights in training (test_comfyui_quantized_checkpoint_trains...)")
+        model_management.unload_all_models()
+        with pytest.raises(ValueError, match=r"model is a quantized checkpoint \(QuantizedTensor weights.*cannot cast.*"
+                                             r"Update ComfyUI"):
+            train(comfy, loaded_quantized, dataset, rates(comfy, learning_rate=1e-3, text_encoder_lr=0.0),
+                  schedule(comfy), lora_name="refused_quantized", **COMMON)
+        assert not [entry for entry in model_management.current_loaded_models if entry.model is model]
+        assert all(not type(module).__name__.endswith("AsLinear") for module in model.model.diffusion_model.modules())
+    finally:
+        release_all_models()

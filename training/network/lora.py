@@ -219,8 +219,20 @@ def inject_lora(root: torch.nn.Module, part: str, paths: list[str], rank: int, a
     return injected
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _is_float8(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point and torch.finfo(dtype).bits == 8
+
+
+def readable_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A base weight's values as a plain fp32 tensor: fp8 upcast, a quantized tensor subclass (e.g.
+    ComfyUI 0.33's QuantizedTensor) through its ``dequantize()``."""
+    weight = weight.detach()
+    if type(weight) not in _PLAIN and callable(getattr(weight, "dequantize", None)):
+        weight = weight.dequantize()
+    return weight.float()
 
 
 @contextlib.contextmanager
@@ -239,7 +251,7 @@ def _float8_bases_read_as_float32() -> Iterator[None]:
 
     def dequantize(module: torch.nn.Module) -> torch.Tensor:
         weight = dequantize_original(module)
-        return weight.float() if _is_float8(weight.dtype) else weight
+        return readable_weight(weight) if _is_float8(weight.dtype) or type(weight) not in _PLAIN else weight
 
     def adapter_device_and_dtype(self, base_layer):
         device, dtype = device_and_dtype(self, base_layer)
@@ -403,7 +415,7 @@ def lora_weights(module: LoraModule, dtype: torch.dtype, dora_norm: str = "updat
     if module.magnitude is not None:
         scale = module.magnitude.detach().float().reshape(-1)
         if dora_norm == "original":
-            base = module.layer.get_base_layer().weight.detach().float()
+            base = readable_weight(module.layer.get_base_layer().weight)
             scaling = module.layer.scaling[ADAPTER_NAME]
             delta = (up.flatten(1) @ down.flatten(1)).reshape(base.shape) * scaling
             scale = scale * base.flatten(1).norm(dim=1) / (base + delta).flatten(1).norm(dim=1)

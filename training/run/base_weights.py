@@ -16,6 +16,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .streaming import stored_tensors
+
 BASE_WEIGHTS: dict[str, torch.dtype | None] = {
     "as_loaded": None,                      # the weights as the loader made them (today's behaviour)
     "fp8_e4m3fn": torch.float8_e4m3fn,      # 3 mantissa bits, range +-448: what fp8 checkpoints use
@@ -83,9 +85,10 @@ def quantized_weights(layers: Iterable[torch.nn.Module], dtype: torch.dtype) -> 
 
 
 def float8_layers(layers: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
-    """The layers whose weight is stored in fp8 (as loaded or quantized)."""
-    return [layer for layer in layers
-            if isinstance(getattr(layer, "weight", None), torch.Tensor) and is_float8(layer.weight.dtype)]
+    """The layers whose weight is stored in fp8: as loaded, quantized for the run, or the data of a
+    quantized tensor subclass (a scaled fp8 checkpoint's weight reports its full-precision dtype)."""
+    return [layer for layer in layers if isinstance(getattr(layer, "weight", None), torch.Tensor)
+            and is_float8(max(stored_tensors(layer.weight), key=torch.Tensor.numel).dtype)]
 
 
 def check_base_weights(settings, access) -> None:
@@ -105,11 +108,11 @@ def check_base_weights(settings, access) -> None:
     for path in unet_target_paths(access.unet, settings.target, access.family):
         layer = access.unet.get_submodule(path)
         weight = getattr(layer, "weight", None)
-        if weight is not None and plain_weight(layer) is None:
+        if weight is not None and plain_weight(layer) is None and not callable(getattr(weight, "dequantize", None)):
             raise ValueError(f"Train LoRA: use_dora = True, but the model's weights are stored as "
-                             f"{type(weight).__name__} (a quantized checkpoint format, e.g. {path}), whose values "
-                             "DoRA cannot read to take their norms. Set use_dora to False (plain LoRA trains on this "
-                             "model), or load an unquantized (bf16/fp16) or plain fp8 file of the model.")
+                             f"{type(weight).__name__} (e.g. {path}), a format with no way to read its values "
+                             "(no dequantize()), and DoRA needs them for its norms. Set use_dora to False (plain LoRA "
+                             "trains on this model), or load an unquantized (bf16/fp16) or fp8 file of the model.")
         fp8 = weight is not None and (is_float8(weight.dtype) or (id(layer) in quantizable and will_quantize(layer, dtype)))
         if fp8 and weight.dim() > 2:
             where = ("as loaded" if is_float8(weight.dtype)

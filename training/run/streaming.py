@@ -36,8 +36,19 @@ import torch
 logger = logging.getLogger("lora_lab")
 
 
+def stored_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold `tensor`'s data: itself, or for a tensor subclass that wraps others (a
+    quantized weight, e.g. ComfyUI 0.33's QuantizedTensor: fp8 data and its scales) the inner tensors its
+    ``__tensor_flatten__`` names (torch's protocol for such subclasses), whose dtype and size are what it
+    really takes."""
+    if type(tensor) in (torch.Tensor, torch.nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [stored for name in names for stored in stored_tensors(getattr(tensor, name))]
+
+
 def tensor_bytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+    return sum(stored.numel() * stored.element_size() for stored in stored_tensors(tensor))
 
 
 def frozen_tensors(module: torch.nn.Module, trained: frozenset[int] = frozenset()
