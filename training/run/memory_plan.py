@@ -144,10 +144,11 @@ def does_not_fit(plan: MemoryPlan) -> str:
                f"{gib(plan.window_bytes)} streamed at once, {gib(plan.training)} LoRA training state, "
                f"{gib(plan.reserve)} working reserve) but the budget is {gib(plan.budget)}")
     if plan.mode == "resident" and plan.requested == "resident":
-        fix = ("Set memory to auto (streams as many blocks as needed) or stream, or load the model with a smaller "
-               "weight dtype (fp8).")
+        fix = ("Set memory to auto (streams as many blocks as needed) or stream, or set base_weights to fp8_e4m3fn "
+               "(or load the model with an fp8 weight dtype).")
     else:
-        fix = ("Even with every block streamed it does not fit: load the model with a smaller weight dtype (fp8), "
+        fix = ("Even with every block streamed it does not fit: set base_weights to fp8_e4m3fn (or load the model "
+               "with an fp8 weight dtype), "
                "lower rank, set the text-encoder rates to 0, raise vram_budget_gb (0 = all that is free) or close "
                "other programs that use the GPU.")
     return f"Train LoRA: the model does not fit on {plan.device} for training (memory = {plan.requested}): {numbers}. {fix}"

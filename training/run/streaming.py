@@ -163,10 +163,10 @@ class BlockStreamer:
         cudart = torch.cuda.cudart()
         seen = set()
         for block in self.blocks:
-            for _, _, tensor in block.entries:
-                if tensor.device.type != "cpu":
+            for stored in (stored for _, _, tensor in block.entries for stored in stored_tensors(tensor)):
+                if stored.device.type != "cpu":
                     continue
-                storage = tensor.untyped_storage()
+                storage = stored.untyped_storage()
                 pointer = storage.data_ptr()
                 if pointer in seen or storage.nbytes() == 0:
                     continue
