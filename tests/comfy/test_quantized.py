@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from .test_flow_families import load_sd3, no_unmatched, release_all_models
-from .test_train import checkpoint, dataset, loaded, rates, read_lora, schedule, stock_lora_loader, train  # noqa: F401
+from .test_train import (InterruptingDataset, checkpoint, dataset, loaded, rates, read_lora, schedule,  # noqa: F401
+                         stock_lora_loader, train)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -112,6 +113,27 @@ def test_fp8_e5m2_base_weights_stream_with_dora(comfy, sd3, dataset):
     assert any(key.endswith("dora_scale") for key in tensors)
     assert all(torch.isfinite(tensor).all() for tensor in tensors.values())
     _, _, lines = stock_lora_loader(comfy, sd3, name)
+    assert no_unmatched(lines), lines
+
+
+def test_cancel_over_fp8_base_weights_gives_the_model_back(comfy, sd3, dataset):
+    """Cancel mid-run with base_weights (streamed, so the fp8 copies are lent too): the MODEL keeps its exact
+    fp32 tensors and layers, and what was trained so far loads on it with every key applied."""
+    import comfy.model_management as model_management
+
+    model = sd3[0]
+    before = weights_of(model)
+    try:
+        with pytest.raises(model_management.InterruptProcessingException):
+            train(comfy, sd3, InterruptingDataset(dataset, after=7), rates(comfy, learning_rate=1e-3, text_encoder_lr=0.0),
+                  schedule(comfy), steps=20, batch_size=1, target="attention_ff", base_weights="fp8_e4m3fn",
+                  memory="stream", lora_name="cancelled_fp8")
+    finally:
+        model_management.interrupt_current_processing(False)
+    assert same_weights(before, model) and no_cast_flag_left(model)
+    _, metadata = read_lora(comfy, "cancelled_fp8_interrupted.safetensors")
+    assert metadata["ss_fp8_base"] == "True"
+    _, _, lines = stock_lora_loader(comfy, sd3, "cancelled_fp8_interrupted.safetensors")
     assert no_unmatched(lines), lines
 
 
