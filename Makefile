@@ -4,7 +4,7 @@ SETUP := python3 scripts/setup_env.py
 PORT ?= 8188
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast test-unit demo bench lr-finder-bench serve python comfyui-dir
+.PHONY: setup test test-fast test-unit demo bench bench-memory lr-finder-bench serve python comfyui-dir
 
 setup:
 	@$(SETUP)
@@ -24,6 +24,10 @@ demo:
 
 bench:
 	@$(SETUP) run -- scripts/bench.py
+
+# NVIDIA only: peak VRAM and steps/s at simulated 8/12/16/24 GiB cards and resident, beside the built-in trainer.
+bench-memory:
+	@$(SETUP) run -- scripts/bench.py --gpu-memory
 
 lr-finder-bench:
 	@$(SETUP) run -- scripts/lr_finder_bench.py

@@ -8,7 +8,7 @@ from ..training.data.dataset import (DatasetError, DatasetOptions, accepted_exte
                                      preview_grid, summarize)
 from ..training.data.image_tensors import pil_to_image
 from ..training.settings import specs
-from . import comfy_bridge
+from . import comfy
 from .widgets import widgets
 
 def resolve_folder(folder: str) -> Path:
@@ -16,7 +16,7 @@ def resolve_folder(folder: str) -> Path:
     text = folder.strip().strip('"').strip("'").strip()
     path = Path(text).expanduser()
     if not path.is_absolute():
-        path = comfy_bridge.input_dir() / path
+        path = comfy.input_dir() / path
     return path
 
 

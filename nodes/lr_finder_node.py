@@ -11,7 +11,7 @@ from ..training.run.host import TrainCallbacks
 from ..training.run.loop import StepRecord
 from ..training.run.train_settings import TEXT_PARTS, part_rates_for
 from ..training.settings import specs
-from . import comfy_bridge
+from . import comfy
 from .widgets import TRAINING_SOCKETS, widgets
 
 logger = logging.getLogger("lora_lab")
@@ -54,18 +54,18 @@ class LRFinderNode:
 
     def find(self, model, clip, vae, dataset, learning_rates=None, unique_id=None, **values):
         settings = FinderSettings(**{name: values[name] for name in specs(FinderSettings) if name in values})
-        family = comfy_bridge.check_compatible(model, clip, vae)
+        family = comfy.check_compatible(model, clip, vae)
         train_text = learning_rates is not None and any(
             part_rates_for(learning_rates, family)[part] > 0 for part in TEXT_PARTS)
-        with comfy_bridge.training_models(model, clip, train_text, settings.memory) as (train_model, train_clip):
-            access = comfy_bridge.model_access(train_model, train_clip, vae, family)
-            report = comfy_bridge.progress_reporter(
+        with comfy.training_models(model, clip, train_text, settings.memory) as (train_model, train_clip):
+            access = comfy.model_access(train_model, train_clip, vae, family)
+            report = comfy.progress_reporter(
                 settings.steps, unique_id, lambda records: sweep_chart([SweepRecord(record.step, record.lr["unet"], record.loss, record.val_loss)
                                              for record in records]), label="LR Finder")
             on_record = lambda record, total: report(  # noqa: E731
                 StepRecord(step=record.step, loss=record.loss, lr={"unet": record.lr}, val_loss=record.val_loss), total)
-            result = find_lr(settings, access, dataset, learning_rates, comfy_bridge.output_dir(),
-                             TrainCallbacks(check_cancel=comfy_bridge.check_cancel), on_record=on_record)
+            result = find_lr(settings, access, dataset, learning_rates, comfy.output_dir(),
+                             TrainCallbacks(check_cancel=comfy.check_cancel), on_record=on_record)
         chart = sweep_chart(result.records, result.curve, result.suggested_lr, result.min_loss_lr, result.steepest_lr,
                             title=f"LR Finder: suggested {result.suggested_lr:.3g}")
         text = summary(result, settings)

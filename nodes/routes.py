@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from . import comfy_bridge
+from . import comfy
 from .preview import schedule_preview
 
 logger = logging.getLogger("lora_lab")
@@ -18,7 +18,7 @@ def register_routes() -> bool:
     global _registered
     if _registered:
         return True
-    instance = comfy_bridge.prompt_server()
+    instance = comfy.prompt_server()
     if instance is None or not hasattr(instance, "routes"):
         return False
     from aiohttp import web   # ComfyUI's server runs on aiohttp

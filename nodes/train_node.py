@@ -15,7 +15,7 @@ from ..training.run.train_settings import (OPTIONAL_SETTINGS, TEXT_PARTS, RunOpt
                                            part_rates_for)
 from ..training.run.trainer import train_lora
 from ..training.settings import specs
-from . import comfy_bridge
+from . import comfy
 from .widgets import TRAINING_SOCKETS, widgets
 
 logger = logging.getLogger("lora_lab")
@@ -54,14 +54,14 @@ class TrainNode:
     def train(self, model, clip, vae, dataset, learning_rates, lr_schedule, unique_id=None, **values):
         settings = TrainSettings(**{name: values[name] for name in specs(TrainSettings) if name in values})
         options = RunOptions(**{name: values[name] for name in specs(RunOptions) if name in values})
-        family = comfy_bridge.check_compatible(model, clip, vae)
+        family = comfy.check_compatible(model, clip, vae)
         part_rates = part_rates_for(learning_rates, family)
         entry = FAMILIES[family]
         if entry.frozen_text and any(rate > 0 for part, rate in learning_rates.resolved().items()
                                      if part != "unet" and part not in entry.text_parts):
             logger.info("LoRA Lab: %s's text encoders (%s) stay frozen%s; their rates are not used.", entry.label,
                         entry.frozen_text, " (CLIP-L and CLIP-G train at the TE rates)" if entry.text_parts else "")
-        check_inputs(settings, dataset, part_rates, lr_schedule, family, comfy_bridge.device_type(model))
+        check_inputs(settings, dataset, part_rates, lr_schedule, family, comfy.device_type(model))
         sample_prompts = parse_sample_prompts(options.sample_prompt, dataset.options.resolution, settings.training_seed,
                                               cfg=FAMILIES[family].preview_cfg, steps=FAMILIES[family].preview_steps)
         if sample_prompts and options.sample_every_n_steps <= 0:
@@ -69,13 +69,13 @@ class TrainNode:
 
         resume_from = options.resume_from.strip()
         if resume_from:   # a wrong path fails now; what the checkpoint holds is checked in train_lora
-            resolve_state_path(resume_from, comfy_bridge.output_dir() / "lora_lab")
+            resolve_state_path(resume_from, comfy.output_dir() / "lora_lab")
 
         train_text = any(part_rates[part] > 0 for part in TEXT_PARTS)
         result = self._run(model, clip, vae, family, train_text, settings, dataset, learning_rates, lr_schedule,
                            sample_prompts, options.sample_every_n_steps, resume_from, unique_id)
-        trained_model, trained_clip = comfy_bridge.apply_lora_file(model, clip, result.path)
-        name = lora_name_for(result.path, comfy_bridge.loras_dir())
+        trained_model, trained_clip = comfy.apply_lora_file(model, clip, result.path)
+        name = lora_name_for(result.path, comfy.loras_dir())
         chart = pil_to_image(training_chart(result.records, title=f"Train LoRA: {name}"))
         logger.info("LoRA Lab: trained %s in %.1f s (%d steps, final loss %.4f)", name, result.seconds, settings.steps,
                     result.records[-1].loss)
@@ -86,13 +86,12 @@ class TrainNode:
              sample_every_n_steps, resume_from, unique_id):
         """Train on the models `training_models` hands out (the user's, or private copies under dynamic
         VRAM, released when this returns)."""
-        with comfy_bridge.training_models(model, clip, train_text, settings.memory) as (train_model, train_clip):
-            access = comfy_bridge.model_access(train_model, train_clip, vae, family, settings.timestep_sampling,
-                                               settings.timestep_shift)
+        with comfy.training_models(model, clip, train_text, settings.memory) as (train_model, train_clip):
+            access = comfy.model_access(train_model, train_clip, vae, family)
             callbacks = TrainCallbacks(
-                on_step=comfy_bridge.progress_reporter(settings.steps, unique_id, training_chart),
-                check_cancel=comfy_bridge.check_cancel, is_cancel=comfy_bridge.is_cancel,
-                on_sample=comfy_bridge.sample_previewer(train_model, vae, access, sample_prompts, sample_every_n_steps,
+                on_step=comfy.progress_reporter(settings.steps, unique_id, training_chart),
+                check_cancel=comfy.check_cancel, is_cancel=comfy.is_cancel,
+                on_sample=comfy.sample_previewer(train_model, vae, access, sample_prompts, sample_every_n_steps,
                                                         settings.steps, unique_id))
-            return train_lora(settings, access, dataset, learning_rates, lr_schedule, comfy_bridge.loras_dir(),
-                              comfy_bridge.output_dir(), callbacks, resume_from=resume_from)
+            return train_lora(settings, access, dataset, learning_rates, lr_schedule, comfy.loras_dir(),
+                              comfy.output_dir(), callbacks, resume_from=resume_from)

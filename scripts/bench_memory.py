@@ -59,7 +59,7 @@ def run_child(arguments: argparse.Namespace) -> dict:
     comfy = boot(find_comfyui_dir(), base)
     (comfy.models_dir / "checkpoints" / "tiny.safetensors").symlink_to(ensure_tiny_sd15())
     pack = comfy.pack
-    dataset_module, run, bridge = pack.training.data.dataset, pack.training.run, pack.nodes.comfy_bridge
+    dataset_module, run, bridge = pack.training.data.dataset, pack.training.run, pack.nodes.comfy
     with torch.inference_mode():
         model, clip, vae = comfy.node_class("CheckpointLoaderSimple")().load_checkpoint("tiny.safetensors")[:3]
     dataset = dataset_module.build_folder_dataset(arguments.data, dataset_module.DatasetOptions(

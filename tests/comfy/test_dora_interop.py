@@ -5,7 +5,7 @@ tools").
 
 ComfyUI (<= 0.33) divides an output-row dora_scale by the norm of the original weight |W|; the DoRA
 paper, peft, LyCORIS and diffusers divide by |W + dW|. The pack asks the running ComfyUI which rule
-it uses (comfy_bridge.dora_norm_of_loader) and writes the scale that reproduces the trained model
+it uses (nodes/comfy/files.py dora_norm_of_loader) and writes the scale that reproduces the trained model
 there; under the "original" rule LyCORIS's result is ComfyUI's times |W| / |W + dW| per row, exactly,
 and that is what this test checks with LyCORIS's code (lycoris-lora, a test-only package).
 """
@@ -47,7 +47,7 @@ def test_dora_file_names_lycoris_and_lycoris_reads_it_as_documented(comfy, loade
     from lycoris.modules.locon import LoConModule
 
     pack = comfy.pack
-    rule = pack.nodes.comfy_bridge.dora_norm_of_loader()
+    rule = pack.nodes.comfy.dora_norm_of_loader()
     _, _, name, _ = train(comfy, loaded, dataset, rates(comfy, learning_rate=5e-3, text_encoder_lr=5e-3),
                           schedule(comfy), steps=3, rank=4, alpha=8.0, target="attention_ff", use_dora=True,
                           save_precision="fp32", lora_name="dora_interop")
@@ -87,4 +87,4 @@ def test_the_probe_reads_this_comfyuis_rule(comfy):
     """ComfyUI 0.3.75 and 0.33 both divide by |W| (comfy/weight_adapter/base.py, weight_decompose).
     When a newer ComfyUI changes that (ComfyUI PR #15458 proposes it), the probe follows and this
     test says so."""
-    assert comfy.pack.nodes.comfy_bridge.dora_norm_of_loader() == "original"
+    assert comfy.pack.nodes.comfy.dora_norm_of_loader() == "original"

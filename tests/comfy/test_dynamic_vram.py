@@ -178,3 +178,39 @@ class FailingDataset:
         if self._left < 0:
             raise RuntimeError("disk went away")
         return self._dataset.caption_for_step(index, rng)
+
+
+def test_dynamic_model_streams_its_private_copy_when_asked(comfy, dynamic_loaded, dataset, caplog):
+    """Under dynamic VRAM, memory = stream trains on the private copy loaded into host memory and lent
+    block by block (what replaces a resident copy that cannot fit on the card): the same LoRA as the
+    resident private copy trains, bit for bit; the user's MODEL keeps its weights and class, and the
+    copies are given back."""
+    from comfy import model_base
+
+    from .test_resume import assert_same_tensors
+    from .test_streaming import plan_of
+
+    model, clip, vae = dynamic_loaded
+    unet_before = module_state(model.model)
+    base_models_before = live_ids(model_base.BaseModel)
+    common = dict(steps=2, save_precision="fp32", training_seed=3, model=model, clip=clip)
+    learning_rates = rates(comfy, learning_rate=1e-3)
+    with caplog.at_level(logging.INFO, logger="lora_lab"):
+        _, _, resident, _ = train(comfy, (model, clip, vae), dataset, learning_rates, schedule(comfy),
+                                  memory="resident", lora_name="dynamic_resident", **common)
+        _, _, streamed, _ = train(comfy, (model, clip, vae), dataset, learning_rates, schedule(comfy),
+                                  memory="stream", lora_name="dynamic_streamed", **common)
+    copies = [record.getMessage() for record in caplog.records if "private resident copy" in record.getMessage()]
+    assert len(copies) == 2, copies
+    assert plan_of(comfy, "dynamic_streamed")["mode"] == "stream" and plan_of(comfy, "dynamic_resident")["mode"] == "resident"
+    assert_same_tensors(comfy, resident, streamed)
+    assert model.is_dynamic()
+    for name_, tensor in module_state(model.model).items():
+        assert same_bits(tensor, unet_before[name_]), name_
+    # The private copies and the clone that loaded them into host memory are gone: no diffusion model
+    # object survives that did not exist before, and ComfyUI holds none of them loaded.
+    from comfy import model_management
+
+    assert live_ids(model_base.BaseModel) <= base_models_before
+    assert {id(entry.model.model) for entry in model_management.current_loaded_models
+            if isinstance(entry.model.model, model_base.BaseModel)} <= base_models_before

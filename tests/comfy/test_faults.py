@@ -130,7 +130,7 @@ def test_unwritable_folder_is_refused_before_training(comfy, loaded, dataset):  
 def test_a_file_that_appears_under_the_name_during_the_run_is_never_overwritten(comfy, loaded, dataset):  # noqa: F811
     """Someone (another run, a copy) creates race.safetensors while step 1 trains: ours becomes race_2."""
     pack = comfy.pack
-    bridge, run = pack.nodes.comfy_bridge, pack.training.run
+    bridge, run = pack.nodes.comfy, pack.training.run
     model, clip, vae = loaded
     intruder = loras(comfy) / "race.safetensors"
 

@@ -31,7 +31,7 @@ def sweep_lines(comfy, summary: str) -> list[dict]:
 
 def test_validation_loss_of_the_same_weights_is_bit_identical(comfy, loaded, dataset):
     pack = comfy.pack
-    bridge = pack.nodes.comfy_bridge
+    bridge = pack.nodes.comfy
     model, clip, vae = loaded
     with torch.inference_mode():
         access = bridge.model_access(model, clip, vae, bridge.check_compatible(model, clip, vae))

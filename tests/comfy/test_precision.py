@@ -63,7 +63,7 @@ def test_precision_trains_every_tensor_of_every_part_in_fp32(comfy, load_in_dtyp
     assert clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers[0].mlp.fc1.weight.dtype == \
         PRECISIONS[precision]
     pack = comfy.pack
-    bridge, run = pack.nodes.comfy_bridge, pack.training.run
+    bridge, run = pack.nodes.comfy, pack.training.run
     name = f"precision_{precision}_{'dora' if use_dora else 'lora'}"
     settings = run.train_settings.TrainSettings(steps=3, batch_size=2, rank=4, alpha=4.0, target="attention_ff",
                                                 use_dora=use_dora, precision=precision, gradient_checkpointing=True,

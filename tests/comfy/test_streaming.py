@@ -69,7 +69,7 @@ def test_streamed_base_bytes_stay_in_the_budget_and_resident_is_refused_with_the
     """The device ledger (counted where the copies are made and where their storage is freed) never
     holds more base weights than the plan allows; resident under the same budget is refused."""
     pack = comfy.pack
-    bridge, run = pack.nodes.comfy_bridge, pack.training.run
+    bridge, run = pack.nodes.comfy, pack.training.run
     model, clip, vae = loaded
     budget = tight_budget_gb(model)
     base = dict(steps=2, batch_size=2, rank=4, alpha=4.0, precision="fp32", lora_name="ledger",

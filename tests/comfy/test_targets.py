@@ -40,13 +40,14 @@ def kohya_count(unet: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("family, known", [("SD15", 192), ("SDXL", 722)])
 def test_kohya_default_is_sd_scripts_default_module_set(comfy, family, known):
-    lora = comfy.pack.training.network.lora
+    targets = comfy.pack.training.network.targets
+    entry = comfy.pack.training.families.table.FAMILIES["sdxl" if family == "SDXL" else "sd1"]
     unet = full_size_unet(family)
-    paths = lora.unet_target_paths(unet, "kohya_default")
+    paths = targets.unet_target_paths(unet, "kohya_default", entry)
     assert len(paths) == kohya_count(unet)
     assert len(paths) == known   # the counts sd-scripts reports for these models (cross-check of the formula)
-    assert set(lora.unet_target_paths(unet, "attention_ff")) < set(paths)
-    extra = set(paths) - set(lora.unet_target_paths(unet, "attention_ff"))
+    assert set(targets.unet_target_paths(unet, "attention_ff", entry)) < set(paths)
+    extra = set(paths) - set(targets.unet_target_paths(unet, "attention_ff", entry))
     assert {path.rsplit(".", 1)[1] for path in extra} == {"proj_in", "proj_out"}
 
 

@@ -382,7 +382,7 @@ def test_file_through_stock_loader_equals_the_model_as_trained(comfy, loaded, da
     latent, context = probe
     model, clip, vae = loaded
     pack = comfy.pack
-    bridge = pack.nodes.comfy_bridge
+    bridge = pack.nodes.comfy
     run = pack.training.run
     settings = run.train_settings.TrainSettings(steps=3, batch_size=2, rank=4, alpha=8.0, target="attention_ff",
                                                 use_dora=use_dora, precision="fp32", gradient_checkpointing=False,

@@ -1,4 +1,5 @@
-"""The family table and the flow-matching sigma samplers (training/families/table.py, training/run/loop.py)."""
+"""The family table, the flow-matching sigma samplers and the target rules (training/families/table.py,
+training/families/sigmas.py, training/network/targets.py, training/run/loop.py)."""
 from __future__ import annotations
 
 import math
@@ -6,28 +7,68 @@ import math
 import pytest
 import torch
 
-from lora_lab.training.families import table as families
-from lora_lab.training.families.table import (FAMILIES, FLUX_TARGETS, check_family_settings, dit_block_of, draw_flow_sigmas,
-                                              flux_resolution_shift, sampling_for, shifted)
+from lora_lab.training.families import sigmas as families
+from lora_lab.training.families.sigmas import (SIGMA_SAMPLERS, TIMESTEP_SAMPLINGS, draw_flow_sigmas,
+                                               flux_resolution_shift, sampling_for, shifted)
+from lora_lab.training.families.table import CONDITIONING_EXTRAS, FAMILIES, FLUX_TARGETS, check_family_settings
+from lora_lab.training.network.targets import TARGETS, dit_block_of
 from lora_lab.training.run import loop
 
 
 def test_every_family_entry_is_complete():
     for key, entry in FAMILIES.items():
-        assert entry.key == key and entry.objective in ("discrete", "flow")
+        assert entry.key == key and entry.objective in ("discrete", "flow") and entry.label
         assert entry.base_model_version and entry.modelspec_architecture and entry.modelspec_implementation
+        assert entry.encoders and entry.clip_loader and entry.sampling in SIGMA_SAMPLERS
+        assert entry.key_style in ("kohya", "diffusers") and entry.unet_key_names in ("ldm", "diffusers")
+        assert set(entry.conditioning) <= set(CONDITIONING_EXTRAS)
+        for text in entry.text_encoders:   # a trained encoder is one the CLIP holds, with its own key prefix
+            assert text.encoder in entry.encoders and text.key_prefix
+            assert entry.text_encoder(text.part) is text
+        assert len({text.key_prefix for text in entry.text_encoders}) == len(entry.text_encoders)
+        assert entry.text_encoders or entry.frozen_text   # which encoders train, or in words which stay frozen
         if entry.flow:
-            assert entry.sampling in ("uniform", "logit_normal", "shift", "flux_shift") and entry.sampling_source
-            assert entry.dit is not None and entry.dit.kohya_default_source and entry.key_style_reason
-            assert entry.frozen_text
+            assert entry.sampling_source and entry.dit is not None and entry.dit.kohya_default_source
+            assert entry.key_style_reason and entry.frozen_text
+        if entry.dit is not None:
+            assert entry.dit.call_order
+            for target in TARGETS:   # every `target` option means something on the DiT
+                assert entry.dit.suffixes(target)
+        else:
+            assert not entry.flow and entry.text_encoders
+
+
+def test_no_runtime_module_outside_the_table_branches_on_a_family_name():
+    """A family is one table entry: code reads its fields, it never asks which family it is. Any
+    quoted family key in a runtime module (training/, nodes/) outside the table and the detection
+    mapping is a branch, a per-family dict or a default that belongs in the entry."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    allowed = {root / "training" / "families" / "table.py", root / "nodes" / "comfy" / "detect.py"}
+    found = []
+    for path in sorted([*(root / "training").rglob("*.py"), *(root / "nodes").rglob("*.py")]):
+        if path in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in FAMILIES:
+                found.append(f"{path.relative_to(root)}:{node.lineno}: {node.value!r}")
+    assert not found, "family names outside the table:\n" + "\n".join(found)
+
+
+def test_every_node_choice_of_timestep_sampling_has_a_sampler():
+    assert set(TIMESTEP_SAMPLINGS) - {"auto"} <= set(SIGMA_SAMPLERS)
+    assert all(entry.sampling in SIGMA_SAMPLERS for entry in FAMILIES.values())
 
 
 def test_auto_sampling_is_the_family_default_and_explicit_choices_win():
-    assert sampling_for("flux", "auto", 3.0) == ("flux_shift", 3.0)
-    assert sampling_for("sd3", "auto", 3.0)[0] == "logit_normal"
-    assert sampling_for("zimage", "auto", 7.0) == ("shift", 3.0)
-    assert sampling_for("zimage", "shift", 7.0) == ("shift", 7.0)
-    assert sampling_for("flux", "uniform", 3.0) == ("uniform", 3.0)
+    flux, sd3, zimage = FAMILIES["flux"], FAMILIES["sd3"], FAMILIES["zimage"]
+    assert sampling_for(flux, "auto", 3.0) == ("flux_shift", 3.0)
+    assert sampling_for(sd3, "auto", 3.0)[0] == "logit_normal"
+    assert sampling_for(zimage, "auto", 7.0) == ("shift", 3.0)
+    assert sampling_for(zimage, "shift", 7.0) == ("shift", 7.0)
+    assert sampling_for(flux, "uniform", 3.0) == ("uniform", 3.0)
 
 
 def test_flux_shift_follows_the_token_count():

@@ -57,15 +57,15 @@ def test_metadata_values_are_strings_with_kohya_conventions():
     assert "ss_unused" not in metadata and json.loads(metadata["lora_lab_settings"]) == {"rank": 16}
 
 
-def test_unet_names_follow_kohya_per_family():
+def test_unet_names_follow_kohya_per_key_style():
     key_map = {"lora_unet_input_blocks_1_1_proj_in": "diffusion_model.input_blocks.1.1.proj_in.weight",
                "lora_unet_down_blocks_0_attentions_0_proj_in": "diffusion_model.input_blocks.1.1.proj_in.weight"}
-    assert kohya.kohya_unet_names(key_map, ["input_blocks.1.1.proj_in"], "sd1") == {
+    assert kohya.kohya_unet_names(key_map, ["input_blocks.1.1.proj_in"], "diffusers") == {
         "input_blocks.1.1.proj_in": "lora_unet_down_blocks_0_attentions_0_proj_in"}
-    assert kohya.kohya_unet_names(key_map, ["input_blocks.1.1.proj_in"], "sdxl") == {
+    assert kohya.kohya_unet_names(key_map, ["input_blocks.1.1.proj_in"], "ldm") == {
         "input_blocks.1.1.proj_in": "lora_unet_input_blocks_1_1_proj_in"}
     with pytest.raises(ValueError, match="no kohya name"):
-        kohya.kohya_unet_names(key_map, ["output_blocks.0.0"], "sd1")
+        kohya.kohya_unet_names(key_map, ["output_blocks.0.0"], "diffusers")
 
 
 def test_weights_beyond_fp16_range_are_saved_in_fp32_not_as_inf():

@@ -7,13 +7,25 @@ import hashlib
 import math
 import random
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ..run.host import ModelAccess
-from ..run.resume import random_state_from_json, random_state_to_json
 from .image_tensors import pil_to_image
+
+if TYPE_CHECKING:   # the run's contract with the host; the data stage only reads its encoders
+    from ..run.host import ModelAccess
+
+def random_state_to_json(rng: random.Random) -> list:
+    """``random.Random.getstate()`` as JSON-ready lists (a resumable feeder's state)."""
+    version, internal, gauss_next = rng.getstate()
+    return [version, list(internal), gauss_next]
+
+
+def random_state_from_json(state: list) -> tuple:
+    version, internal, gauss_next = state
+    return version, tuple(internal), gauss_next
+
 
 def largest_bucket_size(dataset) -> int:
     """Images per epoch (repeats counted) in the fullest bucket: the largest possible batch."""

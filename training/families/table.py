@@ -1,143 +1,61 @@
 """The model families Train LoRA trains: one entry each (ComfyUI-agnostic).
 
-Everything that differs between families lives in FAMILIES: the training objective and its
-timestep/sigma sampler default (with its source), which text encoders can train, which layers each
-`target` option trains, how blocks group for block weights, the file's key style and metadata, and
-preview defaults. The trainer and the bridge read the entry; adding a family (Qwen-Image, Wan) is
-one entry here plus its detection in nodes/comfy_bridge.py.
+Everything that differs between families lives in its `Family` entry: the training objective and
+its sigma sampler default (with its source), the text encoders its CLIP holds and which of them
+train (with their file key prefixes), which layers each `target` option trains and the order its
+blocks run in, how the text conditioning reaches the model, the file's key style and metadata, and
+preview defaults. No runtime module outside this table branches on a family's name: they read the
+entry. Adding a family is one entry here plus one detection line from ComfyUI's model class
+(nodes/comfy/detect.py DETECTION); tests/unit/test_families.py checks both.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import torch
+from ..network.targets import DitTargets
 
-# --------------------------------------------------------------------------------------------
-# Timestep / sigma sampling (flow matching)
-# --------------------------------------------------------------------------------------------
-
-TIMESTEP_SAMPLINGS = ("auto", "uniform", "logit_normal", "shift")
-SIGMA_FLOOR = 1e-3   # flow sigmas are clamped to [SIGMA_FLOOR, 1]: the prediction divides by sigma
-
-
-def shifted(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """The timestep shift of SD3 / Flux (sigma = s t / (1 + (s - 1) t)); s > 1 moves mass to high noise."""
-    return shift * t / (1.0 + (shift - 1.0) * t)
-
-
-def flux_resolution_shift(latent_height: int, latent_width: int) -> float:
-    """Flux's resolution-dependent shift: exp(mu), mu linear in the image token count from 0.5 at 256
-    tokens to 1.15 at 4096 (BFL's flux sampling `get_lin_function`, diffusers' FluxPipeline
-    `calculate_shift`, sd-scripts' `--timestep_sampling flux_shift`); a token is a 2x2 latent patch."""
-    tokens = (latent_height // 2) * (latent_width // 2)
-    mu = 0.5 + (1.15 - 0.5) * (tokens - 256) / (4096 - 256)
-    return math.exp(mu)
-
-
-def draw_flow_sigmas(kind: str, shift: float, batch: int, latent_shape: tuple[int, ...],
-                     generator: torch.Generator) -> torch.Tensor:
-    """`batch` sigmas in [SIGMA_FLOOR, 1] (on the generator's device, fp32).
-
-    uniform: t ~ U(0, 1). logit_normal: t = sigmoid(N(0, 1)) (SD3 paper's rf/lognorm(0, 1)).
-    shift: a logit-normal t shifted by `shift` (sd-scripts' `--timestep_sampling shift`).
-    flux_shift: as shift, with Flux's resolution-dependent value (flux_resolution_shift).
-    """
-    device = generator.device
-    if kind == "uniform":
-        t = torch.rand(batch, generator=generator, device=device)
-    else:
-        t = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
-        if kind == "shift":
-            t = shifted(t, shift)
-        elif kind == "flux_shift":
-            t = shifted(t, flux_resolution_shift(latent_shape[-2], latent_shape[-1]))
-        elif kind != "logit_normal":
-            raise ValueError(f"unknown sigma sampling {kind!r}")
-    return t.float().clamp(SIGMA_FLOOR, 1.0)
-
-
-
-
-# --------------------------------------------------------------------------------------------
-# Which layers train
-# --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class DitTargets:
-    """LoRA targets of a DiT family, as module-path rules relative to ComfyUI's diffusion_model.
+class TextEncoder:
+    """A text encoder whose LoRA can train: the run's part name, the encoder inside ComfyUI's CLIP
+    (cond_stage_model.<encoder>), and the file's key prefix for it."""
 
-    blocks: path prefixes of the transformer blocks, in depth order (block weights group by depth).
-    Per `target` option, the Linear layers whose path (inside a block) ends with one of the suffixes;
-    "all" = every Linear in the blocks.
-    """
-
-    blocks: tuple[str, ...]
-    attention: tuple[str, ...]
-    feed_forward: tuple[str, ...]
-    kohya_default: tuple[str, ...] | str   # suffixes, or "all"
-    kohya_default_source: str = ""
-
-    def suffixes(self, target: str) -> tuple[str, ...] | str:
-        return {"attention": self.attention, "attention_ff": self.attention + self.feed_forward,
-                "all_linear_conv": "all", "kohya_default": self.kohya_default}[target]
+    part: str          # "text_encoder" | "text_encoder_2"
+    encoder: str       # e.g. "clip_l"
+    key_prefix: str    # e.g. "lora_te1_" (kohya) or "text_encoder." (diffusers)
 
 
-def dit_target_paths(diffusion_model: torch.nn.Module, targets: DitTargets, target: str) -> list[str]:
-    """Module paths of the Linear layers `target` trains in a DiT (relative to diffusion_model)."""
-    rule = targets.suffixes(target)
-    paths = []
-    for path, module in diffusion_model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or not path.startswith(targets.blocks):
-            continue
-        if rule == "all" or path.endswith(tuple(rule)):
-            paths.append(path)
-    return paths
+# The conditioning extras a family's model takes beside the text sequence (nodes/comfy/conditioning.py
+# has one function per name): SDXL's size embedding with the pooled text, the pooled text as `y`
+# (Flux, SD3), Lumina 2's token count and padding mask (Z-Image). The guidance input of a
+# guidance-distilled model is `training_guidance`.
+CONDITIONING_EXTRAS = ("size_embedding", "pooled_y", "token_count")
 
-
-def dit_block_of(targets: DitTargets, paths: list[str]) -> dict[str, str]:
-    """Block weights on a DiT: "down" / "mid" / "up" = the first, middle and last third of its
-    transformer blocks in depth order (Flux: the double blocks, then the single blocks)."""
-    blocks: list[str] = []
-    for path in paths:
-        for prefix in targets.blocks:
-            if path.startswith(prefix):
-                index = path[len(prefix):].split(".")[0]
-                block = f"{prefix}{index}"
-                if block not in blocks:
-                    blocks.append(block)
-    order = sorted(blocks, key=lambda block: (next(i for i, prefix in enumerate(targets.blocks)
-                                                    if block.startswith(prefix)), int(block.rsplit(".", 1)[-1])))
-    thirds = {}
-    for position, block in enumerate(order):
-        thirds[block] = ("down", "mid", "up")[min(2, position * 3 // max(1, len(order)))]
-    result = {}
-    for path in paths:
-        for block, group in thirds.items():
-            if path.startswith(block + "."):
-                result[path] = group
-    return result
-
-
-# --------------------------------------------------------------------------------------------
-# The table
-# --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Family:
     key: str
     label: str
     objective: str                          # "discrete" (epsilon / v, ComfyUI's EPS / V_PREDICTION) | "flow" (CONST)
-    sampling: str = "uniform"               # what timestep_sampling "auto" means
+    encoders: tuple[str, ...] = ()          # the encoders the CLIP must hold (cond_stage_model attributes)
+    optional_encoders: tuple[str, ...] = ()  # and may hold
+    clip_loader: str = "the CLIP output of the same Load Checkpoint node as the MODEL"   # how users load it
+    text_encoders: tuple[TextEncoder, ...] = ()   # encoders whose LoRA can train
+    frozen_text: str = ""                   # encoders that always stay frozen, in words (for errors and logs)
+    exact_length_text: bool = False         # an LLM encoder: captions of different lengths run one by one
+    conditioning: tuple[str, ...] = ()      # names of CONDITIONING_EXTRAS
+    sampling: str = "uniform"               # what timestep_sampling "auto" means (families/sigmas.py)
     sampling_shift: float | None = None     # the shift "auto" uses (sampling "shift")
     sampling_source: str = ""
-    text_parts: tuple[str, ...] = ()        # text encoders whose LoRA can train (CLIPs)
-    frozen_text: str = ""                   # encoders that always stay frozen, in words (for errors and logs)
-    dit: DitTargets | None = None           # None: a UNet (training/network/lora.py's TARGETS)
+    dit: DitTargets | None = None           # None: a UNet (training/network/targets.py's TARGETS)
     key_style: str = "kohya"                # "kohya" (lora_unet_/lora_te*_) | "diffusers" (transformer./text_encoder*.)
     key_style_reason: str = ""
+    unet_key_names: str = "ldm"             # kohya stems of the diffusion model: "ldm" / ComfyUI paths | "diffusers"
     base_model_version: str = ""            # kohya's ss_base_model_version
+    kohya_v2: bool = False                  # kohya's ss_v2
     modelspec_architecture: str = ""
+    modelspec_by_prediction: tuple[tuple[str, str], ...] = ()   # (prediction type, architecture) variants
+    modelspec_without_guidance: str = ""    # the architecture when the model has no guidance input (schnell)
     modelspec_implementation: str = ""
     training_guidance: float | None = None  # guidance-distilled models: the guidance input while training
     preview_cfg: float = 7.0
@@ -148,9 +66,23 @@ class Family:
     def flow(self) -> bool:
         return self.objective == "flow"
 
+    @property
+    def text_parts(self) -> tuple[str, ...]:
+        return tuple(text.part for text in self.text_encoders)
+
+    def text_encoder(self, part: str) -> TextEncoder:
+        return next(text for text in self.text_encoders if text.part == part)
+
+    def architecture(self, prediction_type: str, guidance_input: bool) -> str:
+        """The modelspec architecture of the base this run trains (its variant where the entry knows one)."""
+        if self.modelspec_without_guidance and not guidance_input:
+            return self.modelspec_without_guidance
+        return dict(self.modelspec_by_prediction).get(prediction_type, self.modelspec_architecture)
+
 
 FLUX_TARGETS = DitTargets(
     blocks=("double_blocks.", "single_blocks."),
+    call_order=("double_blocks", "single_blocks"),
     attention=("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj",
                # a single block's attention and MLP share its two linears
                "linear1", "linear2"),
@@ -161,6 +93,7 @@ FLUX_TARGETS = DitTargets(
 )
 SD3_TARGETS = DitTargets(
     blocks=("joint_blocks.",),
+    call_order=("joint_blocks",),
     attention=("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj"),
     feed_forward=("mlp.fc1", "mlp.fc2"),
     kohya_default="all",
@@ -169,6 +102,7 @@ SD3_TARGETS = DitTargets(
 )
 ZIMAGE_TARGETS = DitTargets(
     blocks=("layers.", "noise_refiner.", "context_refiner."),
+    call_order=("noise_refiner", "context_refiner", "layers"),
     attention=("attention.qkv", "attention.out"),
     feed_forward=("feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
     kohya_default=("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
@@ -176,31 +110,50 @@ ZIMAGE_TARGETS = DitTargets(
                          "linears of every transformer block (refiners included), adaLN modulation left out",
 )
 
+_SD_IMPLEMENTATION = "diffusers"
+
 FAMILIES: dict[str, Family] = {
-    "sd1": Family("sd1", "SD1.x", "discrete", text_parts=("text_encoder",), base_model_version="sd_v1",
-                  modelspec_architecture="stable-diffusion-v1", modelspec_implementation="diffusers"),
-    "sd2": Family("sd2", "SD2.x", "discrete", text_parts=("text_encoder",), base_model_version="sd_v2",
-                  modelspec_architecture="stable-diffusion-v2-512", modelspec_implementation="diffusers"),
-    "sdxl": Family("sdxl", "SDXL", "discrete", text_parts=("text_encoder", "text_encoder_2"),
+    "sd1": Family("sd1", "SD1.x", "discrete", encoders=("clip_l",),
+                  text_encoders=(TextEncoder("text_encoder", "clip_l", "lora_te_"),),
+                  unet_key_names="diffusers", base_model_version="sd_v1",
+                  modelspec_architecture="stable-diffusion-v1", modelspec_implementation=_SD_IMPLEMENTATION),
+    "sd2": Family("sd2", "SD2.x", "discrete", encoders=("clip_h",),
+                  text_encoders=(TextEncoder("text_encoder", "clip_h", "lora_te_"),),
+                  unet_key_names="diffusers", base_model_version="sd_v2", kohya_v2=True,
+                  modelspec_architecture="stable-diffusion-v2-512",
+                  # SD2's v-prediction models have their own architecture name (sd-scripts' sai_model_spec)
+                  modelspec_by_prediction=(("v_prediction", "stable-diffusion-v2-768-v"),),
+                  modelspec_implementation=_SD_IMPLEMENTATION),
+    "sdxl": Family("sdxl", "SDXL", "discrete", encoders=("clip_l", "clip_g"),
+                   text_encoders=(TextEncoder("text_encoder", "clip_l", "lora_te1_"),
+                                  TextEncoder("text_encoder_2", "clip_g", "lora_te2_")),
+                   conditioning=("size_embedding",),
                    base_model_version="sdxl_base_v1-0", modelspec_architecture="stable-diffusion-xl-v1-base",
                    modelspec_implementation="https://github.com/Stability-AI/generative-models"),
     "flux": Family(
-        "flux", "Flux.1", "flow", sampling="flux_shift",
+        "flux", "Flux.1", "flow", encoders=("clip_l", "t5xxl"), clip_loader="DualCLIPLoader, type flux",
+        frozen_text="CLIP-L and T5-XXL", conditioning=("pooled_y",),
+        sampling="flux_shift",
         sampling_source="Flux's resolution-dependent shift exp(mu), mu 0.5 at 256 to 1.15 at 4096 image tokens, "
                         "over a logit-normal t (sd-scripts --timestep_sampling flux_shift; BFL's sampler)",
-        frozen_text="CLIP-L and T5-XXL", dit=FLUX_TARGETS, key_style="kohya",
+        dit=FLUX_TARGETS, key_style="kohya",
         key_style_reason="sd-scripts' lora_unet_<block path> names: ComfyUI's LoraLoader maps them to the "
                          "model directly and diffusers' FluxLoraLoaderMixin converts every one of them "
                          "(_convert_kohya_flux_lora_to_diffusers)",
-        base_model_version="flux1", modelspec_architecture="flux-1-dev",
+        base_model_version="flux1", modelspec_architecture="flux-1-dev", modelspec_without_guidance="flux-1-schnell",
         modelspec_implementation="https://github.com/black-forest-labs/flux",
         training_guidance=1.0, preview_cfg=1.0, preview_guidance=3.5, preview_steps=20),
     "sd3": Family(
-        "sd3", "SD3 / SD3.5", "flow", sampling="logit_normal",
+        "sd3", "SD3 / SD3.5", "flow", encoders=("clip_l", "clip_g"), optional_encoders=("t5xxl",),
+        clip_loader="TripleCLIPLoader", frozen_text="T5-XXL",
+        # SD3's files use diffusers names (key_style_reason)
+        text_encoders=(TextEncoder("text_encoder", "clip_l", "text_encoder."),
+                       TextEncoder("text_encoder_2", "clip_g", "text_encoder_2.")),
+        conditioning=("pooled_y",),
+        sampling="logit_normal",
         sampling_source="logit-normal t = sigmoid(N(0, 1)): the SD3 paper's rf/lognorm(0.00, 1.00) and "
                         "diffusers' train_dreambooth_lora_sd3 default weighting_scheme",
-        text_parts=("text_encoder", "text_encoder_2"), frozen_text="T5-XXL", dit=SD3_TARGETS,
-        key_style="diffusers",
+        dit=SD3_TARGETS, key_style="diffusers",
         key_style_reason="diffusers' SD3LoraLoaderMixin has no converter for sd-scripts' lora_unet_joint_blocks "
                          "names, while ComfyUI's LoraLoader maps diffusers' transformer.transformer_blocks.N.attn."
                          "to_q/k/v onto the slices of its fused qkv: so the diffusers/peft layout "
@@ -209,10 +162,12 @@ FAMILIES: dict[str, Family] = {
         modelspec_implementation="https://github.com/Stability-AI/sd3.5",
         preview_cfg=5.0, preview_steps=20),
     "zimage": Family(
-        "zimage", "Z-Image", "flow", sampling="shift", sampling_shift=3.0,
+        "zimage", "Z-Image", "flow", encoders=("qwen3_4b",), clip_loader="CLIPLoader, type lumina2",
+        frozen_text="the Qwen3 LLM text encoder", exact_length_text=True, conditioning=("token_count",),
+        sampling="shift", sampling_shift=3.0,
         sampling_source="shift 3.0 over a logit-normal t: the shift ComfyUI's ZImage model samples with "
                         "(supported_models.ZImage sampling_settings) and Z-Image's scheduler config",
-        frozen_text="the Qwen3 LLM text encoder", dit=ZIMAGE_TARGETS, key_style="kohya",
+        dit=ZIMAGE_TARGETS, key_style="kohya",
         key_style_reason="lora_unet_<block path> names: ComfyUI's LoraLoader maps them to the model directly and "
                          "diffusers' ZImageLoraLoaderMixin converts every one (splitting the fused qkv)",
         base_model_version="z_image", modelspec_architecture="z-image-turbo",
@@ -221,12 +176,10 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def sampling_for(family_key: str, timestep_sampling: str, timestep_shift: float) -> tuple[str, float]:
-    """(sampler kind, shift) that a run uses: `auto` is the family's default."""
-    entry = FAMILIES[family_key]
-    if timestep_sampling == "auto":
-        return entry.sampling, entry.sampling_shift if entry.sampling_shift is not None else timestep_shift
-    return timestep_sampling, timestep_shift
+def family_labels(flow: bool | None = None) -> str:
+    """The families' labels in words ("SD1.x, SD2.x, ... or Z-Image"), all or only the flow / discrete ones."""
+    labels = [entry.label for entry in FAMILIES.values() if flow is None or entry.flow == flow]
+    return ", ".join(labels[:-1]) + f" or {labels[-1]}" if len(labels) > 1 else "".join(labels)
 
 
 def check_family_settings(family_key: str, noise_offset: float, min_snr_gamma: float, timestep_sampling: str) -> None:
@@ -242,5 +195,6 @@ def check_family_settings(family_key: str, noise_offset: float, min_snr_gamma: f
                              "corrects the epsilon schedule's bias toward mid brightness, which a flow-matching model "
                              "(trained to reach pure noise) does not have. Set noise_offset to 0.")
     elif timestep_sampling not in ("auto", "uniform"):
-        raise ValueError(f"Train LoRA: timestep_sampling = {timestep_sampling} applies to flow-matching models (Flux, "
-                         f"SD3, Z-Image); {entry.label} samples its 1000 timesteps uniformly. Set auto or uniform.")
+        raise ValueError(f"Train LoRA: timestep_sampling = {timestep_sampling} applies to flow-matching models "
+                         f"({family_labels(flow=True)}); {entry.label} samples its 1000 timesteps uniformly. Set auto "
+                         "or uniform.")

@@ -189,6 +189,7 @@ def find_lr(settings: FinderSettings, access: ModelAccess, dataset, rates: Learn
     callbacks = callbacks or TrainCallbacks()
     swept = rates if rates is not None else LearningRates(learning_rate=1.0, unet_lr=INHERIT, text_encoder_lr=0.0)
     train_settings = settings.train_settings("lr_finder")
+    access = access.with_sampling(train_settings.timestep_sampling, train_settings.timestep_shift)
     schedule = ScheduleSettings(scheduler="constant", warmup=0.0)
     part_rates = part_rates_for(swept, access.family, access.text_encoders)
     check_inputs(train_settings, dataset, part_rates, schedule, access.family, access.device.type)

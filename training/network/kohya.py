@@ -30,22 +30,14 @@ logger = logging.getLogger("lora_lab")
 
 LORA_EXTENSION = ".safetensors"
 
-# Text-encoder key prefix per (model family, part).
-TEXT_ENCODER_PREFIXES = {
-    ("sd1", "text_encoder"): "lora_te_", ("sd2", "text_encoder"): "lora_te_",
-    ("sdxl", "text_encoder"): "lora_te1_", ("sdxl", "text_encoder_2"): "lora_te2_",
-    # SD3's files use diffusers names (training/families/table.py says why)
-    ("sd3", "text_encoder"): "text_encoder.", ("sd3", "text_encoder_2"): "text_encoder_2.",
-}
-
-
-def kohya_unet_names(weight_key_map: Mapping[str, str], module_paths: list[str], family: str) -> dict[str, str]:
+def kohya_unet_names(weight_key_map: Mapping[str, str], module_paths: list[str], style: str) -> dict[str, str]:
     """UNet module path (relative to diffusion_model) -> kohya key stem.
 
     `weight_key_map` is ComfyUI's own LoRA key map (``comfy.lora.model_lora_keys_unet``: kohya stem ->
-    ``diffusion_model.<path>.weight``), so every name we write is one ComfyUI's loader matches. For
-    SD1.x/2.x kohya writes diffusers-style names (``lora_unet_down_blocks_...``); for SDXL, ldm-style
-    names (``lora_unet_input_blocks_...``).
+    ``diffusion_model.<path>.weight``), so every name we write is one ComfyUI's loader matches. `style`
+    is the family entry's ``unet_key_names``: "diffusers" for SD1.x/2.x, whose kohya names are
+    diffusers-style (``lora_unet_down_blocks_...``); "ldm" for SDXL and the DiTs, whose names are their
+    ldm / ComfyUI module paths (``lora_unet_input_blocks_...``).
     """
     by_weight: dict[str, list[str]] = {}
     for stem, weight in weight_key_map.items():
@@ -55,7 +47,7 @@ def kohya_unet_names(weight_key_map: Mapping[str, str], module_paths: list[str],
     for path in module_paths:
         ldm_stem = "lora_unet_" + path.replace(".", "_")
         candidates = by_weight.get(f"diffusion_model.{path}.weight", [])
-        if family not in ("sd1", "sd2"):   # SDXL and the DiT families: ldm / ComfyUI module names
+        if style == "ldm":
             chosen = ldm_stem if ldm_stem in candidates else None
         else:
             diffusers_style = [stem for stem in candidates if stem != ldm_stem]
@@ -67,12 +59,12 @@ def kohya_unet_names(weight_key_map: Mapping[str, str], module_paths: list[str],
 
 
 def kohya_text_names(weight_key_map: Mapping[str, str], root_prefix: str, module_paths: list[str],
-                     family: str, part: str) -> dict[str, str]:
-    """Text-encoder module path (relative to the encoder root, e.g. ``clip_l``) -> kohya key stem.
+                     prefix: str) -> dict[str, str]:
+    """Text-encoder module path (relative to the encoder root, e.g. ``clip_l``) -> key stem starting
+    with `prefix` (the family entry's TextEncoder.key_prefix, e.g. ``lora_te1_``).
 
     `weight_key_map` is ``comfy.lora.model_lora_keys_clip``'s map (stem -> ``clip_l.<path>.weight``).
     """
-    prefix = TEXT_ENCODER_PREFIXES[(family, part)]
     by_weight: dict[str, str] = {}
     for stem, weight in weight_key_map.items():
         if stem.startswith(prefix):
@@ -199,19 +191,16 @@ def fits_dtype(entries: list[tuple[str, dict[str, torch.Tensor]]], dtype: torch.
 
 # ModelSpec (modelspec.*), as sd-scripts writes it for LoRAs (library/sai_model_spec.py).
 MODELSPEC_VERSION = "1.0.1"
-# SD2's v-prediction models have their own architecture name (sd-scripts' sai_model_spec).
-SD2_V_ARCHITECTURE = "stable-diffusion-v2-768-v"
 MODELSPEC_PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v"}   # flow-matching files carry none
 
 
 def modelspec_metadata(family, prediction_type: str, title: str, resolution: int, timestamp: float,
-                       clip_skip: int | None, architecture: str = "") -> dict[str, str]:
-    """The modelspec.* keys of a LoRA: architecture "<base>/lora" (the family's, or `architecture` where
-    the host knows the variant, e.g. flux-1-schnell), implementation, title, resolution, date (ISO,
-    local time, as sd-scripts), prediction type and, with clip skip, the encoder layer."""
-    base = architecture or family.modelspec_architecture
-    if family.key == "sd2" and prediction_type == "v_prediction":
-        base = SD2_V_ARCHITECTURE
+                       clip_skip: int | None, guidance_input: bool = False) -> dict[str, str]:
+    """The modelspec.* keys of a LoRA: architecture "<base>/lora" (the family entry's, or its variant for
+    this prediction type / guidance input, e.g. SD2-v, flux-1-schnell), implementation, title,
+    resolution, date (ISO, local time, as sd-scripts), prediction type and, with clip skip, the
+    encoder layer."""
+    base = family.architecture(prediction_type, guidance_input)
     metadata = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": f"{base}/lora",

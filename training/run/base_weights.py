@@ -94,7 +94,7 @@ def float8_layers(layers: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
 def check_base_weights(settings, access) -> None:
     """Before anything loads: the base_weights option is possible on this host, and DoRA can read every
     base weight it trains over (it needs their row norms). ValueError naming input, value and fix."""
-    from ..network.lora import unet_target_paths
+    from ..network.targets import unet_target_paths
 
     dtype = BASE_WEIGHTS[settings.base_weights]
     if dtype is not None and (access.quantizable_layers is None or access.cast_per_forward is None):
@@ -105,7 +105,7 @@ def check_base_weights(settings, access) -> None:
         return
     quantizable = frozenset(id(layer) for layer in access.quantizable_layers()) \
         if dtype is not None and access.quantizable_layers is not None else frozenset()
-    for path in unet_target_paths(access.unet, settings.target, access.family):
+    for path in unet_target_paths(access.unet, settings.target, access.entry):
         layer = access.unet.get_submodule(path)
         weight = getattr(layer, "weight", None)
         if weight is not None and plain_weight(layer) is None and not callable(getattr(weight, "dequantize", None)):

@@ -1,13 +1,17 @@
-"""The contract between the trainer and the application hosting it (built by nodes/comfy_bridge.py):
+"""The contract between the trainer and the application hosting it (built by nodes/comfy/access.py):
 what the trainer needs from the models (ModelAccess), how it reports (TrainCallbacks) and what it
 returns (TrainingResult). ComfyUI-agnostic: plain torch modules and callables."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ContextManager
 
 import torch
+
+from ..families.sigmas import sampling_for, sigma_sampler
+from ..families.table import FAMILIES, Family
 
 if TYPE_CHECKING:
     from .loop import DiffusionObjective, StepRecord
@@ -15,7 +19,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class ModelAccess:
-    """What the trainer needs from the host application (built by nodes/comfy_bridge.py)."""
+    """What the trainer needs from the host application (built by nodes/comfy/access.py)."""
 
     family: str                                             # a key of training/families/table.FAMILIES
     device: torch.device
@@ -39,10 +43,10 @@ class ModelAccess:
     clip_skip: int | None = None                            # kohya's clip_skip (2 = penultimate layer); None = last
     # The norm the host's LoRA loader divides a dora_scale by (lora.lora_weights): "original" | "updated"
     dora_norm: str = "updated"
-    # Flow matching: (sampler kind, shift) the run draws sigmas with (training/families/table.py), recorded in the file
+    # Flow matching: (sampler kind, shift) the run draws sigmas with (training/families/sigmas.py), recorded in
+    # the file; set by the trainer from the run's settings (with_sampling), never by the host.
     sampling: tuple[str, float] = ("uniform", 0.0)
     training_guidance: float | None = None                  # guidance-distilled models (Flux-dev): the value trained with
-    architecture: str = ""                                  # modelspec architecture where the host knows the variant
     # Entered for the whole run: the host's training switch (ComfyUI 0.33's model_management.in_training,
     # which routes fused kernels without a backward, e.g. comfy_kitchen's RoPE, to plain torch ops).
     training_mode: Callable[[], ContextManager] | None = None
@@ -58,6 +62,19 @@ class ModelAccess:
     # their weight to the compute dtype per forward. None: the host cannot (only as_loaded then).
     quantizable_layers: Callable[[], list[torch.nn.Module]] | None = None
     cast_per_forward: Callable[[list[torch.nn.Module]], ContextManager] | None = None
+
+    @property
+    def entry(self) -> Family:
+        """The family's table entry (training/families/table.py)."""
+        return FAMILIES[self.family]
+
+    def with_sampling(self, timestep_sampling: str, timestep_shift: float) -> ModelAccess:
+        """This access with the run's sigma sampler (flow families; `auto` = the family's default)."""
+        if not self.entry.flow:
+            return self
+        kind, shift = sampling_for(self.entry, timestep_sampling, timestep_shift)
+        objective = dataclasses.replace(self.objective, sigma_sampler=sigma_sampler(kind, shift))
+        return dataclasses.replace(self, sampling=(kind, shift), objective=objective)
 
 
 @dataclass

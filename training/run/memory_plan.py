@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..network.lora import text_target_paths, unet_target_paths
+from ..network.targets import text_target_paths, unet_target_paths
 from .base_weights import BASE_WEIGHTS, bytes_saved
 from .streaming import frozen_bytes
 
@@ -175,7 +175,7 @@ def plan_for_run(settings, access, trained_text: list[str]) -> MemoryPlan:
     roots = [access.unet] + [access.text_encoders[part] for part in trained_text]
     fixed = sum(frozen_bytes(root) - bytes_saved(root, quantized, dtype) for root in roots) - sum(block_sizes)
     targets = [access.unet.get_submodule(path)
-               for path in unet_target_paths(access.unet, settings.target, access.family)]
+               for path in unet_target_paths(access.unet, settings.target, access.entry)]
     for part in trained_text:
         encoder = access.text_encoders[part]
         targets += [encoder.get_submodule(path) for path in text_target_paths(encoder, settings.target)]

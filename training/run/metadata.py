@@ -62,7 +62,7 @@ def kohya_fields(settings: TrainSettings, rates, schedule, dataset, access: Mode
         "ss_num_batches_per_epoch": batches_per_epoch,
         "ss_resolution": f"({dataset.options.resolution}, {dataset.options.resolution})",
         "ss_base_model_version": FAMILIES[family].base_model_version,
-        "ss_v2": family == "sd2",
+        "ss_v2": FAMILIES[family].kohya_v2,
         "ss_clip_skip": access.clip_skip,
         "ss_optimizer": settings.optimizer,
         "ss_seed": settings.training_seed,
@@ -103,6 +103,7 @@ def file_metadata(fields: dict[str, Any], lora_settings: dict[str, Any], tensors
     sshs_* hashes (computed last, over the tensors and ss_* fields, as sd-scripts does)."""
     metadata = kohya.kohya_metadata(fields, lora_settings)
     metadata.update(kohya.modelspec_metadata(FAMILIES[access.family], access.objective.prediction_type, title,
-                                             resolution, started, access.clip_skip, access.architecture))
+                                             resolution, started, access.clip_skip,
+                                             guidance_input=access.training_guidance is not None))
     metadata.update(kohya.safetensors_hashes(tensors, metadata))
     return metadata

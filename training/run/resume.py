@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -205,14 +204,3 @@ def load_state(path: Path) -> ResumeState:
         generators=_join(document["generators"], tensors), scaler=document.get("scaler"),
         weights={name: tensors[f"weight/{name}"] for name in document["weights"]},
         optimizer=_optimizer_from_json(_join(document["optimizer"], tensors)), extra=document.get("extra", {}))
-
-
-def random_state_to_json(rng: random.Random) -> list:
-    """``random.Random.getstate()`` as JSON-ready lists."""
-    version, internal, gauss_next = rng.getstate()
-    return [version, list(internal), gauss_next]
-
-
-def random_state_from_json(state: list) -> tuple:
-    version, internal, gauss_next = state
-    return version, tuple(internal), gauss_next

@@ -8,10 +8,11 @@ from typing import Iterable
 import torch
 
 from ..data.feeder import largest_bucket_size
-from ..families.table import FAMILIES, TIMESTEP_SAMPLINGS, check_family_settings
+from ..families.sigmas import TIMESTEP_SAMPLINGS
+from ..families.table import FAMILIES, check_family_settings
 from ..lr.optimizers import OPTIMIZERS, check_optimizer
 from ..network import kohya
-from ..network.lora import TARGETS
+from ..network.targets import TARGETS
 from ..settings import setting, validate
 from .base_weights import BASE_WEIGHTS
 from .memory_plan import MEMORY_MODES

@@ -18,12 +18,12 @@ from typing import Any, Callable, ContextManager
 import torch
 
 from ..data.feeder import BatchFeeder
-from ..families.table import FAMILIES
 from ..lr.optimizers import TrainedLayer, build_optimizer, build_param_groups
 from ..network import kohya
 from ..network.lora import (InjectedLora, checkpointed_forward, inject_lora, lora_weights,
                             out_of_place_clip_layer_forward, out_of_place_forward, patched_forwards,
-                            text_target_paths, trainable_copies, unet_blocks, unet_target_paths)
+                            trainable_copies)
+from ..network.targets import text_target_paths, unet_blocks, unet_target_paths
 from . import resume
 from .base_weights import BASE_WEIGHTS, check_base_weights, float8_layers, quantized_weights
 from .checkpoints import (capture_progress, load_resume_state, previous_log_lines, restore_run, resume_weights,
@@ -62,6 +62,7 @@ def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, sch
     LoRA layers), prepare (optimizer, cached latents/captions, generators, a resumed state), run (the
     step loop, with periodic saves), and on an exception the interruption policy; detach always.
     """
+    access = access.with_sampling(settings.timestep_sampling, settings.timestep_shift)
     check_base_weights(settings, access)
     memory = plan_memory_of(settings, access, rates)
     with loaded_for(access, memory):
@@ -223,7 +224,7 @@ class Run:
         else:
             stack.enter_context(trainable_copies(*roots, offload_device=access.offload_device))
         stack.enter_context(patched_forwards(forward_patches))
-        unet_paths = unet_target_paths(access.unet, settings.target, access.family)
+        unet_paths = unet_target_paths(access.unet, settings.target, access.entry)
         if plan.part_rates["unet"] > 0:
             self.injected.append(inject_lora(access.unet, "unet", unet_paths, settings.rank, settings.alpha,
                                              settings.use_dora, settings.training_seed))
@@ -248,7 +249,7 @@ class Run:
         the GPU), the generators, and a resumed run's state."""
         plan, settings, access = self.plan, self.plan.settings, self.plan.access
         blocks = unet_blocks([module.path for lora in self.injected if lora.part == "unet" for module in lora.modules],
-                             access.family)
+                             access.entry)
         layers = [TrainedLayer(part=module.part, block=blocks[module.path] if module.part == "unet" else "",
                                down=module.down, up=module.up, magnitude=module.magnitude)
                   for lora in self.injected for module in lora.modules]
@@ -347,7 +348,7 @@ class Run:
                 entries += kohya.file_entries(names[module.path],
                                               lora_weights(module, torch.float32, access.dora_norm))
         tensors = kohya.lora_state_dict(entries, settings.alpha, SAVE_DTYPES[settings.save_precision],
-                                        FAMILIES[access.family].key_style)
+                                        access.entry.key_style)
         conv_trained = any(isinstance(module.layer.get_base_layer(), torch.nn.Conv2d)
                            and tuple(module.layer.get_base_layer().kernel_size) != (1, 1)
                            for lora in self.injected for module in lora.modules)

@@ -1,6 +1,6 @@
 // LoRA Lab: live training chart inside the Train LoRA node.
 // The trainer sends one websocket event per optimizer step, `lora_lab.train_progress`
-// {node, step, total, loss, lr: {part: rate}} (nodes/comfy_bridge.py progress_reporter), with the
+// {node, step, total, loss, lr: {part: rate}} (nodes/comfy/feedback.py progress_reporter), with the
 // rate each part actually got from the optimizer. This file keeps those records per node and draws
 // loss (raw and smoothed) and the rate of every trained part.
 import { app } from "../../scripts/app.js";

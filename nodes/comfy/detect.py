@@ -1,0 +1,97 @@
+"""Which family a MODEL is, and whether MODEL, CLIP and VAE belong together (before any heavy work).
+
+DETECTION is the one place that maps ComfyUI's model classes to the family table
+(training/families/table.py); everything else about a family is read from its entry.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ...training.families.table import FAMILIES, family_labels
+
+
+class Detection(NamedTuple):
+    model_class: str                  # a class of comfy.model_base
+    config: dict                      # unet_config values it must have
+    family: str                       # a key of FAMILIES
+    subclasses: bool = False          # also its subclasses (SDXL's variants)
+
+
+DETECTION: tuple[Detection, ...] = (
+    Detection("SDXL", {}, "sdxl", subclasses=True),
+    Detection("BaseModel", {"context_dim": 768}, "sd1"),
+    Detection("SD21UNCLIP", {"context_dim": 768}, "sd1"),
+    Detection("BaseModel", {"context_dim": 1024}, "sd2"),
+    Detection("SD21UNCLIP", {"context_dim": 1024}, "sd2"),
+    Detection("Flux", {"image_model": "flux"}, "flux"),
+    Detection("SD3", {}, "sd3"),
+    Detection("Lumina2", {"image_model": "lumina2", "dim": 3840}, "zimage"),
+)
+# ComfyUI's model_type names -> the loss's prediction types (training/run/loop.py PREDICTIONS)
+PREDICTION_TYPES = {"EPS": "epsilon", "V_PREDICTION": "v_prediction", "FLUX": "flow", "FLOW": "flow"}
+
+
+def detect_family(base_model) -> str | None:
+    """The first DETECTION row that matches ComfyUI's model object (its class and detected unet_config)."""
+    import comfy.model_base as model_base
+
+    config = base_model.model_config.unet_config
+    for row in DETECTION:
+        model_class = getattr(model_base, row.model_class, None)
+        if model_class is None:
+            continue
+        matches_class = isinstance(base_model, model_class) if row.subclasses else type(base_model) is model_class
+        if matches_class and all(config.get(key) == value for key, value in row.config.items()):
+            return row.family
+    return None
+
+
+def model_family(model) -> str:
+    """A key of FAMILIES for a MODEL, or ValueError for anything this trainer does not support."""
+    family = detect_family(model.model)
+    if family is None:
+        name = type(model.model.model_config).__name__
+        raise ValueError(f"Train LoRA: model is {name}, which this trainer does not support. Load an "
+                         f"{family_labels()} model.")
+    return family
+
+
+def encoders_present(stage) -> list[str]:
+    """The text encoders a CLIP's cond_stage_model holds, among those any family uses."""
+    known = dict.fromkeys(name for entry in FAMILIES.values() for name in entry.encoders + entry.optional_encoders)
+    return [attribute for attribute in known if getattr(stage, attribute, None) is not None]
+
+
+def check_compatible(model, clip, vae) -> str:
+    """Cheap checks that MODEL, CLIP and VAE belong together; returns the family."""
+    if model is None or clip is None or vae is None:
+        raise ValueError("Train LoRA: model, clip and vae must all be connected (from Load Checkpoint, or Load "
+                         "Diffusion Model + the family's CLIP loader + Load VAE).")
+    family = model_family(model)
+    entry = FAMILIES[family]
+    stage = clip.cond_stage_model
+    present = encoders_present(stage)
+    required, optional = entry.encoders, entry.optional_encoders
+    if not set(required) <= set(present) or not set(present) <= set(required) | set(optional):
+        loaders = "; ".join(f"{other.label}: {other.clip_loader}" for other in FAMILIES.values() if other.dit is not None)
+        raise ValueError(f"Train LoRA: clip has text encoder(s) {present or type(stage).__name__} but model is "
+                         f"{entry.label}, which needs {list(required)}{f' (optionally {list(optional)})' if optional else ''}. "
+                         "Connect the CLIP output of the same Load Checkpoint node as the MODEL, or the family's CLIP "
+                         f"loader ({loaders}).")
+    if entry.dit is None:
+        widths = sum(getattr(stage, attribute).transformer.text_model.final_layer_norm.weight.shape[0]
+                     for attribute in present)
+        context = model.model.model_config.unet_config.get("context_dim")
+        if widths != context:
+            raise ValueError(f"Train LoRA: clip produces {widths}-wide text embeddings but model expects "
+                             f"{context}. Connect the CLIP of the same checkpoint as the MODEL.")
+    latent_channels = getattr(vae, "latent_channels", 4)
+    if latent_channels != model.model.model_config.unet_config.get("in_channels", 4):
+        raise ValueError(f"Train LoRA: vae makes {latent_channels}-channel latents but model takes "
+                         f"{model.model.model_config.unet_config.get('in_channels')}. Connect the VAE of the "
+                         "same checkpoint (Flux, SD3 and Z-Image use 16-channel VAEs).")
+    prediction = model.model.model_type.name
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(f"Train LoRA: model predicts {prediction}; only epsilon, v-prediction and flow-matching "
+                         "models can be trained.")
+    return family

@@ -1,0 +1,121 @@
+"""What the user sees while a run trains: ComfyUI's progress bar with chart previews, sample images,
+websocket events, the console bar, and Cancel."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ...training.data.image_tensors import image_to_pil
+from ...training.run.host import ModelAccess
+from ...training.run.loop import StepRecord
+from ...training.run.sampling import PreviewSampler, SamplePrompt
+
+logger = logging.getLogger("lora_lab")
+
+PREVIEW_SECONDS = 3.0
+
+
+def check_cancel() -> None:
+    import comfy.model_management
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def is_cancel(error: BaseException) -> bool:
+    import comfy.model_management
+    return isinstance(error, comfy.model_management.InterruptProcessingException)
+
+
+def progress_reporter(total: int, node_id: str | None, chart: Callable[[list[StepRecord]], Any],
+                      label: str = "Train LoRA") -> Callable[[StepRecord, int], None]:
+    """ComfyUI progress bar (with a chart preview now and then), a websocket event, a console bar."""
+    import comfy.utils
+    from tqdm import tqdm
+
+    bar = comfy.utils.ProgressBar(total)
+    console = tqdm(total=total, desc=label, unit="step", leave=False)
+    records: list[StepRecord] = []
+    last_preview = [time.monotonic()]
+
+    def report(record: StepRecord, steps: int) -> None:
+        records.append(record)
+        done = record.step + 1
+        console.update(1)
+        console.set_postfix(loss=f"{record.loss:.4f}")
+        preview = None
+        # A chart costs ~0.1 s to draw: at most one every PREVIEW_SECONDS (and the last step).
+        if time.monotonic() - last_preview[0] >= PREVIEW_SECONDS or done == steps:
+            last_preview[0] = time.monotonic()
+            try:
+                preview = ("PNG", chart(records), 512)
+            except Exception as error:  # a chart failure must not stop training
+                logger.debug("LoRA Lab: chart preview failed: %s", error)
+        bar.update_absolute(done, steps, preview)
+        send_event("lora_lab.train_progress", {"node": node_id, "step": record.step, "total": steps,
+                                               "loss": record.loss, "lr": record.lr, "val_loss": record.val_loss})
+        if done == steps:
+            console.close()
+
+    return report
+
+
+def sample_previewer(model, vae, access: ModelAccess, prompts: list[SamplePrompt], every_n_steps: int,
+                     total_steps: int, node_id: str | None) -> Callable[[int, Path], None] | None:
+    """Every `every_n_steps` steps, draw the sample prompts with the model being trained, save them as
+    `<run folder>/samples/stepNNNNN_K.png` and show them as the node's progress preview."""
+    import comfy.utils
+
+    if not prompts or every_n_steps <= 0:
+        return None
+    base_model = model.model
+
+    def encode(text: str, width: int, height: int) -> dict:
+        cond = access.encode_captions([text])
+        size = {"original_size": (width, height), "crop_offset": (0, 0), "target_size": (width, height)}
+        conditioning = access.extra_conditioning(cond, [size])
+        if "guidance" in conditioning and access.entry.preview_guidance is not None:
+            # previews of a guidance-distilled model use its usual guidance (ComfyUI's FluxGuidance default)
+            conditioning["guidance"] = torch.full_like(conditioning["guidance"], access.entry.preview_guidance)
+        return conditioning
+
+    def decode(latent: torch.Tensor) -> torch.Tensor:
+        return vae.decode(base_model.process_latent_out(latent.float()).cpu())
+
+    sampler = PreviewSampler(objective=access.objective, encode=encode, decode=decode, device=access.device,
+                             latent_channels=base_model.latent_format.latent_channels, check_cancel=check_cancel)
+
+    def on_sample(done: int, run_dir: Path) -> None:
+        if done % every_n_steps:
+            return
+        folder = run_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        for index, sample in enumerate(prompts):
+            image = sampler(sample)
+            picture = image_to_pil(image[0])
+            path = folder / f"step{done:05d}_{index}.png"
+            picture.save(path)
+            comfy.utils.ProgressBar(total_steps).update_absolute(done, total_steps, ("JPEG", picture, 512))
+            send_event("lora_lab.train_sample", {"node": node_id, "step": done, "index": index,
+                                                 "prompt": sample.prompt, "path": str(path)})
+            logger.info("LoRA Lab: sample at step %d: %s", done, path)
+
+    return on_sample
+
+
+def prompt_server():
+    """ComfyUI's running PromptServer, or None (no server: in-process use, tests, tools)."""
+    try:
+        import server
+    except ImportError:
+        return None
+    return getattr(server.PromptServer, "instance", None)
+
+
+def send_event(event: str, data: dict) -> None:
+    """A custom websocket event, when a PromptServer runs (not in in-process tests)."""
+    instance = prompt_server()
+    if instance is not None:
+        instance.send_sync(event, data, getattr(instance, "client_id", None))

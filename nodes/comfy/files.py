@@ -1,0 +1,56 @@
+"""ComfyUI's folders, and the saved file applied through ComfyUI's own LoRA loading."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def device_type(model) -> str:
+    return torch.device(model.load_device).type
+
+
+def loras_dir() -> Path:
+    import folder_paths
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+def output_dir() -> Path:
+    import folder_paths
+    return Path(folder_paths.get_output_directory())
+
+
+def input_dir() -> Path:
+    import folder_paths
+    return Path(folder_paths.get_input_directory())
+
+
+def apply_lora_file(model, clip, path: Path) -> tuple[Any, Any]:
+    """MODEL and CLIP with the saved file applied through ComfyUI's own LoRA loading."""
+    import comfy.sd
+    import comfy.utils
+
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    return comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+
+
+def dora_norm_of_loader() -> str:
+    """Which norm this ComfyUI's LoRA loader divides a per-output-row ``dora_scale`` by: "original"
+    (|W|: ComfyUI up to at least 0.33) or "updated" (|W + dW|: the DoRA paper, peft, LyCORIS,
+    diffusers; what ComfyUI PR #15458 proposes). Asked of the loader itself on a 2x2 weight, so a
+    ComfyUI that changes the rule gets files written for the new rule."""
+    from comfy.weight_adapter.base import weight_decompose
+
+    weight = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    diff = torch.tensor([[3.0, 4.0], [0.0, 0.0]])     # row 0: |W| = 5, |W + dW| = 10
+    result = weight_decompose(torch.ones(2, 1), weight.clone(), diff.clone(), 1.0, 1.0, torch.float32,
+                              lambda tensor: tensor)
+    row = float(result[0].norm())
+    if abs(row - 2.0) < 1e-4:
+        return "original"
+    if abs(row - 1.0) < 1e-4:
+        return "updated"
+    raise RuntimeError(f"LoRA Lab: this ComfyUI's DoRA loader gives a row norm of {row} on a probe "
+                       "(expected 2 or 1); DoRA files could not be written to load as trained. "
+                       "Please report your ComfyUI version.")

@@ -1,0 +1,78 @@
+"""Flow-matching sigma samplers: one registry, keyed by the `timestep_sampling` choice (ComfyUI-agnostic).
+
+The trainer builds the run's sampler from the setting and the family's default
+(``sampling_for``); the host never sees the setting. Discrete families (SD1.x/2.x/SDXL) draw a
+timestep of their own schedule instead (training/run/loop.py DiffusionObjective).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+SIGMA_FLOOR = 1e-3   # flow sigmas are clamped to [SIGMA_FLOOR, 1]: the prediction divides by sigma
+Sampler = Callable[[int, tuple, torch.Generator], torch.Tensor]   # (batch, latent shape, generator) -> sigmas
+
+
+def shifted(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The timestep shift of SD3 / Flux (sigma = s t / (1 + (s - 1) t)); s > 1 moves mass to high noise."""
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def flux_resolution_shift(latent_height: int, latent_width: int) -> float:
+    """Flux's resolution-dependent shift: exp(mu), mu linear in the image token count from 0.5 at 256
+    tokens to 1.15 at 4096 (BFL's flux sampling `get_lin_function`, diffusers' FluxPipeline
+    `calculate_shift`, sd-scripts' `--timestep_sampling flux_shift`); a token is a 2x2 latent patch."""
+    tokens = (latent_height // 2) * (latent_width // 2)
+    mu = 0.5 + (1.15 - 0.5) * (tokens - 256) / (4096 - 256)
+    return math.exp(mu)
+
+
+def _uniform(batch: int, shift: float, shape: tuple, generator: torch.Generator) -> torch.Tensor:
+    """t ~ U(0, 1)."""
+    return torch.rand(batch, generator=generator, device=generator.device)
+
+
+def _logit_normal(batch: int, shift: float, shape: tuple, generator: torch.Generator) -> torch.Tensor:
+    """t = sigmoid(N(0, 1)): the SD3 paper's rf/lognorm(0, 1)."""
+    return torch.sigmoid(torch.randn(batch, generator=generator, device=generator.device))
+
+
+def _shift(batch: int, shift: float, shape: tuple, generator: torch.Generator) -> torch.Tensor:
+    """A logit-normal t shifted by `shift` (sd-scripts' `--timestep_sampling shift`)."""
+    return shifted(_logit_normal(batch, shift, shape, generator), shift)
+
+
+def _flux_shift(batch: int, shift: float, shape: tuple, generator: torch.Generator) -> torch.Tensor:
+    """As shift, with Flux's resolution-dependent value (flux_resolution_shift)."""
+    return shifted(_logit_normal(batch, shift, shape, generator), flux_resolution_shift(shape[-2], shape[-1]))
+
+
+SIGMA_SAMPLERS: dict[str, Callable[[int, float, tuple, torch.Generator], torch.Tensor]] = {
+    "uniform": _uniform, "logit_normal": _logit_normal, "shift": _shift, "flux_shift": _flux_shift,
+}
+# The node's choices (a public API: append only); "auto" is the family's default, flux_shift is only a default.
+TIMESTEP_SAMPLINGS = ("auto", "uniform", "logit_normal", "shift")
+
+
+def draw_flow_sigmas(kind: str, shift: float, batch: int, latent_shape: tuple[int, ...],
+                     generator: torch.Generator) -> torch.Tensor:
+    """`batch` sigmas in [SIGMA_FLOOR, 1] (on the generator's device, fp32), drawn by SIGMA_SAMPLERS[kind]."""
+    if kind not in SIGMA_SAMPLERS:
+        raise ValueError(f"unknown sigma sampling {kind!r}; known: {', '.join(SIGMA_SAMPLERS)}")
+    return SIGMA_SAMPLERS[kind](batch, shift, latent_shape, generator).float().clamp(SIGMA_FLOOR, 1.0)
+
+
+def sampling_for(entry, timestep_sampling: str, timestep_shift: float) -> tuple[str, float]:
+    """(sampler kind, shift) that a run of this family entry uses: `auto` is the family's default."""
+    if timestep_sampling == "auto":
+        return entry.sampling, entry.sampling_shift if entry.sampling_shift is not None else timestep_shift
+    return timestep_sampling, timestep_shift
+
+
+def sigma_sampler(kind: str, shift: float) -> Sampler:
+    """The run's sampler: (batch, latent shape, generator) -> sigmas."""
+    if kind not in SIGMA_SAMPLERS:
+        raise ValueError(f"unknown sigma sampling {kind!r}; known: {', '.join(SIGMA_SAMPLERS)}")
+    return lambda batch, shape, generator: draw_flow_sigmas(kind, shift, batch, shape, generator)
