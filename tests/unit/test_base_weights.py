@@ -53,3 +53,25 @@ def test_out_of_range_values_saturate_instead_of_becoming_nan():
     weight = torch.tensor([1000.0, -1000.0, 0.5])
     rounded = to_float8(weight, torch.float8_e4m3fn).float()
     assert torch.equal(rounded, torch.tensor([448.0, -448.0, 0.5]))
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_lora_layers_over_fp8_weights_are_made_in_fp32(use_dora):
+    """peft would make A and B in the base weight's dtype (fp8: A's initial values rounded to 3 mantissa
+    bits) and cannot take DoRA's norms of an fp8 weight on the CPU; over fp8 the LoRA starts exactly as
+    over the full-precision weight, and DoRA's magnitude is the fp8 weight's row norms."""
+    from lora_lab.training.network.lora import inject_lora
+
+    full = torch.nn.Sequential(torch.nn.Linear(8, 16))
+    rounded = torch.nn.Sequential(torch.nn.Linear(8, 16))
+    rounded[0].weight.data = full[0].weight.data.to(torch.float8_e4m3fn)
+    over_full = inject_lora(full, "unet", ["0"], rank=4, alpha=4.0, use_dora=use_dora, init_seed=3)
+    over_fp8 = inject_lora(rounded, "unet", ["0"], rank=4, alpha=4.0, use_dora=use_dora, init_seed=3)
+    (full_layer,), (fp8_layer,) = over_full.modules, over_fp8.modules
+    assert all(parameter.dtype == torch.float32 for parameter in over_fp8.parameters())
+    assert torch.equal(fp8_layer.down, full_layer.down) and torch.equal(fp8_layer.up, full_layer.up)
+    if use_dora:
+        expected = rounded[0].base_layer.weight.float().norm(dim=1)
+        assert torch.allclose(fp8_layer.magnitude.detach(), expected)
+    over_fp8.remove()
+    assert rounded[0].weight.dtype == torch.float8_e4m3fn and isinstance(rounded[0], torch.nn.Linear)
