@@ -196,7 +196,7 @@ def find_lr(settings: FinderSettings, access: ModelAccess, dataset, rates: Learn
     base = sweep_base(part_rates)
     run_dir = free_run_dir(output_dir / "lora_lab" / "lr_finder")
     run_dir.mkdir(parents=True)
-    check_base_weights(train_settings, access)
+    check_base_weights(train_settings, access, "LR Finder")
     memory = plan_memory_of(train_settings, access, swept)
     plan = RunPlan(settings=train_settings, access=access, dataset=dataset, rates=swept, schedule=schedule,
                    loras_dir=run_dir, output_dir=output_dir, started=0.0, part_rates=part_rates,

@@ -91,14 +91,14 @@ def float8_layers(layers: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
             and is_float8(max(stored_tensors(layer.weight), key=torch.Tensor.numel).dtype)]
 
 
-def check_base_weights(settings, access) -> None:
+def check_base_weights(settings, access, node: str = "Train LoRA") -> None:
     """Before anything loads: the base_weights option is possible on this host, and DoRA can read every
     base weight it trains over (it needs their row norms). ValueError naming input, value and fix."""
     from ..network.targets import unet_target_paths
 
     dtype = BASE_WEIGHTS[settings.base_weights]
     if dtype is not None and (access.quantizable_layers is None or access.cast_per_forward is None):
-        raise ValueError(f"Train LoRA: base_weights = {settings.base_weights!r} needs a host that casts weights per "
+        raise ValueError(f"{node}: base_weights = {settings.base_weights!r} needs a host that casts weights per "
                          "layer (ComfyUI's ops); this one cannot. Set base_weights to as_loaded, or load the model "
                          "with an fp8 weight_dtype (Load Diffusion Model).")
     if not settings.use_dora:
@@ -109,7 +109,7 @@ def check_base_weights(settings, access) -> None:
         layer = access.unet.get_submodule(path)
         weight = getattr(layer, "weight", None)
         if weight is not None and plain_weight(layer) is None and not callable(getattr(weight, "dequantize", None)):
-            raise ValueError(f"Train LoRA: use_dora = True, but the model's weights are stored as "
+            raise ValueError(f"{node}: use_dora = True, but the model's weights are stored as "
                              f"{type(weight).__name__} (e.g. {path}), a format with no way to read its values "
                              "(no dequantize()), and DoRA needs them for its norms. Set use_dora to False (plain LoRA "
                              "trains on this model), or load an unquantized (bf16/fp16) or fp8 file of the model.")
@@ -117,7 +117,7 @@ def check_base_weights(settings, access) -> None:
         if fp8 and weight.dim() > 2:
             where = ("as loaded" if is_float8(weight.dtype)
                      else f"with base_weights = {settings.base_weights!r}")
-            raise ValueError(f"Train LoRA: use_dora = True with target = {settings.target!r} puts DoRA on convolutions "
+            raise ValueError(f"{node}: use_dora = True with target = {settings.target!r} puts DoRA on convolutions "
                              f"(e.g. {path}) whose weights are fp8 {where}; DoRA on a convolution needs its weight in "
                              "the compute dtype. Set base_weights to as_loaded (and load the model in bf16/fp16), "
                              "choose a target without convolutions (attention or attention_ff), or set use_dora to "
