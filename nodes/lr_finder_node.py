@@ -10,7 +10,6 @@ from ..training.lr.finder import FinderSettings, SweepRecord, find_lr, summary
 from ..training.run.host import TrainCallbacks
 from ..training.run.loop import StepRecord
 from ..training.run.train_settings import TEXT_PARTS, part_rates_for
-from ..training.settings import specs
 from . import comfy
 from .widgets import TRAINING_SOCKETS, widgets
 
@@ -53,7 +52,7 @@ class LRFinderNode:
         }
 
     def find(self, model, clip, vae, dataset, learning_rates=None, unique_id=None, **values):
-        settings = FinderSettings(**{name: values[name] for name in specs(FinderSettings) if name in values})
+        settings = FinderSettings.from_values(values)
         family = comfy.check_compatible(model, clip, vae)
         train_text = learning_rates is not None and any(
             part_rates_for(learning_rates, family)[part] > 0 for part in TEXT_PARTS)

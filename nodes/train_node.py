@@ -52,8 +52,8 @@ class TrainNode:
         }
 
     def train(self, model, clip, vae, dataset, learning_rates, lr_schedule, unique_id=None, **values):
-        settings = TrainSettings(**{name: values[name] for name in specs(TrainSettings) if name in values})
-        options = RunOptions(**{name: values[name] for name in specs(RunOptions) if name in values})
+        settings = TrainSettings.from_values(values, others=specs(RunOptions))
+        options = RunOptions.from_values(values, others=specs(TrainSettings))
         family = comfy.check_compatible(model, clip, vae)
         part_rates = part_rates_for(learning_rates, family)
         entry = FAMILIES[family]

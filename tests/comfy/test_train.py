@@ -58,11 +58,11 @@ def dataset(comfy):
 
 
 def rates(comfy, **values):
-    return comfy.pack.training.lr.rates.rates_from_values(values)
+    return comfy.pack.training.lr.rates.LearningRates.from_values(values)
 
 
 def schedule(comfy, **values):
-    return comfy.pack.training.lr.schedules.settings_from_values({"scheduler": "constant", "warmup": 0.0, **values})
+    return comfy.pack.training.lr.schedules.ScheduleSettings.from_values({"scheduler": "constant", "warmup": 0.0, **values})
 
 
 def train(comfy, loaded, dataset, learning_rates, lr_schedule, **widgets):

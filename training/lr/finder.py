@@ -29,7 +29,7 @@ from ..run.host import ModelAccess, TrainCallbacks
 from ..run.loop import StepRecord, TrainingDiverged
 from ..run.train_settings import TEXT_PARTS, TrainSettings, check_inputs, part_rates_for
 from ..run.trainer import Run, RunPlan, loaded_for, plan_memory_of
-from ..settings import SettingError, setting, setting_like, validate
+from ..settings import NodeSettings, SettingError, setting, setting_like, validate
 from .rates import INHERIT, LearningRates
 from .schedules import ScheduleSettings
 
@@ -44,8 +44,10 @@ SMOOTHING_WINDOW = 3             # points in the centred moving average of the v
 
 
 @dataclass(frozen=True)
-class FinderSettings:
+class FinderSettings(NodeSettings):
     """The LR Finder node's widgets; the LoRA ones are Train LoRA's (same choices and defaults)."""
+
+    TITLE = "LR Finder"
 
     min_lr: float = setting(1e-6, "Lowest rate of the sweep (the first step).", min=1e-9, max=10.0, step=1e-7,
                             round=False)
@@ -65,7 +67,7 @@ class FinderSettings:
     vram_budget_gb: float = setting_like(TrainSettings, "vram_budget_gb")
 
     def __post_init__(self) -> None:
-        validate(self, "LR Finder")
+        validate(self, self.TITLE)
         if self.min_lr >= self.max_lr:
             raise SettingError(f"LR Finder: min_lr = {self.min_lr:g} must be below max_lr = {self.max_lr:g} "
                                "(e.g. 1e-6 and 1e-2).")
