@@ -152,7 +152,9 @@ def part_rates_for(rates, family: str, text_parts: Iterable[str] | None = None) 
 
 def check_inputs(settings: TrainSettings, dataset, part_rates: dict[str, float], schedule, access_family: str,
                  device_type: str) -> None:
-    """Every check that needs no heavy work; raises ValueError naming input, value and fix."""
+    """The checks of a run's settings, dataset, rates and schedule that need no model loaded; raises
+    ValueError naming input, value and fix. Called by check_run (training/run/plan.py), the one place
+    a run's inputs are checked."""
     if dataset is None or not getattr(dataset, "samples", None):
         raise ValueError("Train LoRA: dataset has no images. Point the LoRA Dataset node at a folder with "
                          "images (or feed it an IMAGE batch).")
