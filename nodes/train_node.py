@@ -26,12 +26,14 @@ class TrainNode:
     CATEGORY = "LoRA Lab"
     DESCRIPTION = ("Trains a LoRA (UNet and, when their rate is above 0, the text encoders) on a LoRA Dataset, "
                    "writes it to models/loras in kohya format, and returns the MODEL/CLIP with it applied.")
-    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE")
-    RETURN_NAMES = ("model", "clip", "lora_name", "chart")
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE", "STRING")
+    RETURN_NAMES = ("model", "clip", "lora_name", "chart", "summary")
     OUTPUT_TOOLTIPS = ("The input model with the trained LoRA file applied (through ComfyUI's LoRA loader).",
                        "The input CLIP with the LoRA file applied (unchanged when the text encoder was frozen).",
                        "The file name as LoraLoader lists it.",
-                       "Loss, smoothed loss and the learning rate applied to each part per step.")
+                       "Loss, smoothed loss and the learning rate applied to each part per step.",
+                       "The file name; steps, time and final loss; the memory plan (what stayed on the GPU, "
+                       "what streamed, the estimated peak).")
     FUNCTION = "train"
     OUTPUT_NODE = True
 
@@ -68,7 +70,7 @@ class TrainNode:
         chart = pil_to_image(training_chart(result.records, title=f"Train LoRA: {name}"))
         logger.info("LoRA Lab: trained %s in %.1f s (%d steps, final loss %.4f)", name, result.seconds, settings.steps,
                     result.records[-1].loss)
-        return {"ui": {"text": [name]}, "result": (trained_model, trained_clip, name, chart)}
+        return {"ui": {"text": [name]}, "result": (trained_model, trained_clip, name, chart, result.summary(name))}
 
     @staticmethod
     def _run(model, clip, vae, inputs, sample_prompts, sample_every_n_steps, unique_id):

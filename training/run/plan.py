@@ -149,7 +149,8 @@ def plan_run(inputs: RunInputs, access: ModelAccess, loras_dir: Path, output_dir
         lora_settings["resumed_from"] = {"state": str(resumed.path), "step": resumed.step}
     if memory is not None:
         lora_settings["memory_plan"] = memory.as_dict()
-        # log.jsonl stays one line per optimizer step (its readers count them): the plan sits beside it.
+        # The first step's line in log.jsonl carries the plan too (the loop adds it); the file beside it
+        # holds the plan of the latest start, a resumed one included.
         text = json.dumps(memory.as_dict(), indent=1)
         resume.write_atomically(run_dir / "memory_plan.json",
                                 lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))

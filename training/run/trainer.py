@@ -226,7 +226,8 @@ class Run:
             validate = self.validation.every(settings.validate_every_n_steps, settings.steps)
         return run_loop(self.loop_settings, self.optimizer, plan.access.objective, self.feeder, multiplier,
                         self.generator, plan.log_path, on_step=self._after_step,
-                        check_cancel=self.callbacks.check_cancel, scaler=self.scaler, validate=validate)
+                        check_cancel=self.callbacks.check_cancel, scaler=self.scaler, validate=validate,
+                        memory=plan.memory.as_record() if plan.memory is not None else None)
 
     def _after_step(self, record: StepRecord, total: int) -> None:
         settings = self.plan.settings
