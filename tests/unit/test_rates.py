@@ -58,7 +58,7 @@ def test_part_curves_follow_the_schedule():
     assert curves["unet"] == pytest.approx([1e-4 * value for value in multipliers])
 
 
-def test_rates_from_values_defaults_and_types():
+def test_rates_from_values_takes_defaults_and_converts_numbers():
     assert LearningRates.from_values({}) == LearningRates()
     assert LearningRates.from_values({"learning_rate": "0.001"}).learning_rate == 0.001
     with pytest.raises(ValueError, match="UNet/TE Learning Rates: learning_rate = 'fast' must be a number"):
