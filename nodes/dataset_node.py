@@ -7,7 +7,6 @@ from ..training.data.dataset import (DatasetError, DatasetOptions, accepted_exte
                                      build_folder_dataset, build_image_dataset, folder_fingerprint,
                                      preview_grid, summarize)
 from ..training.data.image_tensors import pil_to_image
-from ..training.settings import specs
 from . import comfy
 from .widgets import widgets
 
@@ -18,16 +17,6 @@ def resolve_folder(folder: str) -> Path:
     if not path.is_absolute():
         path = comfy.input_dir() / path
     return path
-
-
-def options_from_values(values: dict) -> DatasetOptions:
-    """DatasetOptions from widget values (coerced to each field's type); missing ones (linked widgets)
-    take the defaults."""
-    present = {}
-    for name, (default, _) in specs(DatasetOptions).items():
-        if values.get(name) is not None:
-            present[name] = type(default)(values[name]) if isinstance(default, (bool, int, float)) else values[name]
-    return DatasetOptions(**present)
 
 
 def check_folder(folder: str) -> Path:
@@ -90,7 +79,7 @@ class DatasetNode:
         return folder_fingerprint(resolve_folder(folder))
 
     def build(self, folder, images=None, captions="", **values):
-        options = options_from_values(values)
+        options = DatasetOptions.from_values(values)
         has_folder = bool(folder and folder.strip())
         if images is not None and has_folder:
             raise DatasetError(f"both folder ({folder!r}) and images are given: clear folder to train on the "

@@ -6,11 +6,8 @@ import logging
 
 from ..training.data.image_tensors import pil_to_image
 from ..training.lr.charts import sweep_chart
-from ..training.lr.finder import FinderSettings, SweepRecord, find_lr, summary
+from ..training.lr.finder import FinderSettings, check_sweep, summary, sweep
 from ..training.run.host import TrainCallbacks
-from ..training.run.loop import StepRecord
-from ..training.run.train_settings import TEXT_PARTS, part_rates_for
-from ..training.settings import specs
 from . import comfy
 from .widgets import TRAINING_SOCKETS, widgets
 
@@ -53,21 +50,19 @@ class LRFinderNode:
         }
 
     def find(self, model, clip, vae, dataset, learning_rates=None, unique_id=None, **values):
-        settings = FinderSettings(**{name: values[name] for name in specs(FinderSettings) if name in values})
+        settings = FinderSettings.from_values(values)
         family = comfy.check_compatible(model, clip, vae)
-        train_text = learning_rates is not None and any(
-            part_rates_for(learning_rates, family)[part] > 0 for part in TEXT_PARTS)
+        # Every check before a model loads: a bad input fails here, with the trainer's message.
+        inputs = check_sweep(settings, dataset, learning_rates, family, comfy.device_type(model))
+        train_text = bool(inputs.trained_text)
         with comfy.training_models(model, clip, train_text, settings.memory) as (train_model, train_clip):
             access = comfy.model_access(train_model, train_clip, vae, family)
-            report = comfy.progress_reporter(
-                settings.steps, unique_id, lambda records: sweep_chart([SweepRecord(record.step, record.lr["unet"], record.loss, record.val_loss)
-                                             for record in records]), label="LR Finder")
-            on_record = lambda record, total: report(  # noqa: E731
-                StepRecord(step=record.step, loss=record.loss, lr={"unet": record.lr}, val_loss=record.val_loss), total)
-            result = find_lr(settings, access, dataset, learning_rates, comfy.output_dir(),
-                             TrainCallbacks(check_cancel=comfy.check_cancel), on_record=on_record)
-        chart = sweep_chart(result.records, result.curve, result.suggested_lr, result.min_loss_lr, result.steepest_lr,
-                            title=f"LR Finder: suggested {result.suggested_lr:.3g}")
+            report = comfy.progress_reporter(settings.steps, unique_id,
+                                             lambda records: sweep_chart(records, settings.rate), label="LR Finder")
+            result = sweep(settings, inputs, access, comfy.output_dir(),
+                           TrainCallbacks(check_cancel=comfy.check_cancel), on_record=report)
+        chart = sweep_chart(result.records, settings.rate, result.curve, result.suggested_lr, result.min_loss_lr,
+                            result.steepest_lr, title=f"LR Finder: suggested {result.suggested_lr:.3g}")
         text = summary(result, settings)
         logger.info("LoRA Lab: %s", text.replace("\n", "; "))
         return {"ui": {"text": [text]},

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..training.data.image_tensors import pil_to_image
 from ..training.lr.charts import rates_chart
-from ..training.lr.rates import LearningRates, rates_from_values
+from ..training.lr.rates import LearningRates
 from ..training.lr.schedules import ScheduleSettings
 from .widgets import widgets
 
@@ -34,18 +34,16 @@ class LearningRatesNode:
     def VALIDATE_INPUTS(cls, learning_rate, unet_lr, text_encoder_lr, text_encoder_2_lr, lora_plus_ratio,
                         unet_block_weights):
         try:
-            rates_from_values(dict(learning_rate=learning_rate, unet_lr=unet_lr, text_encoder_lr=text_encoder_lr,
-                                   text_encoder_2_lr=text_encoder_2_lr, lora_plus_ratio=lora_plus_ratio,
-                                   unet_block_weights=unet_block_weights))
+            LearningRates.from_values(dict(
+                learning_rate=learning_rate, unet_lr=unet_lr, text_encoder_lr=text_encoder_lr,
+                text_encoder_2_lr=text_encoder_2_lr, lora_plus_ratio=lora_plus_ratio,
+                unet_block_weights=unet_block_weights))
         except ValueError as error:
             return str(error)
         return True
 
-    def build(self, learning_rate, unet_lr, text_encoder_lr, text_encoder_2_lr, lora_plus_ratio, unet_block_weights,
-              lr_schedule: ScheduleSettings | None = None):
-        rates = LearningRates(learning_rate=float(learning_rate), unet_lr=float(unet_lr),
-                              text_encoder_lr=float(text_encoder_lr), text_encoder_2_lr=float(text_encoder_2_lr),
-                              lora_plus_ratio=float(lora_plus_ratio), unet_block_weights=unet_block_weights)
+    def build(self, lr_schedule: ScheduleSettings | None = None, **values):
+        rates = LearningRates.from_values(values)
         schedule = lr_schedule if lr_schedule is not None else ScheduleSettings(scheduler="constant", warmup=0.0)
         chart = rates_chart(rates, schedule, schedule.preview_steps)
         return (rates, rates.summary(), pil_to_image(chart))

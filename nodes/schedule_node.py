@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..training.data.image_tensors import pil_to_image
 from ..training.lr.charts import schedule_chart
-from ..training.lr.schedules import ScheduleSettings, settings_from_values
+from ..training.lr.schedules import ScheduleSettings
 from .widgets import widgets
 
 
@@ -27,7 +27,7 @@ class LRScheduleNode:
     def VALIDATE_INPUTS(cls, scheduler, warmup, warmup_unit, num_cycles, power, min_lr_ratio, decay_ratio,
                         step_rules, preview_steps):
         try:
-            settings = settings_from_values(dict(
+            settings = ScheduleSettings.from_values(dict(
                 scheduler=scheduler, warmup=warmup, warmup_unit=warmup_unit, num_cycles=num_cycles, power=power,
                 min_lr_ratio=min_lr_ratio, decay_ratio=decay_ratio, step_rules=step_rules,
                 preview_steps=preview_steps))
@@ -36,11 +36,7 @@ class LRScheduleNode:
             return str(error)
         return True
 
-    def build(self, scheduler, warmup, warmup_unit, num_cycles, power, min_lr_ratio, decay_ratio, step_rules,
-              preview_steps):
-        settings = ScheduleSettings(scheduler=scheduler, warmup=float(warmup), warmup_unit=warmup_unit,
-                                    num_cycles=int(num_cycles), power=float(power), min_lr_ratio=float(min_lr_ratio),
-                                    decay_ratio=float(decay_ratio), step_rules=step_rules,
-                                    preview_steps=int(preview_steps))
+    def build(self, **values):
+        settings = ScheduleSettings.from_values(values)
         settings.check_total(settings.preview_steps)
         return (settings, pil_to_image(schedule_chart(settings, settings.preview_steps)))

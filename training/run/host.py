@@ -82,6 +82,15 @@ class TrainingResult:
     memory: str = ""                                            # the memory plan, in words
     device_peak: int = 0                                        # base-weight bytes on the device at most (ledger)
 
+    def summary(self, name: str) -> str:
+        """A few lines for people: the file as LoraLoader lists it (`name`), steps, time and final loss,
+        and the memory plan."""
+        lines = [f"LoRA: {name}",
+                 f"{self.records[-1].step + 1} steps in {self.seconds:.1f} s, final loss {self.records[-1].loss:.4f}"]
+        if self.memory:
+            lines.append(f"Memory: {self.memory}")
+        return "\n".join(lines)
+
 
 @dataclass
 class TrainCallbacks:

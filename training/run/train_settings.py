@@ -13,7 +13,7 @@ from ..families.table import FAMILIES, check_family_settings
 from ..lr.optimizers import OPTIMIZERS, check_optimizer
 from ..network import kohya
 from ..network.targets import TARGETS
-from ..settings import setting, validate
+from ..settings import NodeSettings, setting, validate
 from .memory_plan import MEMORY_MODES
 
 TEXT_PARTS = ("text_encoder", "text_encoder_2")
@@ -33,9 +33,11 @@ def _lora_name_problem(name: str) -> None:
 
 
 @dataclass(frozen=True)
-class TrainSettings:
+class TrainSettings(NodeSettings):
     """The Train LoRA node's widgets: each field is the one source of its default, range and help
     (the node's INPUT_TYPES and the README's reference are generated from it)."""
+
+    TITLE = "Train LoRA"
 
     steps: int = setting(1000, "Optimizer updates. One step = batch_size x gradient_accumulation images.",
                          min=1, max=1_000_000)
@@ -107,12 +109,14 @@ class TrainSettings:
                                          "to leave room for other programs.", min=0.0, max=1024.0, step=0.1)
 
     def __post_init__(self) -> None:
-        validate(self, "Train LoRA")
+        validate(self, self.TITLE)
 
 
 @dataclass(frozen=True)
-class RunOptions:
+class RunOptions(NodeSettings):
     """Train LoRA's optional inputs that are not training settings: previews and resume."""
+
+    TITLE = "Train LoRA"
 
     sample_prompt: str = setting("", (
         "Preview prompts drawn with the model being trained, one per line, kohya options allowed: "
@@ -128,7 +132,7 @@ class RunOptions:
         "vram_budget_gb may change); the result equals an uninterrupted run. Empty = start a new run."))
 
     def __post_init__(self) -> None:
-        validate(self, "Train LoRA")
+        validate(self, self.TITLE)
 
 
 def part_rates_for(rates, family: str, text_parts: Iterable[str] | None = None) -> dict[str, float]:
@@ -148,7 +152,9 @@ def part_rates_for(rates, family: str, text_parts: Iterable[str] | None = None) 
 
 def check_inputs(settings: TrainSettings, dataset, part_rates: dict[str, float], schedule, access_family: str,
                  device_type: str) -> None:
-    """Every check that needs no heavy work; raises ValueError naming input, value and fix."""
+    """The checks of a run's settings, dataset, rates and schedule that need no model loaded; raises
+    ValueError naming input, value and fix. Called by check_run (training/run/plan.py), the one place
+    a run's inputs are checked."""
     if dataset is None or not getattr(dataset, "samples", None):
         raise ValueError("Train LoRA: dataset has no images. Point the LoRA Dataset node at a folder with "
                          "images (or feed it an IMAGE batch).")
