@@ -6,7 +6,7 @@ A settings dataclass declares each node widget once, peft-style::
 
 derives from :class:`NodeSettings` (its ``TITLE`` starts every error; ``from_values`` is the one way
 from a node's widget values to the settings) and calls :func:`validate` in ``__post_init__``. From the same fields the node builds its
-``INPUT_TYPES`` (nodes/widgets.py) and the README's node reference is generated
+V3 schema inputs (nodes/widgets.py) and the README's node reference is generated
 (scripts/update_generated_files.py writes it, tests/unit/test_generated_files.py checks it is
 current), so a default, a range or a tooltip is written in exactly one place. ComfyUI-agnostic:
 the specs are plain data.

@@ -19,8 +19,8 @@ def find(comfy, loaded, dataset, learning_rates=None, **widgets):
                   training_seed=0)
     values.update(widgets)
     with torch.inference_mode():
-        output = comfy.node_class("LoRALabLRFinder")().find(model=model, clip=clip, vae=vae, dataset=dataset,
-                                                             learning_rates=learning_rates, **values)
+        output = comfy.call_node("LoRALabLRFinder", model=model, clip=clip, vae=vae, dataset=dataset,
+                                 learning_rates=learning_rates, **values)
     return output["result"]
 
 

@@ -82,7 +82,7 @@ def train_outputs(comfy, loaded, dataset, learning_rates, lr_schedule, **widgets
                     gradient_checkpointing=False, lora_name="test_lora")
     defaults.update(widgets)
     with torch.inference_mode():
-        output = comfy.node_class("LoRALabTrain")().train(
+        output = comfy.call_node("LoRALabTrain",
             model=widgets.pop("model", model), clip=widgets.pop("clip", clip), vae=vae, dataset=dataset,
             learning_rates=learning_rates, lr_schedule=lr_schedule,
             **{key: value for key, value in defaults.items() if key not in ("model", "clip")})

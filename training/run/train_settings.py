@@ -35,7 +35,7 @@ def _lora_name_problem(name: str) -> None:
 @dataclass(frozen=True)
 class TrainSettings(NodeSettings):
     """The Train LoRA node's widgets: each field is the one source of its default, range and help
-    (the node's INPUT_TYPES and the README's reference are generated from it)."""
+    (the node's schema inputs and the README's reference are generated from it)."""
 
     TITLE = "Train LoRA"
 

@@ -26,7 +26,7 @@ class BadImageError(DatasetError):
 @dataclass(frozen=True)
 class DatasetOptions(NodeSettings):
     """Everything the LoRA Dataset node's widgets decide (each field is the one source of its default,
-    range and help: the node's INPUT_TYPES are generated from it); validated on construction, with
+    range and help: the node's schema inputs are generated from it); validated on construction, with
     DatasetError messages that name the option, the value and the fix."""
 
     TITLE = "LoRA Dataset"
