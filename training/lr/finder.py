@@ -190,7 +190,7 @@ def find_lr(settings: FinderSettings, access: ModelAccess, dataset, rates: Learn
     access = access.with_sampling(train_settings.timestep_sampling, train_settings.timestep_shift)
     schedule = ScheduleSettings(scheduler="constant", warmup=0.0)
     part_rates = part_rates_for(swept, access.family, access.text_encoders)
-    check_inputs(train_settings, dataset, part_rates, schedule, access.family, access.device.type)
+    check_inputs(train_settings, dataset, part_rates, schedule, access.entry, access.device.type)
     base = sweep_base(part_rates)
     run_dir = free_run_dir(output_dir / "lora_lab" / "lr_finder")
     run_dir.mkdir(parents=True)

@@ -127,7 +127,7 @@ def plan_run(settings: TrainSettings, access: ModelAccess, dataset, rates, sched
     """Phase 1: every check that needs no heavy work, then the run folder and its log."""
     started = time.time()
     part_rates = part_rates_for(rates, access.family, access.text_encoders)
-    check_inputs(settings, dataset, part_rates, schedule, access.family, access.device.type)
+    check_inputs(settings, dataset, part_rates, schedule, access.entry, access.device.type)
     identity = run_identity(settings, rates, schedule, dataset, access)
     resumed = load_resume_state(resume_from, output_dir / "lora_lab", identity, settings) if resume_from else None
     # The run folder mirrors the file's name inside models/loras ("styles/alice_2" -> lora_lab/styles/alice_2).
