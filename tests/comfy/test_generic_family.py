@@ -135,7 +135,7 @@ def outputs(model, clip, vae) -> torch.Tensor:
 
 
 def check_generic_training(comfy, loaded, caplog, lora_name: str, model_class: str, containers: set[str],
-                           learning_rate: float, target: str) -> dict:
+                           learning_rate: float, target: str, **widgets) -> dict:
     model, clip, vae = loaded
     dataset = make_dataset(comfy, size_of(model))
     base_bytes = state_bytes(model.model.diffusion_model, clip.cond_stage_model)
@@ -145,7 +145,7 @@ def check_generic_training(comfy, loaded, caplog, lora_name: str, model_class: s
     with caplog.at_level(logging.INFO, logger="lora_lab"):
         trained_model, _, name, _ = train(comfy, loaded, dataset, rates(comfy, learning_rate=learning_rate),
                                           schedule(comfy), steps=4, batch_size=2, target=target,
-                                          lora_name=lora_name, save_precision="fp32")
+                                          lora_name=lora_name, save_precision="fp32", **widgets)
     messages = [record.getMessage() for record in caplog.records]
     assert state_bytes(model.model.diffusion_model, clip.cond_stage_model) == base_bytes   # the input untouched
     assert any(f"{model_class} is not one of the first-class families" in message and "generic path" in message
@@ -174,7 +174,10 @@ def test_lumina2_trains_through_the_generic_path(comfy, lumina2, caplog):
     assert type(lumina2[0].model).__name__ == "Lumina2"
     assert lumina2[0].model.model_config.unet_config["dim"] == flow_fixtures.LUMINA2_DIM
     metadata = check_generic_training(comfy, lumina2, caplog, "generic_lumina2", "Lumina2",
-                                      {"noise_refiner", "context_refiner", "layers"}, 5e-3, "all_linear_conv")
+                                      {"noise_refiner", "context_refiner", "layers"}, 5e-3, "all_linear_conv",
+                                      sample_prompt="a red square on black --w 64 --h 64 --s 2", sample_every_n_steps=4)
+    samples = comfy.output_dir / "lora_lab" / "generic_lumina2" / "samples"   # previews draw through extra_conds too
+    assert [path.name for path in samples.iterdir()] == ["step00004_0.png"]
     # flow: logit-normal t shifted by the model's own shift (supported_models.Lumina2: 6.0)
     assert metadata["ss_timestep_sampling"] == "shift" and metadata["ss_discrete_flow_shift"] == "6.0"
     tensors, _ = read_lora(comfy, "generic_lumina2.safetensors")
