@@ -216,3 +216,18 @@ def test_models_the_generic_path_cannot_train_get_a_clear_error(comfy, pixart):
                                             offload_device=torch.device("cpu"))
     with pytest.raises(ValueError, match=r"model is SD15_instructpix2pix .*extra input latents .*c_concat"):
         train(comfy, (ip2p, clip, vae), dataset, rates(comfy), schedule(comfy), steps=1, batch_size=1)
+
+
+def test_the_flow_default_takes_the_shift_the_model_samples_with(comfy):
+    """auto on the generic path: the shift of the model's own model_sampling (ModelSamplingFlux stores
+    mu = log shift: Chroma and other Flux-style models sample with exp(mu))."""
+    import math
+
+    from comfy import model_sampling
+
+    detect = comfy.pack.nodes.comfy.detect
+    flux_style = type("FluxStyle", (model_sampling.ModelSamplingFlux, model_sampling.CONST), {})()
+    assert detect.model_shift(flux_style) == pytest.approx(math.exp(flux_style.shift))
+    discrete_flow = type("Flow", (model_sampling.ModelSamplingDiscreteFlow, model_sampling.CONST), {})()
+    assert detect.model_shift(discrete_flow) == 1.0
+    assert detect.model_shift(type("Eps", (model_sampling.ModelSamplingDiscrete, model_sampling.EPS), {})()) is None
