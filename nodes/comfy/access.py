@@ -125,7 +125,10 @@ class ComfyModels:
         """The checkpointed (and streamable) units, in call order."""
         unet = self.base_model.diffusion_model
         if self.entry.dit is not None:   # a DiT calls its transformer blocks one by one
-            return [block for name in self.entry.dit.call_order for block in unet.get_submodule(name)]
+            # A block that is a Sequential (a UNet's TimestepEmbedSequential, found by structure on the
+            # generic path) is iterated by its model, not called: its layers are the units.
+            return [unit for name in self.entry.dit.call_order for block in unet.get_submodule(name)
+                    for unit in (list(block) if isinstance(block, torch.nn.Sequential) else [block])]
         # The layers inside each UNet block (ResBlock, SpatialTransformer, Up/Downsample): ComfyUI never
         # calls a block (TimestepEmbedSequential) itself, forward_timestep_embed iterates over its
         # layers, so a forward patched onto the block would never run.

@@ -231,3 +231,60 @@ def test_the_flow_default_takes_the_shift_the_model_samples_with(comfy):
     discrete_flow = type("Flow", (model_sampling.ModelSamplingDiscreteFlow, model_sampling.CONST), {})()
     assert detect.model_shift(discrete_flow) == 1.0
     assert detect.model_shift(type("Eps", (model_sampling.ModelSamplingDiscrete, model_sampling.EPS), {})()) is None
+
+
+def test_a_unet_model_with_no_entry_trains_through_the_generic_path(comfy, caplog):
+    """SDXLRefiner (a UNet with size and aesthetic-score embeddings in `y`, which no table entry has)
+    built in code at small widths with a small SDXL CLIP: targets by structure are the input and output
+    block lists (each TimestepEmbedSequential's layers are the checkpointed units) and the middle block's
+    transformer blocks, `y` comes from its
+    own encode_adm through extra_conds, and the file loads in the stock LoraLoader with no unmatched key."""
+    from comfy import model_management, model_patcher, supported_models
+    from lora_lab_devtools.tiny_checkpoint import _initialise
+
+    from .test_train import tiny_sdxl_clip
+
+    unet_config = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 64,
+                   "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1],
+                   "transformer_depth_middle": 1, "transformer_depth_output": [0, 0, 1, 1],
+                   "use_linear_in_transformer": True, "context_dim": 128, "adm_in_channels": 64 + 5 * 256,
+                   "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential",
+                   "use_temporal_attention": False, "use_temporal_resblock": False}
+    with torch.inference_mode():
+        config = supported_models.SDXLRefiner(unet_config)
+        config.set_inference_dtype(torch.float32, None)
+        base_model = config.get_model({})
+        generator = torch.Generator().manual_seed(3)
+        _initialise(base_model.diffusion_model, generator)
+        model = model_patcher.ModelPatcher(base_model, load_device=model_management.get_torch_device(),
+                                           offload_device=model_management.unet_offload_device())
+        clip = tiny_sdxl_clip()
+        _initialise(clip.cond_stage_model, generator)
+        vae = comfy.node_class("VAELoader")().load_vae(link(comfy, "vae", flow_fixtures.ensure_vae4()))[0]
+    base_bytes = state_bytes(model.model.diffusion_model, clip.cond_stage_model)
+    with caplog.at_level(logging.INFO, logger="lora_lab"):
+        trained_model, _, name, _ = train(comfy, (model, clip, vae), make_dataset(comfy, 64),
+                                          rates(comfy, learning_rate=1e-3), schedule(comfy), steps=2, batch_size=2,
+                                          target="attention_ff", gradient_checkpointing=True, lora_name="generic_refiner")
+    assert state_bytes(model.model.diffusion_model, clip.cond_stage_model) == base_bytes
+    assert any("SDXLRefiner is not one of the first-class families" in record.getMessage() for record in caplog.records)
+    tensors, metadata = read_lora(comfy, name)
+    # the input and output block lists, and the middle block's list of transformer blocks (its own repeated
+    # blocks, as big as theirs); conv_in, the time embedding and the output head stay out
+    assert {key.split(".")[1] for key in tensors} == {"input_blocks", "middle_block", "output_blocks"}
+    assert any(key.startswith("diffusion_model.output_blocks.") and key.endswith(".attn2.to_k.lora_down.weight")
+               for key in tensors)
+    assert any(".ff." in key for key in tensors) and not any(".proj_in." in key for key in tensors)
+    assert metadata["ss_base_model_version"] == "comfyui_sdxlrefiner"
+    stock_model, _, lines = stock_lora_loader(comfy, (model, clip, vae), name)
+    assert no_unmatched(lines), lines
+    with torch.inference_mode():
+        latent = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+        sigma = model.get_model_object("model_sampling").sigma(torch.tensor([500.0]))
+        results = []
+        for patched in (trained_model, stock_model, model):
+            model_management.load_models_gpu([patched], force_full_load=True)
+            results.append(patched.model.apply_model(latent, sigma, **conditioning(patched, clip, CAPTIONS[0], latent))
+                           .float().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-4)
+    assert (results[0] - results[2]).abs().max() > 1e-6
