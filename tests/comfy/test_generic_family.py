@@ -12,7 +12,9 @@ Two models with no table entry, tiny random-weight files that ComfyUI's own dete
   block. At 384 px: ComfyUI's PixArt derives its position grid from the latent size and divides by
   zero below 48 latent pixels.
 
-Both classes exist in ComfyUI 0.3.75 and 0.33.0. Each checks: the loss at fixed noise falls, the input
+And a UNet, ComfyUI's SDXLRefiner class built in code at small widths (its `y` holds size and
+aesthetic-score embeddings from its own encode_adm), which also streams. All three classes exist in
+ComfyUI 0.3.75 and 0.33.0. Each checks: the loss at fixed noise falls, the input
 MODEL/CLIP are untouched, the file has only diffusion_model.<path> keys, ComfyUI's stock LoraLoader
 loads it with no unmatched key and gives what the node returned, and the file says it was trained
 through the generic path. Models the generic path cannot train get a ValueError naming the class and
@@ -20,6 +22,7 @@ the reason.
 """
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -233,12 +236,10 @@ def test_the_flow_default_takes_the_shift_the_model_samples_with(comfy):
     assert detect.model_shift(type("Eps", (model_sampling.ModelSamplingDiscrete, model_sampling.EPS), {})()) is None
 
 
-def test_a_unet_model_with_no_entry_trains_through_the_generic_path(comfy, caplog):
-    """SDXLRefiner (a UNet with size and aesthetic-score embeddings in `y`, which no table entry has)
-    built in code at small widths with a small SDXL CLIP: targets by structure are the input and output
-    block lists (each TimestepEmbedSequential's layers are the checkpointed units) and the middle block's
-    transformer blocks, `y` comes from its
-    own encode_adm through extra_conds, and the file loads in the stock LoraLoader with no unmatched key."""
+@pytest.fixture(scope="module")
+def refiner(comfy):
+    """(MODEL, CLIP, VAE): ComfyUI's SDXLRefiner class at small widths, built in code (seeded weights), a
+    small SDXL CLIP and the 4-channel TAESD."""
     from comfy import model_management, model_patcher, supported_models
     from lora_lab_devtools.tiny_checkpoint import _initialise
 
@@ -261,9 +262,21 @@ def test_a_unet_model_with_no_entry_trains_through_the_generic_path(comfy, caplo
         clip = tiny_sdxl_clip()
         _initialise(clip.cond_stage_model, generator)
         vae = comfy.node_class("VAELoader")().load_vae(link(comfy, "vae", flow_fixtures.ensure_vae4()))[0]
+    return model, clip, vae
+
+
+def test_a_unet_model_with_no_entry_trains_through_the_generic_path(comfy, refiner, caplog):
+    """SDXLRefiner (a UNet with size and aesthetic-score embeddings in `y`, which no table entry has)
+    built in code at small widths with a small SDXL CLIP: targets by structure are the input and output
+    block lists (each TimestepEmbedSequential's layers are the checkpointed units) and the middle block's
+    transformer blocks, `y` comes from its own encode_adm through extra_conds, and the file loads in the
+    stock LoraLoader with no unmatched key."""
+    from comfy import model_management
+
+    model, clip, vae = refiner
     base_bytes = state_bytes(model.model.diffusion_model, clip.cond_stage_model)
     with caplog.at_level(logging.INFO, logger="lora_lab"):
-        trained_model, _, name, _ = train(comfy, (model, clip, vae), make_dataset(comfy, 64),
+        trained_model, _, name, _ = train(comfy, refiner, make_dataset(comfy, 64),
                                           rates(comfy, learning_rate=1e-3), schedule(comfy), steps=2, batch_size=2,
                                           target="attention_ff", gradient_checkpointing=True, lora_name="generic_refiner")
     assert state_bytes(model.model.diffusion_model, clip.cond_stage_model) == base_bytes
@@ -276,7 +289,7 @@ def test_a_unet_model_with_no_entry_trains_through_the_generic_path(comfy, caplo
                for key in tensors)
     assert any(".ff." in key for key in tensors) and not any(".proj_in." in key for key in tensors)
     assert metadata["ss_base_model_version"] == "comfyui_sdxlrefiner"
-    stock_model, _, lines = stock_lora_loader(comfy, (model, clip, vae), name)
+    stock_model, _, lines = stock_lora_loader(comfy, refiner, name)
     assert no_unmatched(lines), lines
     with torch.inference_mode():
         latent = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(5))
@@ -288,3 +301,19 @@ def test_a_unet_model_with_no_entry_trains_through_the_generic_path(comfy, caplo
                            .float().clone())
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-4)
     assert (results[0] - results[2]).abs().max() > 1e-6
+
+
+def test_generic_blocks_stream_and_train_the_resident_lora(comfy, refiner):
+    """memory = stream on the generic path: every unit found by structure streams (borrowed per block,
+    learned prefetch, recompute in backward), and the LoRA is the resident run's, bit for bit."""
+    from .test_resume import assert_same_tensors
+
+    common = dict(steps=2, batch_size=2, target="all_linear_conv", save_precision="fp32")
+    dataset = make_dataset(comfy, 64)
+    _, _, resident, _ = train(comfy, refiner, dataset, rates(comfy, learning_rate=1e-3), schedule(comfy),
+                              memory="resident", lora_name="generic_resident", **common)
+    _, _, streamed, _ = train(comfy, refiner, dataset, rates(comfy, learning_rate=1e-3), schedule(comfy),
+                              memory="stream", lora_name="generic_streamed", **common)
+    assert_same_tensors(comfy, resident, streamed)
+    plan = json.loads((comfy.output_dir / "lora_lab" / "generic_streamed" / "memory_plan.json").read_text())
+    assert plan["mode"] == "stream" and plan["streamed"]
