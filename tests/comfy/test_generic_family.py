@@ -173,6 +173,7 @@ def check_generic_training(comfy, loaded, caplog, lora_name: str, model_class: s
     return metadata
 
 
+@pytest.mark.compat   # the generic path on either ComfyUI (PixArt's 384 px run: the full suite only)
 def test_lumina2_trains_through_the_generic_path(comfy, lumina2, caplog):
     assert type(lumina2[0].model).__name__ == "Lumina2"
     assert lumina2[0].model.model_config.unet_config["dim"] == flow_fixtures.LUMINA2_DIM
@@ -199,6 +200,7 @@ def test_pixart_trains_through_the_generic_path(comfy, pixart, caplog):
             "diffusion_model.blocks.0.mlp.fc2.lora_down.weight"} <= set(tensors)
 
 
+@pytest.mark.compat
 def test_models_the_generic_path_cannot_train_get_a_clear_error(comfy, pixart):
     """No usable model_sampling (PixArt switched to a continuous EDM schedule by ComfyUI's own node) and
     an input the dataset does not have (InstructPix2Pix's source-image latents): refused before any work,
@@ -221,6 +223,7 @@ def test_models_the_generic_path_cannot_train_get_a_clear_error(comfy, pixart):
         train(comfy, (ip2p, clip, vae), dataset, rates(comfy), schedule(comfy), steps=1, batch_size=1)
 
 
+@pytest.mark.compat
 def test_the_flow_default_takes_the_shift_the_model_samples_with(comfy):
     """auto on the generic path: the shift of the model's own model_sampling (ModelSamplingFlux stores
     mu = log shift: Chroma and other Flux-style models sample with exp(mu))."""
@@ -265,6 +268,7 @@ def refiner(comfy):
     return model, clip, vae
 
 
+@pytest.mark.compat
 def test_a_unet_model_with_no_entry_trains_through_the_generic_path(comfy, refiner, caplog):
     """SDXLRefiner (a UNet with size and aesthetic-score embeddings in `y`, which no table entry has)
     built in code at small widths with a small SDXL CLIP: targets by structure are the input and output
@@ -303,6 +307,7 @@ def test_a_unet_model_with_no_entry_trains_through_the_generic_path(comfy, refin
     assert (results[0] - results[2]).abs().max() > 1e-6
 
 
+@pytest.mark.compat
 def test_generic_blocks_stream_and_train_the_resident_lora(comfy, refiner):
     """memory = stream on the generic path: every unit found by structure streams (borrowed per block,
     learned prefetch, recompute in backward), and the LoRA is the resident run's, bit for bit."""
