@@ -322,3 +322,13 @@ def test_generic_blocks_stream_and_train_the_resident_lora(comfy, refiner):
     assert_same_tensors(comfy, resident, streamed)
     plan = json.loads((comfy.output_dir / "lora_lab" / "generic_streamed" / "memory_plan.json").read_text())
     assert plan["mode"] == "stream" and plan["streamed"]
+
+
+@pytest.mark.compat
+def test_settings_the_models_objective_cannot_use_are_refused(comfy, refiner):
+    """The generic entry's objective comes from the model, so its settings are checked once it is known:
+    an epsilon model (the refiner) refuses a flow sigma sampling, naming the model."""
+    with pytest.raises(ValueError, match=r"timestep_sampling = shift applies to flow-matching models .*"
+                                         r"SDXLRefiner \(generic path\) samples its 1000 timesteps uniformly"):
+        train(comfy, refiner, make_dataset(comfy, 64), rates(comfy), schedule(comfy), steps=1, batch_size=1,
+              timestep_sampling="shift", lora_name="generic_refused")

@@ -203,7 +203,7 @@ FAMILIES: dict[str, Family] = {
     "generic": Family(
         "generic", "any other model (generic path)", OBJECTIVE_FROM_MODEL,
         clip_loader="the CLIP loader (and type) its model card names for ComfyUI",
-        frozen_text="its text encoder(s)", exact_length_text=True, conditioning=("model_conds",),
+        frozen_text="whichever CLIP is connected", exact_length_text=True, conditioning=("model_conds",),
         sampling="logit_normal",
         sampling_source="flow models: logit-normal t (SD3's rf/lognorm), shifted by the shift of the model's own "
                         "model_sampling where it has one (the shift ComfyUI samples it with); discrete models: "
