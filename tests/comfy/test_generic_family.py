@@ -332,3 +332,13 @@ def test_settings_the_models_objective_cannot_use_are_refused(comfy, refiner):
                                          r"SDXLRefiner \(generic path\) samples its 1000 timesteps uniformly"):
         train(comfy, refiner, make_dataset(comfy, 64), rates(comfy), schedule(comfy), steps=1, batch_size=1,
               timestep_sampling="shift", lora_name="generic_refused")
+
+
+@pytest.mark.compat
+def test_lr_finder_sweeps_a_generic_model(comfy, refiner):
+    """The LR Finder runs the generic path too (its validation loss through the model's extra_conds)."""
+    from .test_lr_finder import find
+
+    _, suggested, _, summary = find(comfy, refiner, make_dataset(comfy, 64), steps=10, batch_size=2,
+                                    min_lr=1e-5, max_lr=1e-2)
+    assert 1e-5 <= suggested <= 1e-2 and "Suggested rate" in summary
