@@ -57,11 +57,14 @@ class ModelAccess:
     # (bytes the run would keep on the device) -> (bytes free once the host made room, working reserve for
     # activations); None = no limit to plan for (a CPU run).
     device_memory: Callable[[int], tuple[int, int]] | None = None
+    # The generic path: its table entry resolved for this model (Family.resolved: objective, targets by
+    # structure, sigma default); None = the table's entry.
+    resolved_entry: Family | None = None
 
     @property
     def entry(self) -> Family:
-        """The family's table entry (training/families/table.py)."""
-        return FAMILIES[self.family]
+        """The family's table entry (training/families/table.py), as resolved for this model."""
+        return self.resolved_entry if self.resolved_entry is not None else FAMILIES[self.family]
 
     def with_sampling(self, timestep_sampling: str, timestep_shift: float) -> ModelAccess:
         """This access with the run's sigma sampler (flow families; `auto` = the family's default)."""

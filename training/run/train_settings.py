@@ -9,7 +9,7 @@ import torch
 
 from ..data.feeder import largest_bucket_size
 from ..families.sigmas import TIMESTEP_SAMPLINGS
-from ..families.table import FAMILIES, check_family_settings
+from ..families.table import FAMILIES, Family, check_family_settings, family_entry
 from ..lr.optimizers import OPTIMIZERS, check_optimizer
 from ..network import kohya
 from ..network.targets import TARGETS
@@ -150,11 +150,13 @@ def part_rates_for(rates, family: str, text_parts: Iterable[str] | None = None) 
     return part_rates
 
 
-def check_inputs(settings: TrainSettings, dataset, part_rates: dict[str, float], schedule, access_family: str,
-                 device_type: str) -> None:
+def check_inputs(settings: TrainSettings, dataset, part_rates: dict[str, float], schedule,
+                 access_family: str | Family, device_type: str) -> None:
     """The checks of a run's settings, dataset, rates and schedule that need no model loaded; raises
     ValueError naming input, value and fix. Called by check_run (training/run/plan.py), the one place
-    a run's inputs are checked."""
+    a run's inputs are checked. access_family: the family's key or its entry (a generic entry resolved
+    for its model: ModelAccess.entry)."""
+    entry = family_entry(access_family)
     if dataset is None or not getattr(dataset, "samples", None):
         raise ValueError("Train LoRA: dataset has no images. Point the LoRA Dataset node at a folder with "
                          "images (or feed it an IMAGE batch).")
@@ -165,11 +167,11 @@ def check_inputs(settings: TrainSettings, dataset, part_rates: dict[str, float],
                          f"{len(dataset.samples)} images in {len(dataset.buckets())} bucket(s)). Lower "
                          f"batch_size to at most {largest}, add images or repeats, or turn bucketing off.")
     if not any(rate > 0 for part, rate in part_rates.items()):
-        frozen = FAMILIES[access_family].frozen_text
+        frozen = entry.frozen_text
         raise ValueError("Train LoRA: every learning rate resolves to 0, so nothing would train. Set "
                          "learning_rate (or unet_lr / text_encoder_lr) above 0 in UNet/TE Learning Rates."
-                         + (f" ({FAMILIES[access_family].label}'s text encoders, {frozen}, always stay frozen: "
-                            "set unet_lr.)" if frozen and not FAMILIES[access_family].text_parts else ""))
-    check_family_settings(access_family, settings.noise_offset, settings.min_snr_gamma, settings.timestep_sampling)
+                         + (f" ({entry.label}'s text encoders, {frozen}, always stay frozen: "
+                            "set unet_lr.)" if frozen and not entry.text_parts else ""))
+    check_family_settings(entry, settings.noise_offset, settings.min_snr_gamma, settings.timestep_sampling)
     schedule.check_total(settings.steps)
     check_optimizer(settings.optimizer, device_type)

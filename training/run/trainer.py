@@ -18,6 +18,7 @@ from typing import Callable, TypeVar
 import torch
 
 from ..data.feeder import BatchFeeder
+from ..families.table import FAMILIES, check_family_settings
 from ..lr.optimizers import TrainedLayer, build_optimizer, build_param_groups
 from ..network import kohya
 from ..network.lora import (InjectedLora, checkpointed_forward, inject_lora, lora_weights,
@@ -92,7 +93,12 @@ def execute(inputs: RunInputs, access: ModelAccess, make_plan: Callable[[ModelAc
     planned, the plan (`make_plan(access, memory)`, phase 1's rest: folders, log, resumed state), attach
     the LoRA (phase 2), prepare (phase 3), `train(run)` (phase 4, the caller's: the step loop and what
     follows it); detach always, whatever `train` raises. Returns the run and what `train` returned."""
-    access = access.with_sampling(inputs.settings.timestep_sampling, inputs.settings.timestep_shift)
+    settings = inputs.settings
+    if access.entry is not FAMILIES[inputs.family]:
+        # An entry resolved from the model (the generic path): its objective is known only now, before
+        # anything loads; a first-class family's settings were checked in check_run.
+        check_family_settings(access.entry, settings.noise_offset, settings.min_snr_gamma, settings.timestep_sampling)
+    access = access.with_sampling(settings.timestep_sampling, settings.timestep_shift)
     memory = plan_memory_of(inputs, access)
     with loaded_for(access, memory):
         run = Run(make_plan(access, memory), callbacks, validation_shape)
