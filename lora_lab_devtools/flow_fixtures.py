@@ -19,7 +19,16 @@ runs (0.3.75 and 0.33 differ in the Flux config they detect), and loading them i
   layer plus the two noise- and two context-refiner layers every Z-Image has (~0.9 B parameters,
   saved in bf16), caption width 256 (the reduced Qwen3 below).
 * VAEs: TAESD with 16 latent channels (the Flux/SD3/Z-Image latent width), as ComfyUI's VAELoader
-  reads a TAESD state dict.
+  reads a TAESD state dict; a 4-channel one for PixArt.
+
+Models with no family entry, for the generic path (tests/comfy/test_generic_family.py):
+
+* Lumina 2 (NetaYume / Lumina-Image 2.0's layout): ComfyUI configures dim 2304 as Lumina 2 (24 heads of
+  96, 8 KV heads), so the blocks are real-width: one main layer plus the two noise- and two
+  context-refiner layers (~0.3 B parameters, saved in bf16), caption width 256 (the reduced Qwen3).
+* PixArt Sigma: one block at the real width (hidden 1152, 16 heads; ~30 M parameters), caption width
+  4096 from a reduced T5 (d_model 4096, one layer, the real vocabulary and tokenizer), epsilon
+  prediction; a 4-channel TAESD VAE.
 
 Reduced text encoders (the real T5-XXL has 4.7 B parameters and Z-Image's Qwen3 4 B: far too big for
 a 2-core test machine): ComfyUI's own classes with smaller configurations, built by
@@ -45,6 +54,8 @@ REDUCED_T5 = {"d_ff": 128, "d_kv": 32, "d_model": 64, "dense_act_fn": "gelu_pyto
 REDUCED_QWEN3 = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 2,
                  "num_key_value_heads": 1}
 FLUX_HIDDEN = 3072               # ComfyUI 0.3.75 fixes Flux at 24 heads of 128: the real width
+REDUCED_T5_4096 = {**REDUCED_T5, "d_model": 4096, "num_layers": 1}   # PixArt's caption width
+LUMINA2_DIM = 2304               # ComfyUI's Lumina 2 configuration (3840 is Z-Image)
 SD3_DEPTH = 2
 SD3_POSITIONS = 32                 # pos_embed grid side: images up to 32 x 2 x 8 = 512 px
 
@@ -112,9 +123,21 @@ def sd35_medium_skeleton() -> dict:
     return skeleton
 
 
+def lumina2_skeleton() -> dict:
+    """Lumina 2 at dim 2304 (NetaYume / Lumina-Image 2.0): one main layer (ComfyUI adds the refiners)."""
+    return {"cap_embedder.1.weight": _zeros(LUMINA2_DIM, REDUCED_QWEN3["hidden_size"]),
+            "noise_refiner.0.attention.k_norm.weight": _zeros(96), "layers.0.attention.qkv.weight": _zeros(1)}
+
+
+def pixart_sigma_skeleton() -> dict:
+    """PixArt Sigma (no size micro-conditions), one block."""
+    return {"t_block.1.weight": _zeros(1), "blocks.0.attn.qkv.weight": _zeros(1),
+            "y_embedder.y_embedding": _zeros(120, REDUCED_T5_4096["d_model"])}
+
+
 SKELETONS = {"flux_dev": lambda: flux_skeleton(True), "flux_schnell": lambda: flux_skeleton(False),
              "sd3": sd3_skeleton, "zimage": zimage_skeleton, "flux_full": full_flux_skeleton,
-             "sd35m_full": sd35_medium_skeleton}
+             "sd35m_full": sd35_medium_skeleton, "lumina2": lumina2_skeleton, "pixart_sigma": pixart_sigma_skeleton}
 
 
 def build_diffusion_model(name: str, dtype=None):
@@ -139,12 +162,12 @@ def build_diffusion_model(name: str, dtype=None):
     return config, base_model
 
 
-def tiny_taesd16(seed: int):
-    """A 16-latent-channel TAESD (Flux / SD3 / Z-Image latent width) with seeded weights."""
+def tiny_taesd16(seed: int, latent_channels: int = 16):
+    """A 16-latent-channel TAESD (Flux / SD3 / Z-Image latent width; or `latent_channels`) with seeded weights."""
     import torch
     import comfy.taesd.taesd
 
-    taesd = comfy.taesd.taesd.TAESD(latent_channels=16)
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
     _initialise(taesd, torch.Generator().manual_seed(seed))
     with torch.no_grad():
         taesd.vae_scale.fill_(1.0)
@@ -189,8 +212,20 @@ def ensure_vae16() -> Path:
     return _save(target, tiny_taesd16(SEED + 3).state_dict(), torch.float16)
 
 
+def ensure_vae4() -> Path:
+    """A 4-latent-channel TAESD (SD / SDXL / PixArt latent width)."""
+    import torch
+
+    target = fixture_path("tiny_taesd4_vae")
+    if target.is_file():
+        return target
+    _import_comfy()
+    return _save(target, tiny_taesd16(SEED + 4, latent_channels=4).state_dict(), torch.float16)
+
+
 def reduced_text_encoder(kind: str, device="cpu", dtype=None, model_options=None):
-    """ComfyUI's text-encoder model for `kind` ("flux": CLIP-L + reduced T5; "zimage": reduced Qwen3),
+    """ComfyUI's text-encoder model for `kind` ("flux": CLIP-L + reduced T5; "zimage": reduced Qwen3;
+    "pixart": a reduced T5 of T5-XXL's width 4096),
     the same classes and methods the stock loaders build, with the reduced configurations above."""
     _import_comfy()
     import torch
@@ -223,6 +258,18 @@ def reduced_text_encoder(kind: str, device="cpu", dtype=None, model_options=None
         comfy.sd1_clip.SD1ClipModel.__init__(model, device=device, dtype=dtype, model_options=options,
                                              name="qwen3_4b", clip_model=qwen3)
         return model
+    if kind == "pixart":
+        import comfy.text_encoders.pixart_t5
+
+        def t5(device="cpu", dtype=None, model_options={}):
+            return comfy.sd1_clip.SDClipModel(device=device, layer="last", textmodel_json_config=dict(REDUCED_T5_4096),
+                                              dtype=dtype, special_tokens={"end": 1, "pad": 0},
+                                              model_class=comfy.text_encoders.t5.T5, model_options=model_options)
+
+        model = comfy.text_encoders.pixart_t5.PixArtT5XXL.__new__(comfy.text_encoders.pixart_t5.PixArtT5XXL)
+        comfy.sd1_clip.SD1ClipModel.__init__(model, device=device, dtype=dtype, model_options=options, name="t5xxl",
+                                             clip_model=t5)
+        return model
     raise ValueError(kind)
 
 
@@ -236,8 +283,11 @@ def reduced_clip(kind: str, weights: dict | None = None, dtype=None):
     import comfy.text_encoders.z_image
 
     dtype = dtype or torch.float32
+    import comfy.text_encoders.pixart_t5
+
     tokenizer = {"flux": comfy.text_encoders.flux.FluxTokenizer,
-                 "zimage": comfy.text_encoders.z_image.ZImageTokenizer}[kind]
+                 "zimage": comfy.text_encoders.z_image.ZImageTokenizer,
+                 "pixart": comfy.text_encoders.pixart_t5.PixArtTokenizer}[kind]
 
     class ReducedTextEncoder(torch.nn.Module):
         def __new__(cls, device="cpu", dtype=None, model_options={}):

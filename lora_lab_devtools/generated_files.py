@@ -8,8 +8,9 @@ Command line: scripts/update_generated_files.py; check: tests/unit/test_generate
 from __future__ import annotations
 
 import importlib
+import sys
 
-from .environment import REPO_ROOT, register_lora_lab_package
+from .environment import REPO_ROOT, find_comfyui_dir, register_lora_lab_package
 
 README = REPO_ROOT / "README.md"
 PARTS_JS = REPO_ROOT / "web" / "js" / "parts.js"
@@ -23,9 +24,15 @@ ORDER = ("LoRALabDataset", "LoRALabLRSchedule", "LoRALabLearningRates", "LoRALab
 
 
 def pack_nodes():
-    """The pack's nodes package, imported without the root __init__ (which registers HTTP routes)."""
+    """The pack's nodes package, imported without the root __init__ (which registers HTTP routes). The
+    nodes declare their schema with ComfyUI's public ``comfy_api`` (importable without starting ComfyUI):
+    its folder goes on the path when no ComfyUI is loaded."""
     register_lora_lab_package()
-    return importlib.import_module("lora_lab.nodes")
+    try:
+        importlib.import_module("comfy_api.latest")
+    except ImportError:
+        sys.path.insert(0, str(find_comfyui_dir()))
+    return importlib.import_module("lora_lab.nodes.registry")
 
 
 def _number(value, kind: str) -> str:
@@ -35,6 +42,8 @@ def _number(value, kind: str) -> str:
 def _row(name: str, spec: tuple, optional: bool) -> str:
     kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
     label = f"`{name}`" + (" (optional)" if optional else "")
+    if kind == "COMBO":   # the V3 schema's choice widget: its choices in options
+        kind = options["options"]
     if isinstance(kind, (list, tuple)):
         shown_type = "choice: " + ", ".join(f"`{choice}`" for choice in kind)
         default = f"`{options['default']}`"

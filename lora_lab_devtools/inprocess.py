@@ -61,6 +61,16 @@ class ComfyInProcess(BaseDirectoryFolders):
         import nodes  # ComfyUI's nodes.py
         return nodes.NODE_CLASS_MAPPINGS[class_type]
 
+    def call_node(self, class_type: str, **inputs) -> dict:
+        """Run one node's function directly, as the executor calls it (a V3 node's execute, a V1 node's
+        FUNCTION on an instance; no hidden inputs): {"result": outputs tuple, "ui": its ui dict or None}."""
+        node = self.node_class(class_type)
+        if hasattr(node, "define_schema"):
+            returned = node.execute(**inputs)
+            return {"result": tuple(returned.result or ()), "ui": returned.ui}
+        returned = getattr(node(), node.FUNCTION)(**inputs)
+        return returned if isinstance(returned, dict) else {"result": returned, "ui": None}
+
     def validate(self, prompt: dict) -> tuple[bool, Any, list, dict]:
         import execution
         return _call_outside_event_loop(

@@ -25,6 +25,8 @@ def input_entry(section: str, name: str, spec: tuple) -> dict[str, Any]:
     kind = spec[0]
     options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
     entry: dict[str, Any] = {"name": name, "section": section}
+    if kind == "COMBO" and "options" in options:   # the V3 schema's choice widget
+        kind = options["options"]
     if isinstance(kind, (list, tuple)):
         entry["type"], entry["choices"] = "COMBO", list(kind)
     else:
@@ -89,5 +91,5 @@ def compatibility_problems(snapshot: dict[str, Any], current: dict[str, Any]) ->
 def pack_mappings() -> dict[str, Any]:
     """The pack's NODE_CLASS_MAPPINGS, loaded by a real ComfyUI booted in this process."""
     comfy = boot(find_comfyui_dir(), Path(tempfile.mkdtemp(prefix="lora_lab_schema_")))
-    return comfy.pack.NODE_CLASS_MAPPINGS
+    return comfy.pack.nodes.registry.NODE_CLASS_MAPPINGS
 

@@ -1,22 +1,11 @@
-"""The pack's ComfyUI nodes (V1 API). Node ids are a public API: never rename them."""
-from .schedule_node import LRScheduleNode
-from .rates_node import LearningRatesNode
-from .dataset_node import DatasetNode
-from .train_node import TrainNode
-from .lr_finder_node import LRFinderNode
+"""The pack's ComfyUI nodes, in the V3 schema (``comfy_api.latest``; nodes/registry.py lists them). Node ids
+are a public API: never rename them.
 
-NODE_CLASS_MAPPINGS = {
-    "LoRALabLRSchedule": LRScheduleNode,
-    "LoRALabLearningRates": LearningRatesNode,
-    "LoRALabDataset": DatasetNode,
-    "LoRALabTrain": TrainNode,
-    "LoRALabLRFinder": LRFinderNode,
-}
+ComfyUI registers the nodes through ``comfy_entrypoint`` (re-exported by the pack's root __init__). The
+node modules are imported when it is called, so importing this package needs no ComfyUI (tools and the
+unit tests import the pack's library beside it)."""
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "LoRALabLRSchedule": "LR Schedule",
-    "LoRALabLearningRates": "UNet/TE Learning Rates",
-    "LoRALabDataset": "LoRA Dataset",
-    "LoRALabTrain": "Train LoRA",
-    "LoRALabLRFinder": "LR Finder",
-}
+
+async def comfy_entrypoint():
+    from .registry import LoraLabExtension
+    return LoraLabExtension()

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from comfy_api.latest import io
+
 from ..training.data.dataset import (DatasetError, DatasetOptions, accepted_extensions_text, require_folder,
                                      build_folder_dataset, build_image_dataset, folder_fingerprint,
                                      preview_grid, summarize)
 from ..training.data.image_tensors import pil_to_image
-from ..training.settings import specs
 from . import comfy
-from .widgets import widgets
+from .widgets import inputs, output, socket
 
 def resolve_folder(folder: str) -> Path:
     """The folder as typed: absolute, or relative to ComfyUI's input folder; quotes are dropped."""
@@ -20,56 +21,40 @@ def resolve_folder(folder: str) -> Path:
     return path
 
 
-def options_from_values(values: dict) -> DatasetOptions:
-    """DatasetOptions from widget values (coerced to each field's type); missing ones (linked widgets)
-    take the defaults."""
-    present = {}
-    for name, (default, _) in specs(DatasetOptions).items():
-        if values.get(name) is not None:
-            present[name] = type(default)(values[name]) if isinstance(default, (bool, int, float)) else values[name]
-    return DatasetOptions(**present)
-
-
 def check_folder(folder: str) -> Path:
     return require_folder(resolve_folder(folder), folder)
 
 
-class DatasetNode:
+class DatasetNode(io.ComfyNode):
     """Widget order is a public API (saved workflows store values by position): append only."""
 
-    CATEGORY = "LoRA Lab"
-    DESCRIPTION = ("Images and captions to train a LoRA on: a kohya-style folder (sub-folders 'N_name' repeat "
-                   "their images N times, captions in side-car .txt files) or an IMAGE batch with one caption "
-                   "per line. Aspect-ratio buckets like kohya; the folder is only read.")
-    RETURN_TYPES = ("LORA_DATASET", "STRING", "IMAGE")
-    RETURN_NAMES = ("dataset", "summary", "preview")
-    OUTPUT_TOOLTIPS = ("The dataset description, for Train LoRA.",
-                       "Images, repeats, buckets, missing captions, top tags and whether latents can be cached.",
-                       "A few samples as they will be cropped, labelled with their bucket.")
-    FUNCTION = "build"
-
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "folder": ("STRING", {"default": "", "tooltip": (
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoRALabDataset", display_name="LoRA Dataset", category="LoRA Lab",
+            description=("Images and captions to train a LoRA on: a kohya-style folder (sub-folders 'N_name' "
+                         "repeat their images N times, captions in side-car .txt files) or an IMAGE batch with one "
+                         "caption per line. Aspect-ratio buckets like kohya; the folder is only read."),
+            inputs=[
+                io.String.Input("folder", default="", tooltip=(
                     "Folder of training images (" + accepted_extensions_text() + "), searched recursively: an "
                     "absolute path or one relative to ComfyUI's input folder. kohya layout: sub-folders named "
                     "'10_name' repeat their images 10 times. Leave empty when images are connected. "
-                    "The folder is only read.")}),
-                **widgets(DatasetOptions),
-            },
-            "optional": {
-                "images": ("IMAGE", {"tooltip": (
-                    "Train on images made by other nodes instead of a folder (leave folder empty).")}),
-                "captions": ("STRING", {"multiline": True, "default": "", "tooltip": (
+                    "The folder is only read.")),
+                *inputs(DatasetOptions),
+                socket("IMAGE", "images", "Train on images made by other nodes instead of a folder (leave folder "
+                                          "empty).", optional=True),
+                io.String.Input("captions", multiline=True, default="", optional=True, tooltip=(
                     "With images: one caption per line, in image order. Empty = no captions (trigger word "
-                    "alone).")}),
-            },
-        }
+                    "alone).")),
+            ],
+            outputs=[output("LORA_DATASET", "dataset", "The dataset description, for Train LoRA."),
+                     output("STRING", "summary", "Images, repeats, buckets, missing captions, top tags and whether "
+                                                 "latents can be cached."),
+                     output("IMAGE", "preview", "A few samples as they will be cropped, labelled with their bucket.")])
 
     @classmethod
-    def VALIDATE_INPUTS(cls, folder=None):
+    def validate_inputs(cls, folder=None):
         # Only `folder` is named here: ComfyUI reports a failure once per named input, and skips its
         # own min/max checks for named inputs, so the numeric widgets keep ComfyUI's range checks
         # and their cross-field rules (DatasetOptions) run first thing when the node executes.
@@ -81,7 +66,7 @@ class DatasetNode:
         return True
 
     @classmethod
-    def IS_CHANGED(cls, folder="", **_other_inputs):
+    def fingerprint_inputs(cls, folder="", **_other_inputs):
         # ComfyUI re-runs the node (and what follows: the training) when this value changes:
         # any file under the folder added, removed, resized or touched. Other inputs are already
         # part of ComfyUI's cache key.
@@ -89,8 +74,9 @@ class DatasetNode:
             return ""
         return folder_fingerprint(resolve_folder(folder))
 
-    def build(self, folder, images=None, captions="", **values):
-        options = options_from_values(values)
+    @classmethod
+    def execute(cls, folder, images=None, captions="", **values) -> io.NodeOutput:
+        options = DatasetOptions.from_values(values)
         has_folder = bool(folder and folder.strip())
         if images is not None and has_folder:
             raise DatasetError(f"both folder ({folder!r}) and images are given: clear folder to train on the "
@@ -102,4 +88,4 @@ class DatasetNode:
         else:
             raise DatasetError("folder is empty and no images are connected: set folder to a folder of images "
                                f"({accepted_extensions_text()}) or connect an IMAGE batch to images")
-        return (dataset, summarize(dataset), pil_to_image(preview_grid(dataset)))
+        return io.NodeOutput(dataset, summarize(dataset), pil_to_image(preview_grid(dataset)))

@@ -7,16 +7,17 @@ Invalid settings raise ValueError with the node's own message (the route answers
 """
 from __future__ import annotations
 
-from ..training.lr.rates import rates_from_values
-from ..training.lr.schedules import settings_from_values
+from ..training.lr.rates import LearningRates
+from ..training.lr.schedules import ScheduleSettings
 
 MAX_PREVIEW_STEPS = 1_000_000
+REQUEST_KEYS = ("total_steps", "rates")   # the request's own keys beside the widget values
 
 
 def schedule_preview(body: dict) -> dict:
     if not isinstance(body, dict):
         raise ValueError("schedule_preview: the body must be a JSON object of LR Schedule widget values.")
-    settings = settings_from_values(body)
+    settings = ScheduleSettings.from_values(body, others=REQUEST_KEYS)
     try:
         total_steps = int(body.get("total_steps", settings.preview_steps))
     except (TypeError, ValueError):
@@ -30,7 +31,7 @@ def schedule_preview(body: dict) -> dict:
     if body.get("rates") is not None:
         if not isinstance(body["rates"], dict):
             raise ValueError("schedule_preview: 'rates' must be an object of Learning Rates widget values.")
-        rates = rates_from_values(body["rates"])
+        rates = LearningRates.from_values(body["rates"])
         answer["parts"] = rates.part_curves(settings, total_steps)
         answer["lora_plus_ratio"] = rates.lora_plus_ratio
     return answer

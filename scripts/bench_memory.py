@@ -68,8 +68,8 @@ def run_child(arguments: argparse.Namespace) -> dict:
     settings = run.train_settings.TrainSettings(steps=steps, batch_size=arguments.batch_size, rank=4, alpha=4.0,
                                                 target="attention", precision="fp32", gradient_checkpointing=False,
                                                 lora_name="bench_memory", cache_latents_to_disk=arguments.disk)
-    rates = pack.training.lr.rates.rates_from_values({"learning_rate": 1e-4, "text_encoder_lr": 0.0})
-    schedule = pack.training.lr.schedules.settings_from_values({"scheduler": "constant", "warmup": 0.0})
+    rates = pack.training.lr.rates.LearningRates.from_values({"learning_rate": 1e-4, "text_encoder_lr": 0.0})
+    schedule = pack.training.lr.schedules.ScheduleSettings.from_values({"scheduler": "constant", "warmup": 0.0})
     samples: list[float] = []
 
     def on_step(record, total) -> None:

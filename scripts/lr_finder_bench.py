@@ -59,9 +59,8 @@ def write_flat(folder: Path) -> Path:
 def call(comfy, node_id: str, **inputs):
     import torch
 
-    node = comfy.node_class(node_id)()
     with torch.inference_mode():
-        return getattr(node, node.FUNCTION)(**inputs)
+        return comfy.call_node(node_id, **inputs)["result"]
 
 
 def main() -> int:
@@ -93,7 +92,7 @@ def main() -> int:
         finder = call(comfy, "LoRALabLRFinder", model=model, clip=clip, vae=vae, dataset=dataset,
                       **{**comfy.widget_defaults("LoRALabLRFinder"), "steps": arguments.finder_steps,
                          "min_lr": 1e-6, "max_lr": 1e-1, "rank": 4, "alpha": 4.0,
-                         "batch_size": arguments.batch, "precision": "fp32"})["result"]
+                         "batch_size": arguments.batch, "precision": "fp32"})
         finder_seconds = time.monotonic() - started
         suggestion = finder[1]
         # The candidate rules, from the finder's own numbers (its summary prints 3 digits).
@@ -112,7 +111,7 @@ def main() -> int:
                               "alpha": 4.0, "precision": "fp32", "gradient_checkpointing": False,
                               "lora_name": f"bench_{len(results)}_{rate:.2e}", "save_precision": "fp32",
                               "validate_every_n_steps": arguments.steps})
-            log = (comfy.output_dir / "lora_lab" / outcome["result"][2].removesuffix(".safetensors") / "log.jsonl")
+            log = (comfy.output_dir / "lora_lab" / outcome[2].removesuffix(".safetensors") / "log.jsonl")
             last = json.loads(log.read_text().splitlines()[-1])
             losses[rate] = last.get("val_loss", math.nan)
         grid_seconds = time.monotonic() - started

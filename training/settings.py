@@ -4,8 +4,9 @@ A settings dataclass declares each node widget once, peft-style::
 
     steps: int = setting(1000, "Optimizer updates.", min=1, max=1_000_000)
 
-and calls :func:`validate` in ``__post_init__``. From the same fields the node builds its
-``INPUT_TYPES`` (nodes/widgets.py) and the README's node reference is generated
+derives from :class:`NodeSettings` (its ``TITLE`` starts every error; ``from_values`` is the one way
+from a node's widget values to the settings) and calls :func:`validate` in ``__post_init__``. From the same fields the node builds its
+V3 schema inputs (nodes/widgets.py) and the README's node reference is generated
 (scripts/update_generated_files.py writes it, tests/unit/test_generated_files.py checks it is
 current), so a default, a range or a tooltip is written in exactly one place. ComfyUI-agnostic:
 the specs are plain data.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 
 class SettingError(ValueError):
@@ -39,6 +40,47 @@ class Spec:
     hint: str = ""                   # appended to a range error, e.g. "(alpha = rank gives scale 1)"
     # An extra rule, checked first: value -> None, or the message's tail naming the fix (or it raises).
     check: Callable[[Any], str | None] | None = None
+
+
+class NodeSettings:
+    """Base of the settings dataclasses: builds one from a node's widget values."""
+
+    TITLE = ""   # the node's title: the first words of every error (a plain attribute, not a field)
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], others: Iterable[str] = ()):
+        """The settings from widget values (a node's, an HTTP body's, a script's), checked as on construction.
+
+        A value that is missing or None (a widget whose link gave nothing) takes the field's default; a
+        number given as text, or an int for a FLOAT widget, is converted to the widget's type. A name that
+        is none of the settings is refused (a misspelt input would otherwise train at the default), unless
+        it is in `others`: inputs read by another consumer of the same values."""
+        declared = specs(cls)
+        known = set(declared) | set(others)
+        unknown = [name for name in values if name not in known]
+        if unknown:
+            raise SettingError(f"{cls.TITLE}: {unknown[0]} = {values[unknown[0]]!r} is not an input of this node. "
+                               f"Use one of: {', '.join(declared)}.")
+        return cls(**{name: _widget_value(cls.TITLE, name, values[name], default)
+                      for name, (default, _) in declared.items() if values.get(name) is not None})
+
+
+def _widget_value(title: str, name: str, value: Any, default: Any) -> Any:
+    """`value` in the type of the widget's default where it is a number in another spelling; anything
+    else unchanged (validate() then names what is wrong with it)."""
+    if isinstance(default, bool) or not isinstance(default, (int, float)) or isinstance(value, bool):
+        return value
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise SettingError(f"{title}: {name} = {value!r} must be a number (default {default}).") from None
+    if not isinstance(number, (int, float)):
+        return value
+    if isinstance(default, int):
+        return int(number) if float(number).is_integer() else number
+    return float(number)
 
 
 def setting(default: Any, help: str, **spec: Any) -> Any:

@@ -3,19 +3,23 @@ view of the model, the encoders, the file's key names; nothing is loaded here.""
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import torch
 
 from ...training.data.feeder import concat_conditioning
-from ...training.families.table import FAMILIES
+from ...training.families.table import FAMILIES, family_labels
 from ...training.network import kohya
+from ...training.network.targets import dit_targets_by_structure
 from ...training.run.host import ModelAccess
 from ...training.run.loop import DiffusionObjective
-from .conditioning import EXTRAS
-from .detect import PREDICTION_TYPES
+from .conditioning import EXTRAS, MODEL_INPUTS
+from .detect import PREDICTION_TYPES, model_shift
 from .files import dora_norm_of_loader
 from .quantize import cast_per_forward, quantizable_layers
 from .vram import comfy_training_mode, device_memory, loaded_for_training, release_models
+
+logger = logging.getLogger("lora_lab")
 
 # Keys of a cached text conditioning that are ours, not apply_model's.
 _OWN_KEYS = ("c_crossattn", "pooled", "exact_length", "samples")
@@ -32,6 +36,8 @@ class ComfyModels:
         self.base_model = model.model
         self.device = model.load_device
         self.model_sampling = model.get_model_object("model_sampling")
+        if self.entry.structural:   # the generic path: the entry resolved for this model
+            self.entry = generic_entry(self.entry, self.base_model, self.model_sampling)
         self.transformer_options = dict(model.model_options.get("transformer_options", {}))
         stage = clip.cond_stage_model
         self.roots = {text.part: (text.encoder, getattr(stage, text.encoder)) for text in self.entry.text_encoders
@@ -47,6 +53,12 @@ class ComfyModels:
             return torch.cat([self.denoise(xt[index:index + 1], sigma[index:index + 1], sample)
                               for index, sample in enumerate(cond["samples"])])
         extra = {key: value for key, value in cond.items() if key not in _OWN_KEYS}
+        if MODEL_INPUTS in extra:   # the generic path: ComfyUI's extra_conds, built with the latent's shape
+            inputs = extra.pop(MODEL_INPUTS)
+            return torch.cat([self.base_model.apply_model(xt[first:end], sigma[first:end],
+                                                          transformer_options=self.transformer_options,
+                                                          **{**kwargs, **extra})
+                              for first, end, kwargs in inputs(xt)])
         return self.base_model.apply_model(xt, sigma, c_crossattn=cond["c_crossattn"],
                                            transformer_options=self.transformer_options, **extra)
 
@@ -60,6 +72,13 @@ class ComfyModels:
 
     def encode_caption(self, caption: str) -> dict:
         tokens = self.clip.tokenize(caption)
+        if self.entry.structural:   # the generic path: everything the CLIP returns, for the model's extra_conds
+            output = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+            encoded = {("c_crossattn" if key == "cond" else "pooled" if key == "pooled_output" else key):
+                       (value.to(self.device) if torch.is_tensor(value) else value)
+                       for key, value in output.items() if value is not None}
+            encoded["exact_length"] = True
+            return encoded
         if self.entry.dit is None:
             cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
             return {"c_crossattn": cond.to(self.device), "pooled": pooled.to(self.device) if pooled is not None else None}
@@ -92,6 +111,8 @@ class ComfyModels:
 
     # The file's key names --------------------------------------------------------------------------
     def unet_kohya_names(self, paths: list[str]) -> dict:
+        if self.entry.key_style == "comfy":
+            return kohya.comfy_unet_names(self.unet_key_map, paths)
         if self.entry.key_style == "diffusers":
             return kohya.diffusers_unet_names(self.unet_key_map, paths)
         return kohya.kohya_unet_names(self.unet_key_map, paths, self.entry.unet_key_names)
@@ -105,7 +126,10 @@ class ComfyModels:
         """The checkpointed (and streamable) units, in call order."""
         unet = self.base_model.diffusion_model
         if self.entry.dit is not None:   # a DiT calls its transformer blocks one by one
-            return [block for name in self.entry.dit.call_order for block in getattr(unet, name, [])]
+            # A block that is a Sequential (a UNet's TimestepEmbedSequential, found by structure on the
+            # generic path) is iterated by its model, not called: its layers are the units.
+            return [unit for name in self.entry.dit.call_order for block in unet.get_submodule(name)
+                    for unit in (list(block) if isinstance(block, torch.nn.Sequential) else [block])]
         # The layers inside each UNet block (ResBlock, SpatialTransformer, Up/Downsample): ComfyUI never
         # calls a block (TimestepEmbedSequential) itself, forward_timestep_embed iterates over its
         # layers, so a forward patched onto the block would never run.
@@ -150,6 +174,7 @@ class ComfyModels:
             training_mode=comfy_training_mode, load=self.load, device_memory=self.device_memory,
             quantizable_layers=lambda: quantizable_layers(self.base_model.diffusion_model),
             cast_per_forward=cast_per_forward,
+            resolved_entry=self.entry if self.entry.structural else None,
         )
 
 
@@ -157,6 +182,20 @@ def model_access(model, clip, vae, family: str) -> ModelAccess:
     """Describe MODEL and CLIP for training/; the trainer loads them through `load` once its memory plan
     is made (nothing is loaded here)."""
     return ComfyModels(model, clip, vae, family).access()
+
+
+def generic_entry(entry, base_model, model_sampling):
+    """The generic entry resolved for this model (targets by structure, objective and shift from its
+    model_sampling), said in the log."""
+    name = type(base_model).__name__
+    prediction = PREDICTION_TYPES[base_model.model_type.name]
+    resolved = entry.resolved(name, "flow" if prediction == "flow" else "discrete",
+                              dit_targets_by_structure(base_model.diffusion_model), model_shift(model_sampling))
+    logger.info("LoRA Lab: %s is not one of the first-class families (%s): training it through the generic path "
+                "(blocks %s found by structure, %s objective from its model_sampling, conditioning from its "
+                "extra_conds, text encoders frozen, keys diffusion_model.<path>).", name, family_labels(),
+                ", ".join(resolved.dit.call_order), prediction)
+    return resolved
 
 
 def vae_fingerprint(vae) -> str:

@@ -1,10 +1,13 @@
 """Which family a MODEL is, and whether MODEL, CLIP and VAE belong together (before any heavy work).
 
 DETECTION is the one place that maps ComfyUI's model classes to the family table
-(training/families/table.py); everything else about a family is read from its entry.
+(training/families/table.py); everything else about a family is read from its entry. Any other model
+ComfyUI samples falls back to the generic entry (GENERIC) when the generic path can train it, or gets a
+ValueError naming its class and why not (generic_refusal).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from ...training.families.table import FAMILIES, family_labels
@@ -27,8 +30,62 @@ DETECTION: tuple[Detection, ...] = (
     Detection("SD3", {}, "sd3"),
     Detection("Lumina2", {"image_model": "lumina2", "dim": 3840}, "zimage"),
 )
+# Every other model: the generic path (targets by structure, objective from model_sampling, conditioning
+# from extra_conds).
+GENERIC = "generic"
 # ComfyUI's model_type names -> the loss's prediction types (training/run/loop.py PREDICTIONS)
 PREDICTION_TYPES = {"EPS": "epsilon", "V_PREDICTION": "v_prediction", "FLUX": "flow", "FLOW": "flow"}
+
+
+def model_shift(model_sampling) -> float | None:
+    """The time shift a flow model_sampling samples with: ModelSamplingDiscreteFlow's `shift`, or
+    exp(shift) for ModelSamplingFlux (which stores mu; flux_time_shift(mu, 1, t) is a shift of exp(mu)).
+    None for anything else."""
+    import comfy.model_sampling as sampling
+
+    if isinstance(model_sampling, sampling.ModelSamplingFlux):
+        return math.exp(float(model_sampling.shift))
+    if isinstance(model_sampling, sampling.ModelSamplingDiscreteFlow):
+        return float(model_sampling.shift)
+    return None
+
+
+def generic_refusal(model) -> str | None:
+    """Why the generic path cannot train this MODEL (None: it can). Cheap: a concat_cond probe on a
+    zero latent of 8 x 8 and a walk over the module tree."""
+    import torch
+    import comfy.model_sampling as sampling
+
+    from ...training.network.targets import dit_targets_by_structure
+
+    base_model = model.model
+    prediction = base_model.model_type.name
+    if prediction not in PREDICTION_TYPES:
+        return (f"its model_sampling is {prediction}; the loss handles epsilon (EPS), v-prediction (V_PREDICTION) "
+                "and flow matching (FLOW / FLUX, CONST noise scaling)")
+    model_sampling = model.get_model_object("model_sampling")
+    usable = (sampling.ModelSamplingDiscreteFlow, sampling.ModelSamplingFlux) if PREDICTION_TYPES[prediction] == "flow" \
+        else (sampling.ModelSamplingDiscrete,)
+    if not isinstance(model_sampling, usable):
+        return (f"its model_sampling ({type(model_sampling).__name__}) has no schedule the loss can draw from "
+                f"(it needs {' or '.join(kind.__name__ for kind in usable)})")
+    latent_format = base_model.latent_format
+    dimensions = getattr(latent_format, "latent_dimensions", 2)
+    if dimensions != 2:
+        return (f"it works on {dimensions}-D latents (video or audio); a LoRA Dataset holds images (2-D latents)")
+    probe = torch.zeros((1, latent_format.latent_channels, 8, 8))
+    try:
+        concat = base_model.concat_cond(noise=probe, latent_image=probe, device=probe.device)
+    except Exception as error:   # a model whose concat input cannot be built from nothing
+        concat = error
+    if concat is not None:
+        return ("it takes extra input latents beside the noisy one (c_concat: a reference, control, mask or "
+                "source image), which a LoRA Dataset of images and captions does not have")
+    try:
+        dit_targets_by_structure(base_model.diffusion_model)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def detect_family(base_model) -> str | None:
@@ -47,13 +104,17 @@ def detect_family(base_model) -> str | None:
 
 
 def model_family(model) -> str:
-    """A key of FAMILIES for a MODEL, or ValueError for anything this trainer does not support."""
+    """A key of FAMILIES for a MODEL: its DETECTION row, else the generic path; ValueError naming the
+    model class and the reason for a model the generic path cannot train either."""
     family = detect_family(model.model)
-    if family is None:
-        name = type(model.model.model_config).__name__
-        raise ValueError(f"Train LoRA: model is {name}, which this trainer does not support. Load an "
-                         f"{family_labels()} model.")
-    return family
+    if family is not None:
+        return family
+    reason = generic_refusal(model)
+    if reason is not None:
+        name = f"{type(model.model).__name__} ({type(model.model.model_config).__name__})"
+        raise ValueError(f"Train LoRA: model is {name}, which is not one of the first-class families "
+                         f"({family_labels()}) and cannot train through the generic path: {reason}.")
+    return GENERIC
 
 
 def encoders_present(stage) -> list[str]:
@@ -69,6 +130,8 @@ def check_compatible(model, clip, vae) -> str:
                          "Diffusion Model + the family's CLIP loader + Load VAE).")
     family = model_family(model)
     entry = FAMILIES[family]
+    if entry.structural:   # any CLIP the user loaded for it (frozen); the latent width must match
+        return check_generic_latents(model, vae, family)
     stage = clip.cond_stage_model
     present = encoders_present(stage)
     required, optional = entry.encoders, entry.optional_encoders
@@ -94,4 +157,15 @@ def check_compatible(model, clip, vae) -> str:
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"Train LoRA: model predicts {prediction}; only epsilon, v-prediction and flow-matching "
                          "models can be trained.")
+    return family
+
+
+def check_generic_latents(model, vae, family: str) -> str:
+    """The generic path: the VAE's latents must be the model's latent width (its latent_format)."""
+    latent_channels = getattr(vae, "latent_channels", 4)
+    expected = model.model.latent_format.latent_channels
+    if latent_channels != expected:
+        raise ValueError(f"Train LoRA: vae makes {latent_channels}-channel latents but model "
+                         f"({type(model.model).__name__}) works on {expected}-channel latents. Connect the VAE its "
+                         "model card names (the one you sample it with).")
     return family

@@ -48,11 +48,11 @@ def test_registered_with_ordered_inputs_defaults_and_tooltips(comfy):
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["LoRALabDataset"] == "LoRA Dataset"
     node_class = comfy.node_class("LoRALabDataset")
     assert node_class.CATEGORY == "LoRA Lab"
-    assert node_class.RETURN_TYPES == ("LORA_DATASET", "STRING", "IMAGE")
+    assert tuple(node_class.RETURN_TYPES) == ("LORA_DATASET", "STRING", "IMAGE")
     types = node_class.INPUT_TYPES()
     assert list(types["required"]) == list(DEFAULTS)
     assert {name: spec[1]["default"] for name, spec in types["required"].items()} == DEFAULTS
-    assert types["required"]["crop"][0] == ["center", "random"]
+    assert types["required"]["crop"][0] == "COMBO" and types["required"]["crop"][1]["options"] == ["center", "random"]
     assert list(types["optional"]) == ["images", "captions"]
     for spec in [*types["required"].values(), *types["optional"].values()]:
         assert spec[1].get("tooltip"), spec

@@ -69,6 +69,7 @@ OURS_ONLY = {
     "ss_text_encoder_2_lr": "SDXL's second text-encoder rate (sd-scripts keeps only the first in ss_text_encoder_lr)",
     "lora_lab_settings": "every LoRA Lab setting as JSON",
     "lora_lab_dora_scale": "DoRA files: which norm dora_scale assumes (ComfyUI's |W| or the paper's |W + dW|)",
+    "lora_lab_generic_path": "a model with no first-class entry: which model, trained through the generic path",
 }
 
 

@@ -19,8 +19,8 @@ def find(comfy, loaded, dataset, learning_rates=None, **widgets):
                   training_seed=0)
     values.update(widgets)
     with torch.inference_mode():
-        output = comfy.node_class("LoRALabLRFinder")().find(model=model, clip=clip, vae=vae, dataset=dataset,
-                                                             learning_rates=learning_rates, **values)
+        output = comfy.call_node("LoRALabLRFinder", model=model, clip=clip, vae=vae, dataset=dataset,
+                                 learning_rates=learning_rates, **values)
     return output["result"]
 
 
@@ -99,3 +99,31 @@ def test_finder_keeps_the_given_ratios_and_its_rates_feed_train_lora(comfy, load
     assert lines[0]["lr"]["unet"] == pytest.approx(suggested)
     tensors, _ = read_lora(comfy, name)
     assert any(key.startswith("lora_te_") for key in tensors)
+
+
+def test_finder_refuses_bad_input_before_any_sweep_with_train_loras_message(comfy, loaded, dataset):
+    sweeps = comfy.output_dir / "lora_lab" / "lr_finder"
+    before = sorted(sweeps.glob("sweep_*")) if sweeps.exists() else []
+    with pytest.raises(ValueError, match=r"Train LoRA: batch_size = 9 is larger than the dataset's largest bucket"):
+        find(comfy, loaded, dataset, batch_size=9)
+    with pytest.raises(ValueError, match="every learning rate resolves to 0"):
+        find(comfy, loaded, dataset, learning_rates=rates(comfy, learning_rate=0.0, text_encoder_lr=0.0))
+    assert (sorted(sweeps.glob("sweep_*")) if sweeps.exists() else []) == before   # no run folder, no sweep
+
+
+def test_finder_live_records_are_the_loops_with_the_rate_applied_to_each_part(comfy, loaded, dataset):
+    given = rates(comfy, learning_rate=2e-4, text_encoder_lr=5e-5)
+    seen = []
+    model, clip, vae = loaded
+    finder = comfy.pack.training.lr.finder
+    bridge = comfy.pack.nodes.comfy
+    settings = finder.FinderSettings.from_values(dict(min_lr=1e-5, max_lr=1e-2, steps=10, rank=4, alpha=4.0,
+                                                      batch_size=2, precision="fp32"))
+    with torch.inference_mode():
+        access = bridge.model_access(model, clip, vae, bridge.check_compatible(model, clip, vae))
+        result = finder.find_lr(settings, access, dataset, given, comfy.output_dir,
+                                on_record=lambda record, total: seen.append(record))
+    assert seen == result.records and [record.step for record in seen] == list(range(len(seen)))
+    for record in seen:   # the sweep moves every part by the same factor: the UNet's rate is the swept one
+        assert record.lr["unet"] == pytest.approx(settings.rate(record.step))
+        assert record.lr["text_encoder"] / record.lr["unet"] == pytest.approx(5e-5 / 2e-4)

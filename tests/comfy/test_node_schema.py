@@ -17,7 +17,7 @@ pytestmark = pytest.mark.compat
 
 @pytest.fixture(scope="module")
 def current(comfy):
-    return node_schema(comfy.pack.NODE_CLASS_MAPPINGS)
+    return node_schema(comfy.pack.nodes.registry.NODE_CLASS_MAPPINGS)
 
 
 @pytest.fixture(scope="module")

@@ -58,15 +58,20 @@ def dataset(comfy):
 
 
 def rates(comfy, **values):
-    return comfy.pack.training.lr.rates.rates_from_values(values)
+    return comfy.pack.training.lr.rates.LearningRates.from_values(values)
 
 
 def schedule(comfy, **values):
-    return comfy.pack.training.lr.schedules.settings_from_values({"scheduler": "constant", "warmup": 0.0, **values})
+    return comfy.pack.training.lr.schedules.ScheduleSettings.from_values({"scheduler": "constant", "warmup": 0.0, **values})
 
 
 def train(comfy, loaded, dataset, learning_rates, lr_schedule, **widgets):
-    """Call the node the way ComfyUI's executor does (inside inference_mode)."""
+    """(model, clip, lora_name, chart): Train LoRA's first four outputs (see train_outputs)."""
+    return train_outputs(comfy, loaded, dataset, learning_rates, lr_schedule, **widgets)[:4]
+
+
+def train_outputs(comfy, loaded, dataset, learning_rates, lr_schedule, **widgets):
+    """Call the node the way ComfyUI's executor does (inside inference_mode); every output."""
     model, clip, vae = loaded
     train_settings = comfy.pack.training.run.train_settings
     # The node's own defaults (from TrainSettings' fields), made tiny and CPU-friendly for tests.
@@ -77,7 +82,7 @@ def train(comfy, loaded, dataset, learning_rates, lr_schedule, **widgets):
                     gradient_checkpointing=False, lora_name="test_lora")
     defaults.update(widgets)
     with torch.inference_mode():
-        output = comfy.node_class("LoRALabTrain")().train(
+        output = comfy.call_node("LoRALabTrain",
             model=widgets.pop("model", model), clip=widgets.pop("clip", clip), vae=vae, dataset=dataset,
             learning_rates=learning_rates, lr_schedule=lr_schedule,
             **{key: value for key, value in defaults.items() if key not in ("model", "clip")})
@@ -236,6 +241,22 @@ def test_frozen_text_encoder_gets_no_keys_and_clip_is_unchanged(comfy, loaded, d
     assert not [key for key in tensors if "ff_net" in key]        # target=attention: no feed-forward keys
     assert torch.equal(clip_outputs(trained_clip), before)
     assert torch.equal(clip_outputs(clip), before)
+
+
+def test_summary_output_and_the_first_log_line_hold_the_memory_plan(comfy, loaded, dataset):
+    _, _, lora_name, _, summary = train_outputs(comfy, loaded, dataset, rates(comfy, learning_rate=1e-3),
+                                                schedule(comfy), steps=3, lora_name="with_summary")
+    run_dir = comfy.output_dir / "lora_lab" / "with_summary"
+    plan = json.loads((run_dir / "memory_plan.json").read_text())
+    lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1, 2]            # still one line per step
+    assert {key: value for key, value in lines[0]["memory"].items() if key != "summary"} == plan
+    assert lines[0]["memory"]["summary"].startswith("memory auto -> resident on cpu")
+    assert not [line for line in lines[1:] if "memory" in line]      # the first step's line only
+    summary_lines = summary.splitlines()
+    assert summary_lines[0] == f"LoRA: {lora_name}"
+    assert summary_lines[1].startswith("3 steps in ") and f"final loss {lines[-1]['loss']:.4f}" in summary_lines[1]
+    assert summary_lines[2] == f"Memory: {lines[0]['memory']['summary']}"
 
 
 def test_taken_name_gets_a_suffix_and_is_never_overwritten(comfy, loaded, dataset):

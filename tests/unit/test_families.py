@@ -10,13 +10,96 @@ import torch
 from lora_lab.training.families import sigmas as families
 from lora_lab.training.families.sigmas import (SIGMA_SAMPLERS, TIMESTEP_SAMPLINGS, draw_flow_sigmas,
                                                flux_resolution_shift, sampling_for, shifted)
-from lora_lab.training.families.table import CONDITIONING_EXTRAS, FAMILIES, FLUX_TARGETS, check_family_settings
-from lora_lab.training.network.targets import TARGETS, dit_block_of
+from lora_lab.training.families.table import (CONDITIONING_EXTRAS, FAMILIES, FLUX_TARGETS, check_family_settings,
+                                              family_labels)
+from lora_lab.training.network.targets import TARGETS, dit_block_of, dit_target_paths, dit_targets_by_structure
 from lora_lab.training.run import loop
+
+
+def test_the_generic_entry_is_complete():
+    """One entry trains every other model: objective, targets and sigma default come from the model
+    (Family.resolved), the conditioning from its extra_conds, keys in ComfyUI's native style; it is not
+    listed among the first-class families."""
+    generic = [entry for entry in FAMILIES.values() if entry.structural]
+    assert len(generic) == 1
+    entry = generic[0]
+    assert not entry.objective_known and entry.dit is None and not entry.text_encoders and entry.frozen_text
+    assert entry.conditioning == ("model_conds",) and entry.key_style == "comfy" and entry.key_style_reason
+    assert entry.exact_length_text and entry.sampling_source and entry.modelspec_implementation
+    assert entry.label not in family_labels()
+    targets = FLUX_TARGETS
+    flow = entry.resolved("Lumina2", "flow", targets, 6.0)
+    assert flow.flow and flow.dit is targets and (flow.sampling, flow.sampling_shift) == ("shift", 6.0)
+    assert flow.base_model_version.endswith("lumina2") and flow.model_name == "Lumina2"
+    assert entry.resolved("Chroma", "flow", targets, 1.0).sampling == "logit_normal"   # shift 1: no shift
+    discrete = entry.resolved("PixArt", "discrete", targets, None)
+    assert not discrete.flow and discrete.sampling == "uniform"
+    with pytest.raises(ValueError, match="min_snr_gamma = 5 does not apply to Lumina2 \\(generic path\\)"):
+        check_family_settings(flow, 0.0, 5.0, "auto")
+    check_family_settings(entry, 0.0, 5.0, "shift")   # unresolved: checked once the model resolves it
+    check_family_settings(discrete, 0.05, 5.0, "auto")
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.qkv, self.out = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.attn = _Attention(width)
+        self.img_mlp = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
+                                           torch.nn.Linear(4 * width, width))
+        self.adaLN_modulation = torch.nn.Linear(width, 6 * width)
+
+
+class _FusedBlock(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.linear1, self.linear2 = torch.nn.Linear(width, 7 * width), torch.nn.Linear(5 * width, width)
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, width=8):
+        super().__init__()
+        self.x_embedder = torch.nn.Linear(4, width)
+        self.embedders = torch.nn.ModuleList([torch.nn.Linear(4, width), torch.nn.Linear(4, width)])
+        self.helpers = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(width, width)) for _ in range(2)])
+        self.double_blocks = torch.nn.ModuleList([_Block(width) for _ in range(2)])
+        self.single_blocks = torch.nn.ModuleList([_FusedBlock(width) for _ in range(3)])
+        self.norms = torch.nn.ModuleList([torch.nn.LayerNorm(width) for _ in range(2)])
+
+
+def test_generic_targets_are_found_by_structure():
+    """The repeated blocks that hold the weight (double + single here; not the small helpers, the bare
+    Linear list or the norms), in definition order; attention = linears under an attn part (a fused
+    block with none: all its linears), attention_ff adds the mlp, all = every linear in the blocks."""
+    model = _Model()
+    targets = dit_targets_by_structure(model)
+    assert targets.call_order == ("double_blocks", "single_blocks")
+    assert targets.blocks == ("double_blocks.", "single_blocks.")
+    attention = dit_target_paths(model, targets, "attention")
+    assert "double_blocks.0.attn.qkv" in attention and "single_blocks.2.linear1" in attention
+    assert not any("mlp" in path or "adaLN" in path for path in attention)
+    attention_ff = dit_target_paths(model, targets, "attention_ff")
+    assert set(attention_ff) - set(attention) == {f"double_blocks.{index}.img_mlp.{layer}"
+                                                  for index in range(2) for layer in (0, 2)}
+    everything = dit_target_paths(model, targets, "all_linear_conv")
+    assert everything == dit_target_paths(model, targets, "kohya_default")
+    assert "double_blocks.1.adaLN_modulation" in everything and not any(
+        path.startswith(("x_embedder", "embedders", "helpers")) for path in everything)
+    blocks = dit_block_of(targets, everything)   # block weights: thirds of the 5 blocks in call order
+    assert blocks["double_blocks.0.attn.qkv"] == "down" and blocks["single_blocks.2.linear2"] == "up"
+    with pytest.raises(ValueError, match="no list of repeated blocks"):
+        dit_targets_by_structure(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 def test_every_family_entry_is_complete():
     for key, entry in FAMILIES.items():
+        if entry.structural:   # test_the_generic_entry_is_complete
+            continue
         assert entry.key == key and entry.objective in ("discrete", "flow") and entry.label
         assert entry.base_model_version and entry.modelspec_architecture and entry.modelspec_implementation
         assert entry.encoders and entry.clip_loader and entry.sampling in SIGMA_SAMPLERS

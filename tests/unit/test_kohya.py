@@ -68,6 +68,21 @@ def test_unet_names_follow_kohya_per_key_style():
         kohya.kohya_unet_names(key_map, ["output_blocks.0.0"], "diffusers")
 
 
+def test_comfy_key_style_writes_native_diffusion_model_names():
+    """The generic path: ComfyUI's own key map names every weight diffusion_model.<path>; the file holds
+    those stems with kohya's tensor names (lora_down / lora_up / alpha)."""
+    key_map = {"diffusion_model.layers.0.attention.qkv": "diffusion_model.layers.0.attention.qkv.weight",
+               "lora_unet_layers_0_attention_qkv": "diffusion_model.layers.0.attention.qkv.weight"}
+    names = kohya.comfy_unet_names(key_map, ["layers.0.attention.qkv"])
+    assert names == {"layers.0.attention.qkv": "diffusion_model.layers.0.attention.qkv"}
+    with pytest.raises(ValueError, match="no native name for layer layers.1.attention.qkv"):
+        kohya.comfy_unet_names(key_map, ["layers.1.attention.qkv"])
+    entries = [(names["layers.0.attention.qkv"], {"down": torch.ones(4, 8), "up": torch.ones(24, 4)})]
+    assert set(kohya.lora_state_dict(entries, 4.0, torch.float32, "comfy")) == {
+        "diffusion_model.layers.0.attention.qkv.lora_down.weight", "diffusion_model.layers.0.attention.qkv.lora_up.weight",
+        "diffusion_model.layers.0.attention.qkv.alpha"}
+
+
 def test_weights_beyond_fp16_range_are_saved_in_fp32_not_as_inf():
     from lora_lab.training.network.kohya import kohya_state_dict
 

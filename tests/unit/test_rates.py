@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from lora_lab.training.lr.rates import LearningRates, parse_block_weights, rates_from_values
+from lora_lab.training.lr.rates import LearningRates, parse_block_weights
 from lora_lab.training.lr.schedules import ScheduleSettings
 
 
@@ -58,8 +58,8 @@ def test_part_curves_follow_the_schedule():
     assert curves["unet"] == pytest.approx([1e-4 * value for value in multipliers])
 
 
-def test_rates_from_values_defaults_and_types():
-    assert rates_from_values({}) == LearningRates()
-    assert rates_from_values({"learning_rate": "0.001"}).learning_rate == 0.001
-    with pytest.raises(ValueError, match="UNet/TE Learning Rates"):
-        rates_from_values({"learning_rate": "fast"})
+def test_rates_from_values_takes_defaults_and_converts_numbers():
+    assert LearningRates.from_values({}) == LearningRates()
+    assert LearningRates.from_values({"learning_rate": "0.001"}).learning_rate == 0.001
+    with pytest.raises(ValueError, match="UNet/TE Learning Rates: learning_rate = 'fast' must be a number"):
+        LearningRates.from_values({"learning_rate": "fast"})

@@ -19,7 +19,7 @@ from diffusers.optimization import get_linear_schedule_with_warmup, get_schedule
 from transformers.optimization import (get_cosine_with_min_lr_schedule_with_warmup, get_inverse_sqrt_schedule,
                                        get_wsd_schedule)
 
-from lora_lab.training.lr.schedules import SCHEDULER_NAMES, ScheduleSettings, parse_step_rules, settings_from_values
+from lora_lab.training.lr.schedules import SCHEDULER_NAMES, ScheduleSettings, parse_step_rules
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOTAL = 100
@@ -276,7 +276,7 @@ def test_schedules_are_plain_math_without_torch_or_scheduler_libraries():
 ])
 def test_invalid_settings_name_the_input_value_and_fix(values, fragment):
     with pytest.raises(ValueError) as raised:
-        settings_from_values(values)
+        ScheduleSettings.from_values(values)
     message = str(raised.value)
     assert message.startswith("LR Schedule:") and fragment in message
     assert any(word in message for word in ("Use", "Write", "Pick", "must", "Lower"))

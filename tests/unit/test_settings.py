@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lora_lab.training.data.dataset import DatasetOptions
-from lora_lab.training.lr.rates import LearningRates, rates_from_values
+from lora_lab.training.lr.finder import FinderSettings
+from lora_lab.training.lr.rates import LearningRates
 from lora_lab.training.lr.schedules import ScheduleSettings
 from lora_lab.training.run.train_settings import RunOptions, TrainSettings
 from lora_lab.training.settings import SettingError, specs
@@ -50,13 +51,48 @@ def test_every_setting_has_help_and_its_default_passes_its_own_checks():
     ({"learning_rate": -1.0}, r"learning_rate = -1\.0 must be at least 0 \(1e-4 is a common LoRA rate\)"),
     ({"lora_plus_ratio": 0.0}, r"lora_plus_ratio = 0\.0 must be at least 0\.01 \(1 = off"),
     ({"unet_block_weights": "down=x"}, r"unet_block_weights = 'down=x': 'x' is not a number"),
-    ({"learning_rate": "fast"}, r"UNet/TE Learning Rates: a setting has the wrong type"),
+    ({"learning_rate": "fast"}, r"UNet/TE Learning Rates: learning_rate = 'fast' must be a number \(default 0\.0001\)"),
 ])
 def test_rates_errors_are_setting_errors(values, message):
     with pytest.raises(SettingError, match=message):
-        rates_from_values(values)
+        LearningRates.from_values(values)
 
 
 def test_inherit_and_freeze_values_pass():
     rates = LearningRates(learning_rate=1e-4, unet_lr=-1.0, text_encoder_lr=0.0, text_encoder_2_lr=-1.0)
     assert rates.resolved() == {"unet": 1e-4, "text_encoder": 0.0, "text_encoder_2": 0.0}
+
+
+NODE_SETTINGS = [(TrainSettings, "Train LoRA", "steps", 7), (RunOptions, "Train LoRA", "sample_every_n_steps", 3),
+                 (FinderSettings, "LR Finder", "steps", 20), (LearningRates, "UNet/TE Learning Rates", "learning_rate", 2e-4),
+                 (ScheduleSettings, "LR Schedule", "num_cycles", 2), (DatasetOptions, "LoRA Dataset", "repeats", 4)]
+
+
+@pytest.mark.parametrize("cls, title, name, value", NODE_SETTINGS)
+def test_from_values_takes_defaults_for_missing_values_and_converts_numbers(cls, title, name, value):
+    assert cls.from_values({}) == cls()
+    assert cls.from_values({name: None}) == cls()   # a linked widget that gave nothing
+    assert getattr(cls.from_values({name: value}), name) == value
+    assert getattr(cls.from_values({name: str(value)}), name) == value   # a number in an HTTP body's text
+    converted = cls.from_values({name: float(value)})
+    assert getattr(converted, name) == value and type(getattr(converted, name)) is type(getattr(cls(), name))
+
+
+@pytest.mark.parametrize("cls, title, name, value", NODE_SETTINGS)
+def test_from_values_refuses_an_unknown_input_and_a_non_number_naming_them(cls, title, name, value):
+    with pytest.raises(SettingError, match=rf"^{title}: stpes = 5 is not an input of this node\. Use one of: .*{name}"):
+        cls.from_values({"stpes": 5})
+    assert cls.from_values({name: value, "stpes": 5}, others=["stpes"]) == cls.from_values({name: value})
+    with pytest.raises(SettingError, match=rf"^{title}: {name} = 'many' must be a number \(default "):
+        cls.from_values({name: "many"})
+
+
+def test_from_values_leaves_wrong_types_to_the_settings_checks():
+    with pytest.raises(SettingError, match=r"Train LoRA: rank = 2\.5 must be a whole number"):
+        TrainSettings.from_values({"rank": 2.5})
+    with pytest.raises(SettingError, match=r"Train LoRA: use_dora = 1 must be true or false"):
+        TrainSettings.from_values({"use_dora": 1})
+    with pytest.raises(SettingError, match=r"LR Finder: batch_size = True must be a number"):
+        FinderSettings.from_values({"batch_size": True})
+    with pytest.raises(SettingError, match=r"LR Schedule: scheduler = 'cosin' is unknown\. Use one of: "):
+        ScheduleSettings.from_values({"scheduler": "cosin"})

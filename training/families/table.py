@@ -10,6 +10,7 @@ entry. Adding a family is one entry here plus one detection line from ComfyUI's 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..network.targets import DitTargets
@@ -28,8 +29,11 @@ class TextEncoder:
 # The conditioning extras a family's model takes beside the text sequence (nodes/comfy/conditioning.py
 # has one function per name): SDXL's size embedding with the pooled text, the pooled text as `y`
 # (Flux, SD3), Lumina 2's token count and padding mask (Z-Image). The guidance input of a
-# guidance-distilled model is `training_guidance`.
-CONDITIONING_EXTRAS = ("size_embedding", "pooled_y", "token_count")
+# guidance-distilled model is `training_guidance`. The generic path's `model_conds`: whatever the model's
+# own extra_conds builds from the CLIP's output, as KSampler does.
+CONDITIONING_EXTRAS = ("size_embedding", "pooled_y", "token_count", "model_conds")
+# What a generic entry's objective is before a model resolves it (Family.resolved).
+OBJECTIVE_FROM_MODEL = "model"
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Family:
     key: str
     label: str
     objective: str                          # "discrete" (epsilon / v, ComfyUI's EPS / V_PREDICTION) | "flow" (CONST)
+                                            # | OBJECTIVE_FROM_MODEL (the generic path, until resolved)
     encoders: tuple[str, ...] = ()          # the encoders the CLIP must hold (cond_stage_model attributes)
     optional_encoders: tuple[str, ...] = ()  # and may hold
     clip_loader: str = "the CLIP output of the same Load Checkpoint node as the MODEL"   # how users load it
@@ -49,6 +54,7 @@ class Family:
     sampling_source: str = ""
     dit: DitTargets | None = None           # None: a UNet (training/network/targets.py's TARGETS)
     key_style: str = "kohya"                # "kohya" (lora_unet_/lora_te*_) | "diffusers" (transformer./text_encoder*.)
+                                            # | "comfy" (ComfyUI's native diffusion_model.<path>, kohya tensor names)
     key_style_reason: str = ""
     unet_key_names: str = "ldm"             # kohya stems of the diffusion model: "ldm" / ComfyUI paths | "diffusers"
     base_model_version: str = ""            # kohya's ss_base_model_version
@@ -61,10 +67,31 @@ class Family:
     preview_cfg: float = 7.0
     preview_guidance: float | None = None
     preview_steps: int = 20
+    # The generic path: DiT targets found by the model's structure, objective and sigma shift read from its
+    # model_sampling (`resolved`), any CLIP (its encoders stay frozen).
+    structural: bool = False
+    model_name: str = ""                    # resolved generic entry: ComfyUI's model class
 
     @property
     def flow(self) -> bool:
         return self.objective == "flow"
+
+    @property
+    def objective_known(self) -> bool:
+        return self.objective != OBJECTIVE_FROM_MODEL
+
+    def resolved(self, model_name: str, objective: str, dit: DitTargets, model_shift: float | None) -> Family:
+        """A generic entry for one model: its class name, objective ("discrete" | "flow"), the DiT targets
+        found by its structure and, for flow, the default sigma sampling: logit-normal t shifted by the
+        shift of the model's own model_sampling when it has one (the shift it samples with), plain
+        logit-normal otherwise."""
+        shifted = objective == "flow" and model_shift is not None and abs(model_shift - 1.0) > 1e-6
+        return dataclasses.replace(
+            self, objective=objective, dit=dit, model_name=model_name,
+            sampling="shift" if shifted else ("logit_normal" if objective == "flow" else "uniform"),
+            sampling_shift=model_shift if shifted else None,
+            base_model_version=f"{self.base_model_version}{model_name.lower()}",
+            modelspec_architecture=f"{self.modelspec_architecture}{model_name.lower()}")
 
     @property
     def text_parts(self) -> tuple[str, ...]:
@@ -173,28 +200,56 @@ FAMILIES: dict[str, Family] = {
         base_model_version="z_image", modelspec_architecture="z-image-turbo",
         modelspec_implementation="https://github.com/Tongyi-MAI/Z-Image",
         preview_cfg=1.0, preview_steps=8),
+    "generic": Family(
+        "generic", "any other model (generic path)", OBJECTIVE_FROM_MODEL,
+        clip_loader="the CLIP loader (and type) its model card names for ComfyUI",
+        frozen_text="whichever CLIP is connected", exact_length_text=True, conditioning=("model_conds",),
+        sampling="logit_normal",
+        sampling_source="flow models: logit-normal t (SD3's rf/lognorm), shifted by the shift of the model's own "
+                        "model_sampling where it has one (the shift ComfyUI samples it with); discrete models: "
+                        "their 1000 timesteps uniformly",
+        structural=True, key_style="comfy",
+        key_style_reason="ComfyUI's native diffusion_model.<path> names (comfy.lora's key map holds one for every "
+                         "weight of every model it loads), so ComfyUI's LoraLoader takes any model's file; other "
+                         "tools may not read them",
+        # resolved per model: "<these>" + ComfyUI's model class, lower case
+        base_model_version="comfyui_", modelspec_architecture="comfyui-",
+        modelspec_implementation="https://github.com/comfyanonymous/ComfyUI",
+        preview_cfg=4.0, preview_steps=20),
 }
 
 
 def family_labels(flow: bool | None = None) -> str:
-    """The families' labels in words ("SD1.x, SD2.x, ... or Z-Image"), all or only the flow / discrete ones."""
-    labels = [entry.label for entry in FAMILIES.values() if flow is None or entry.flow == flow]
+    """The first-class families' labels in words ("SD1.x, SD2.x, ... or Z-Image"), all or only the flow /
+    discrete ones (the generic path is not one of them)."""
+    labels = [entry.label for entry in FAMILIES.values()
+              if not entry.structural and (flow is None or entry.flow == flow)]
     return ", ".join(labels[:-1]) + f" or {labels[-1]}" if len(labels) > 1 else "".join(labels)
 
 
-def check_family_settings(family_key: str, noise_offset: float, min_snr_gamma: float, timestep_sampling: str) -> None:
-    """Settings a family cannot use: ValueError naming the input, the value and the fix."""
-    entry = FAMILIES[family_key]
+def family_entry(family: str | Family) -> Family:
+    """A family's entry: by key, or the entry itself (a generic entry resolved for its model)."""
+    return family if isinstance(family, Family) else FAMILIES[family]
+
+
+def check_family_settings(family: str | Family, noise_offset: float, min_snr_gamma: float,
+                          timestep_sampling: str) -> None:
+    """Settings a family cannot use: ValueError naming the input, the value and the fix. A generic entry
+    is checked once resolved for its model (its objective comes from the model)."""
+    entry = family_entry(family)
+    if not entry.objective_known:
+        return
+    label = f"{entry.model_name} (generic path)" if entry.model_name else entry.label
     if entry.flow:
         if min_snr_gamma > 0:
-            raise ValueError(f"Train LoRA: min_snr_gamma = {min_snr_gamma:g} does not apply to {entry.label}: it is a "
+            raise ValueError(f"Train LoRA: min_snr_gamma = {min_snr_gamma:g} does not apply to {label}: it is a "
                              "flow-matching model, whose loss has no SNR weighting of that kind. Set min_snr_gamma to 0 "
                              "(the timestep_sampling input shapes which noise levels train).")
         if noise_offset > 0:
-            raise ValueError(f"Train LoRA: noise_offset = {noise_offset:g} does not apply to {entry.label}: noise offset "
+            raise ValueError(f"Train LoRA: noise_offset = {noise_offset:g} does not apply to {label}: noise offset "
                              "corrects the epsilon schedule's bias toward mid brightness, which a flow-matching model "
                              "(trained to reach pure noise) does not have. Set noise_offset to 0.")
     elif timestep_sampling not in ("auto", "uniform"):
         raise ValueError(f"Train LoRA: timestep_sampling = {timestep_sampling} applies to flow-matching models "
-                         f"({family_labels(flow=True)}); {entry.label} samples its 1000 timesteps uniformly. Set auto "
+                         f"({family_labels(flow=True)}); {label} samples its 1000 timesteps uniformly. Set auto "
                          "or uniform.")

@@ -2,6 +2,8 @@
 curve and the UNet/TE Learning Rates node's rate per part."""
 from __future__ import annotations
 
+from typing import Callable
+
 from PIL import Image
 
 from ..charts.figures import VAL_LOSS_COLOR, WARMUP_COLOR, figure_to_image, new_figure, part_color, part_label, part_linestyle
@@ -71,16 +73,17 @@ def rates_chart(rates: LearningRates, settings: ScheduleSettings, total_steps: i
     return figure_to_image(figure)
 
 
-def sweep_chart(records: list, curve: list[tuple[float, float]] | None = None, suggested_lr: float | None = None,
-                min_loss_lr: float | None = None, steepest_lr: float | None = None,
+def sweep_chart(records: list, rate: Callable[[int], float], curve: list[tuple[float, float]] | None = None,
+                suggested_lr: float | None = None, min_loss_lr: float | None = None, steepest_lr: float | None = None,
                 title: str = "LR Finder") -> Image.Image:
-    """The LR Finder's chart: loss vs rate (log axis). `records` have lr, loss and val_loss; the
-    smoothed validation curve and the marked rates are drawn when given."""
+    """The LR Finder's chart: loss vs rate (log axis). `records` are the loop's StepRecords (step, loss,
+    val_loss), `rate(step)` the rate swept at a step; the smoothed validation curve and the marked
+    rates are drawn when given."""
     figure, axes = new_figure()
-    rates = [record.lr for record in records]
+    rates = [rate(record.step) for record in records]
     axes.plot(rates, [record.loss for record in records], color="#bbbbbb", linewidth=0.8,
               label="training loss (random noise)")
-    validated = [(record.lr, record.val_loss) for record in records if record.val_loss is not None]
+    validated = [(rate(record.step), record.val_loss) for record in records if record.val_loss is not None]
     if validated:
         axes.plot([rate for rate, _ in validated], [loss for _, loss in validated], "o", color=VAL_LOSS_COLOR,
                   markersize=4, label="validation loss (fixed noise)")

@@ -11,26 +11,24 @@ over the model without the LoRA (see `gave_back`), or turns non-finite (or the t
 The suggestion (README, "LR Finder", with the benchmark that chose it): the rate where the smoothed
 validation curve falls fastest per decade, before its minimum. The minimum (and the classic
 minimum / 10) are computed and drawn too.
-Nothing is written to models/loras; the input models are restored exactly (the trainer's attach /
-detach), and `output/lora_lab/lr_finder/<run>/sweep.jsonl` holds every step.
+Nothing is written to models/loras; the input models are restored exactly (the sweep goes through the
+trainer's own sequence, training/run/trainer.py `execute`), and
+`output/lora_lab/lr_finder/<run>/sweep.jsonl` holds every step.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from ..run.base_weights import check_base_weights
 from ..run.host import ModelAccess, TrainCallbacks
 from ..run.loop import StepRecord, TrainingDiverged
-from ..run.train_settings import TEXT_PARTS, TrainSettings, check_inputs, part_rates_for
-from ..run.trainer import Run, RunPlan, loaded_for, plan_memory_of
-from ..settings import SettingError, setting, setting_like, validate
+from ..run.plan import RunInputs, check_run, plan_sweep
+from ..run.train_settings import TrainSettings
+from ..run.trainer import Run, execute
+from ..settings import NodeSettings, SettingError, setting, setting_like, validate
 from .rates import INHERIT, LearningRates
 from .schedules import ScheduleSettings
 
@@ -45,8 +43,10 @@ SMOOTHING_WINDOW = 3             # points in the centred moving average of the v
 
 
 @dataclass(frozen=True)
-class FinderSettings:
+class FinderSettings(NodeSettings):
     """The LR Finder node's widgets; the LoRA ones are Train LoRA's (same choices and defaults)."""
+
+    TITLE = "LR Finder"
 
     min_lr: float = setting(1e-6, "Lowest rate of the sweep (the first step).", min=1e-9, max=10.0, step=1e-7,
                             round=False)
@@ -67,7 +67,7 @@ class FinderSettings:
     base_weights: str = setting_like(TrainSettings, "base_weights")
 
     def __post_init__(self) -> None:
-        validate(self, "LR Finder")
+        validate(self, self.TITLE)
         if self.min_lr >= self.max_lr:
             raise SettingError(f"LR Finder: min_lr = {self.min_lr:g} must be below max_lr = {self.max_lr:g} "
                                "(e.g. 1e-6 and 1e-2).")
@@ -83,20 +83,14 @@ class FinderSettings:
                              vram_budget_gb=self.vram_budget_gb, base_weights=self.base_weights)
 
 
-@dataclass(frozen=True)
-class SweepRecord:
-    step: int
-    lr: float
-    loss: float
-    val_loss: float | None = None
-
-    def as_json(self) -> str:
-        return json.dumps({"step": self.step, "lr": self.lr, "loss": self.loss, "val_loss": self.val_loss})
+def sweep_line(record: StepRecord, rate: float) -> str:
+    """A line of sweep.jsonl: the step, the swept rate, the training and the validation loss."""
+    return json.dumps({"step": record.step, "lr": rate, "loss": record.loss, "val_loss": record.val_loss})
 
 
 @dataclass
 class FinderResult:
-    records: list[SweepRecord]
+    records: list[StepRecord]          # the loop's records (the rate swept at a step: FinderSettings.rate)
     suggested_lr: float
     min_loss_lr: float | None          # the rate at the smoothed curve's minimum
     steepest_lr: float | None          # the rate where the smoothed curve falls fastest (per decade)
@@ -179,43 +173,43 @@ def free_run_dir(root: Path) -> Path:
     return root / f"sweep_{number:04d}"
 
 
+def check_sweep(settings: FinderSettings, dataset, rates: LearningRates | None, family: str, device_type: str,
+                text_parts=None) -> RunInputs:
+    """Train LoRA's checks (training/run/plan.py check_run) on the throwaway LoRA, before any model loads.
+
+    rates: given, every part is swept by the same factor (their ratios kept); None, the UNet alone."""
+    swept = rates if rates is not None else LearningRates(learning_rate=1.0, unet_lr=INHERIT, text_encoder_lr=0.0)
+    return check_run(settings.train_settings("lr_finder"), dataset, swept,
+                     ScheduleSettings(scheduler="constant", warmup=0.0), family, device_type, text_parts)
+
+
 def find_lr(settings: FinderSettings, access: ModelAccess, dataset, rates: LearningRates | None, output_dir: Path,
             callbacks: TrainCallbacks | None = None,
-            on_record: Callable[[SweepRecord, int], None] | None = None) -> FinderResult:
-    """Run the sweep on a throwaway LoRA; the models in `access` are restored exactly whatever happens.
+            on_record: Callable[[StepRecord, int], None] | None = None) -> FinderResult:
+    """Check (:func:`check_sweep`) against the models in `access`, then :func:`sweep`."""
+    inputs = check_sweep(settings, dataset, rates, access.family, access.device.type, access.text_encoders)
+    return sweep(settings, inputs, access, output_dir, callbacks, on_record)
 
-    rates: given, every part is swept by the same factor (their ratios kept); None, the UNet alone.
-    """
+
+def sweep(settings: FinderSettings, inputs: RunInputs, access: ModelAccess, output_dir: Path,
+          callbacks: TrainCallbacks | None = None,
+          on_record: Callable[[StepRecord, int], None] | None = None) -> FinderResult:
+    """Run the sweep on a throwaway LoRA; the models in `access` are restored exactly whatever happens.
+    `on_record(record, total steps)` sees every step's record as the loop made it."""
     callbacks = callbacks or TrainCallbacks()
-    swept = rates if rates is not None else LearningRates(learning_rate=1.0, unet_lr=INHERIT, text_encoder_lr=0.0)
-    train_settings = settings.train_settings("lr_finder")
-    access = access.with_sampling(train_settings.timestep_sampling, train_settings.timestep_shift)
-    schedule = ScheduleSettings(scheduler="constant", warmup=0.0)
-    part_rates = part_rates_for(swept, access.family, access.text_encoders)
-    check_inputs(train_settings, dataset, part_rates, schedule, access.family, access.device.type)
-    base = sweep_base(part_rates)
+    base = sweep_base(inputs.part_rates)
     run_dir = free_run_dir(output_dir / "lora_lab" / "lr_finder")
-    run_dir.mkdir(parents=True)
-    check_base_weights(train_settings, access, "LR Finder")
-    memory = plan_memory_of(train_settings, access, swept)
-    plan = RunPlan(settings=train_settings, access=access, dataset=dataset, rates=swept, schedule=schedule,
-                   loras_dir=run_dir, output_dir=output_dir, started=0.0, part_rates=part_rates,
-                   trained_text=[part for part in TEXT_PARTS if part_rates[part] > 0],
-                   identity={}, resumed=None, run_dir=run_dir, log_path=None, previous_lines=[],
-                   base_name="lr_finder", lora_settings={}, memory=memory)
-    records: list[SweepRecord] = []
+    records: list[StepRecord] = []
     state = {"min": math.inf, "baseline": math.inf}
     sweep_path = run_dir / "sweep.jsonl"
-    stopped = f"reached max_lr after {settings.steps} steps"
 
     def on_step(record: StepRecord, total: int) -> None:
         swept_rate = settings.rate(record.step)
-        sweep_record = SweepRecord(step=record.step, lr=swept_rate, loss=record.loss, val_loss=record.val_loss)
-        records.append(sweep_record)
+        records.append(record)
         with open(sweep_path, "a", encoding="utf-8") as handle:
-            handle.write(sweep_record.as_json() + "\n")
+            handle.write(sweep_line(record, swept_rate) + "\n")
         if on_record is not None:
-            on_record(sweep_record, total)
+            on_record(record, total)
         if record.val_loss is not None:
             if not math.isfinite(record.val_loss):
                 raise SweepStop(f"the validation loss became {record.val_loss} at {swept_rate:.3g}")
@@ -225,26 +219,26 @@ def find_lr(settings: FinderSettings, access: ModelAccess, dataset, rates: Learn
             if gave_back(record.val_loss, state["min"], state["baseline"]):
                 raise SweepStop(f"the validation loss gave back {GIVEN_BACK:.0%} of its gain at {swept_rate:.3g}")
 
-    run = Run(plan, TrainCallbacks(on_step=on_step, check_cancel=callbacks.check_cancel),
-              validation_shape=(FINDER_IMAGES, FINDER_TIMESTEPS))
-    with loaded_for(access, memory), torch.inference_mode(False), contextlib.ExitStack() as stack:
+    def train(run: Run) -> tuple[int, str]:
+        """(steps between validations, why the sweep ended)."""
+        validation = run.validation
+        every = validate_every(validation.size, settings)
+        state["baseline"] = validation.loss()
         try:
-            run.attach(stack)
-            run.prepare(stack)
-            validation = run.validation
-            every = validate_every(validation.size, settings)
-            baseline = state["baseline"] = validation.loss()
-            try:
-                run.run(multiplier=lambda step: settings.rate(step) / base,
-                        validate=validation.every(every, settings.steps))
-            except SweepStop as stop:
-                stopped = f"stopped early: {stop}"
-            except TrainingDiverged as error:
-                stopped = (f"stopped early: the training {error.what} became {error.loss} at "
+            run.run(multiplier=lambda step: settings.rate(step) / base, validate=validation.every(every, settings.steps))
+        except SweepStop as stop:
+            return every, f"stopped early: {stop}"
+        except TrainingDiverged as error:
+            return every, (f"stopped early: the training {error.what} became {error.loss} at "
                            f"{settings.rate(error.step):.3g}")
-        finally:
-            run.detach()
-    points = [(record.lr, record.val_loss) for record in records
+        return every, f"reached max_lr after {settings.steps} steps"
+
+    run, (every, stopped) = execute(
+        inputs, access, lambda access, memory: plan_sweep(inputs, access, output_dir, run_dir, memory),
+        TrainCallbacks(on_step=on_step, check_cancel=callbacks.check_cancel), train,
+        validation_shape=(FINDER_IMAGES, FINDER_TIMESTEPS))
+    baseline = state["baseline"]
+    points = [(settings.rate(record.step), record.val_loss) for record in records
               if record.val_loss is not None and math.isfinite(record.val_loss)]
     if points:   # the point that tripped a stop rule is past the curve's useful end
         lowest = min(loss for _, loss in points)
@@ -252,11 +246,10 @@ def find_lr(settings: FinderSettings, access: ModelAccess, dataset, rates: Learn
                   if loss <= STOP_FACTOR * lowest and not gave_back(loss, lowest, baseline)]
     curve = smoothed_curve(points)
     suggestion, min_rate, steepest = suggest(curve, settings)
-    suggested_rates = (scaled_rates(rates, suggestion / base) if rates is not None
-                       else LearningRates(learning_rate=suggestion, unet_lr=INHERIT, text_encoder_lr=0.0))
-    return FinderResult(memory=memory.summary(), records=records, suggested_lr=suggestion, min_loss_lr=min_rate, steepest_lr=steepest,
-                        baseline_val_loss=baseline, stopped=stopped, validate_every=every, run_dir=run_dir,
-                        learning_rates=suggested_rates, curve=curve)
+    return FinderResult(memory=run.plan.memory.summary(), records=records, suggested_lr=suggestion,
+                        min_loss_lr=min_rate, steepest_lr=steepest, baseline_val_loss=baseline, stopped=stopped,
+                        validate_every=every, run_dir=run_dir,
+                        learning_rates=scaled_rates(inputs.rates, suggestion / base), curve=curve)
 
 
 def summary(result: FinderResult, settings: FinderSettings) -> str:

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from ..charts.parts import PART_LABELS
-from ..settings import SettingError, setting, specs, validate
+from ..settings import NodeSettings, SettingError, setting, validate
 from .schedules import ScheduleSettings
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
@@ -65,9 +65,11 @@ def _block_weights_rule(text: str) -> None:
 
 
 @dataclass(frozen=True)
-class LearningRates:
+class LearningRates(NodeSettings):
     """The LORA_LEARNING_RATES socket value (the UNet/TE Learning Rates node's widgets; each field is the
     one source of its default, range and help). Rates are per optimizer step, before the schedule."""
+
+    TITLE = "UNet/TE Learning Rates"
 
     learning_rate: float = setting(1e-4, "Global rate per optimizer step; UNet and TE inherit it when set to -1. "
                                          "1e-4 is a common LoRA rate with AdamW.",
@@ -86,7 +88,7 @@ class LearningRates:
                                           "empty = all 1; 0 freezes a block).", check=_block_weights_rule)
 
     def __post_init__(self) -> None:
-        validate(self, "UNet/TE Learning Rates")
+        validate(self, self.TITLE)
 
     def resolved(self) -> dict[str, float]:
         """Base rate of each part after the inherit rules; 0.0 means frozen."""
@@ -133,17 +135,3 @@ class LearningRates:
             lines.append("Nothing is trained: every rate resolves to 0. Set learning_rate or a part's rate > 0.")
         return "\n".join(lines)
 
-
-def rates_from_values(values: dict) -> LearningRates:
-    """Build rates from widget values (missing keys take the node's defaults)."""
-    defaults = {name: default for name, (default, _) in specs(LearningRates).items()}
-    merged = {**defaults, **{key: value for key, value in values.items() if key in defaults}}
-    try:
-        return LearningRates(
-            learning_rate=float(merged["learning_rate"]), unet_lr=float(merged["unet_lr"]),
-            text_encoder_lr=float(merged["text_encoder_lr"]), text_encoder_2_lr=float(merged["text_encoder_2_lr"]),
-            lora_plus_ratio=float(merged["lora_plus_ratio"]), unet_block_weights=str(merged["unet_block_weights"]))
-    except SettingError:
-        raise
-    except (TypeError, ValueError) as error:
-        raise SettingError(f"UNet/TE Learning Rates: a setting has the wrong type ({error}). Values: {values}") from None

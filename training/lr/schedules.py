@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from ..settings import SettingError, setting, specs, validate
+from ..settings import NodeSettings, SettingError, setting, validate
 
 WARMUP_UNITS = ("steps", "percent")
 
@@ -228,9 +228,11 @@ SCHEDULER_NAMES = tuple(SCHEDULES)
 
 
 @dataclass(frozen=True)
-class ScheduleSettings:
+class ScheduleSettings(NodeSettings):
     """The LR_SCHEDULE socket value (the LR Schedule node's widgets; each field is the one source of its
     default, range and help): how the base rate is scaled over training."""
+
+    TITLE = "LR Schedule"
 
     scheduler: str = setting("cosine", (
         "Shape of the rate after warmup. constant: flat, no warmup (use constant_with_warmup to warm up). "
@@ -263,7 +265,7 @@ class ScheduleSettings:
                                  max=1_000_000)
 
     def __post_init__(self) -> None:
-        validate(self, "LR Schedule")
+        validate(self, self.TITLE)
         if self.warmup_unit == "percent" and self.warmup > 100:
             raise SettingError(f"LR Schedule: warmup = {self.warmup}% is longer than training (100%). "
                                "Use a value between 0 and 100 (5-10% is typical).")
@@ -328,19 +330,3 @@ class ScheduleSettings:
             return f"warmup is not used by {self.scheduler}; choose {alternative} to warm up"
         return ""
 
-
-def settings_from_values(values: dict) -> ScheduleSettings:
-    """Build settings from widget values (missing keys take the node's defaults); types coerced."""
-    defaults = {name: default for name, (default, _) in specs(ScheduleSettings).items()}
-    merged = {**defaults, **{key: value for key, value in values.items() if key in defaults}}
-    try:
-        return ScheduleSettings(
-            scheduler=str(merged["scheduler"]), warmup=float(merged["warmup"]),
-            warmup_unit=str(merged["warmup_unit"]), num_cycles=int(merged["num_cycles"]),
-            power=float(merged["power"]), min_lr_ratio=float(merged["min_lr_ratio"]),
-            decay_ratio=float(merged["decay_ratio"]), step_rules=str(merged["step_rules"]),
-            preview_steps=int(merged["preview_steps"]))
-    except SettingError:
-        raise
-    except (TypeError, ValueError) as error:
-        raise SettingError(f"LR Schedule: a setting has the wrong type ({error}). Values: {values}") from None

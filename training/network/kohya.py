@@ -8,7 +8,10 @@ Key names are the ones kohya sd-scripts writes and ComfyUI / A1111 / Forge / dif
 each with ``.lora_down.weight`` (peft's A), ``.lora_up.weight`` (B), ``.alpha`` (scale =
 alpha / rank) and, with DoRA, ``.dora_scale``. SD3 files use diffusers/peft names instead
 (``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``; training/families/table.py says why):
-``diffusers_unet_names``, ``file_entries`` and ``lora_state_dict`` write them.
+``diffusers_unet_names``, ``file_entries`` and ``lora_state_dict`` write them. A model trained through
+the generic path gets ComfyUI's native names (key style "comfy", ``comfy_unet_names``):
+``diffusion_model.<ComfyUI path>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, which
+comfy.lora's key map holds for every weight of every model ComfyUI loads.
 """
 from __future__ import annotations
 
@@ -55,6 +58,18 @@ def kohya_unet_names(weight_key_map: Mapping[str, str], module_paths: list[str],
         if chosen is None:
             raise ValueError(f"ComfyUI's LoRA key map has no kohya name for UNet layer {path}")
         names[path] = chosen
+    return names
+
+
+def comfy_unet_names(weight_key_map: Mapping[str, str], module_paths: list[str]) -> dict[str, str]:
+    """Module path (relative to diffusion_model) -> ComfyUI's native key stem ``diffusion_model.<path>``:
+    comfy.lora.model_lora_keys_unet maps that stem to the layer's weight for every model."""
+    names = {}
+    for path in module_paths:
+        stem = f"diffusion_model.{path}"
+        if weight_key_map.get(stem) != f"{stem}.weight":
+            raise ValueError(f"ComfyUI's LoRA key map has no native name for layer {path}")
+        names[path] = stem
     return names
 
 
@@ -134,10 +149,11 @@ def file_entries(name, weights: dict[str, torch.Tensor]) -> list[tuple[str, dict
 
 def lora_state_dict(entries: list[tuple[str, dict[str, torch.Tensor]]], alpha: float, dtype: torch.dtype,
                     key_style: str) -> dict[str, torch.Tensor]:
-    """The file's tensors in the family's key style: "kohya" (lora_down/lora_up/alpha) or "diffusers"
+    """The file's tensors in the family's key style: "kohya" and "comfy" (lora_down/lora_up/alpha; their
+    stems differ) or "diffusers"
     (peft's lora_A/lora_B with the alpha / rank scale folded into B: diffusers rejects non-LoRA keys
     such as .alpha, and ComfyUI then applies scale 1)."""
-    if key_style == "kohya":
+    if key_style in ("kohya", "comfy"):
         return kohya_state_dict(entries, alpha, dtype)
     dtype = file_dtype(entries, dtype)
     tensors: dict[str, torch.Tensor] = {}

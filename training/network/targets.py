@@ -154,3 +154,81 @@ def dit_block_of(targets: DitTargets, paths: list[str]) -> dict[str, str]:
             if path.startswith(block + "."):
                 result[path] = group
     return result
+
+
+# The generic path (a model with no table entry): targets found by the model's structure ----------------
+
+# A Linear whose path inside its block has a part containing one of these words is attention / feed-forward.
+ATTENTION_WORDS = ("attn", "attention")
+FEED_FORWARD_WORDS = ("mlp", "ff", "ffn", "feed_forward", "feedforward")
+# A container of blocks counts when its blocks are at least this share of the largest container's
+# (by parameters per block): Flux-like single-stream blocks (~40% of a double block) and refiner stacks
+# of the main block's class count; small repeated helpers (Chroma's guidance MLPs, ~13%) do not.
+_BLOCK_SIZE_SHARE = 0.25
+
+
+def _parameter_count(module: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+def _block_containers(diffusion_model: torch.nn.Module) -> list[tuple[str, int, int]]:
+    """(path, parameters, blocks) of every ModuleList whose items share one class and hold a Linear,
+    outermost only (a list inside a counted block is part of that block), in definition order. A list of
+    bare Linear layers (per-input projections) is not a list of blocks."""
+    found: list[tuple[str, int, int]] = []
+    for path, module in diffusion_model.named_modules():
+        if not path or not isinstance(module, torch.nn.ModuleList) or len(module) == 0:
+            continue
+        if any(path.startswith(f"{outer}.") for outer, _, _ in found):
+            continue
+        if len({type(block) for block in module}) != 1 or isinstance(module[0], torch.nn.Linear):
+            continue
+        if not any(isinstance(layer, torch.nn.Linear) for layer in module.modules()):
+            continue
+        found.append((path, _parameter_count(module), len(module)))
+    return found
+
+
+def _is_attention(relative_path: str) -> bool:
+    return any(word in part for part in relative_path.lower().split(".") for word in ATTENTION_WORDS)
+
+
+def _is_feed_forward(relative_path: str) -> bool:
+    """A part named like a feed-forward: mlp, ff, ffn or feed_forward, alone or as a word of it (img_mlp, ff_i)."""
+    return any({part, *part.split("_")} & set(FEED_FORWARD_WORDS) for part in relative_path.lower().split("."))
+
+
+def dit_targets_by_structure(diffusion_model: torch.nn.Module) -> DitTargets:
+    """The generic path's DitTargets, read off the model (no family knowledge):
+
+    blocks: the ModuleLists of identical-class blocks that hold the model's weight: the container with
+    the most parameters, plus every other one whose blocks are at least a quarter of its blocks' size
+    (Flux-like double + single blocks, Lumina's refiners + layers, PixArt's blocks, a UNet's
+    input/middle/output blocks). call_order: those containers in the model's definition order (how
+    DiTs call them; block streaming learns the real order while it runs).
+    attention: the Linear layers whose path inside the block has a part containing "attn" or
+    "attention"; in a container whose blocks name no attention (a fused single-stream block), all its
+    Linear layers. feed_forward: parts named mlp / ff* / ffn / feed_forward. kohya_default and
+    all_linear_conv: every Linear in the blocks (sd-scripts' DiT default)."""
+    containers = _block_containers(diffusion_model)
+    if not containers:
+        raise ValueError(f"{type(diffusion_model).__name__} has no list of repeated blocks holding Linear "
+                         "layers, so the generic path finds nothing to train")
+    largest = max(containers, key=lambda container: container[1])
+    per_block = largest[1] / largest[2]
+    chosen = [path for path, count, blocks in containers if count / blocks >= _BLOCK_SIZE_SHARE * per_block]
+    attention: dict[str, None] = {}
+    feed_forward: dict[str, None] = {}
+    for container in chosen:
+        relative = [(name.split(".", 1)[1])
+                    for name, layer in diffusion_model.get_submodule(container).named_modules()
+                    if isinstance(layer, torch.nn.Linear) and "." in name]
+        named_attention = [path for path in relative if _is_attention(path)]
+        attention.update(dict.fromkeys(named_attention or relative))
+        feed_forward.update(dict.fromkeys(path for path in relative if _is_feed_forward(path) and path not in attention))
+    return DitTargets(blocks=tuple(f"{path}." for path in chosen),
+                      attention=tuple(f".{path}" for path in attention),
+                      feed_forward=tuple(f".{path}" for path in feed_forward),
+                      kohya_default="all", call_order=tuple(chosen),
+                      kohya_default_source="the generic path: every Linear of the repeated blocks, as sd-scripts' "
+                                           "DiT networks (lora_flux, lora_sd3) train every Linear of their blocks")

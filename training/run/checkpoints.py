@@ -33,10 +33,11 @@ def run_identity(settings: TrainSettings, rates, schedule, dataset, access: Mode
     return json.loads(json.dumps(identity, default=str))
 
 
-def load_resume_state(resume_from: str | Path, runs_dir: Path, identity: dict[str, Any],
+def load_resume_state(resume_from: str | Path, state_path: Path, identity: dict[str, Any],
                       settings: TrainSettings) -> resume.ResumeState:
-    """Load and check a checkpoint; ValueError naming what differs and how to fix it."""
-    state = resume.load_state(resume.resolve_state_path(resume_from, runs_dir))
+    """Load and check the checkpoint at `state_path` (what `resume_from` names); ValueError naming what
+    differs and how to fix it."""
+    state = resume.load_state(state_path)
     differences = resume.identity_differences(state.identity, identity)
     if differences:
         raise ValueError(f"Train LoRA: resume_from = {str(resume_from)!r} was saved by a run with a different "

@@ -62,11 +62,14 @@ class ModelAccess:
     # their weight to the compute dtype per forward. None: the host cannot (only as_loaded then).
     quantizable_layers: Callable[[], list[torch.nn.Module]] | None = None
     cast_per_forward: Callable[[list[torch.nn.Module]], ContextManager] | None = None
+    # The generic path: its table entry resolved for this model (Family.resolved: objective, targets by
+    # structure, sigma default); None = the table's entry.
+    resolved_entry: Family | None = None
 
     @property
     def entry(self) -> Family:
-        """The family's table entry (training/families/table.py)."""
-        return FAMILIES[self.family]
+        """The family's table entry (training/families/table.py), as resolved for this model."""
+        return self.resolved_entry if self.resolved_entry is not None else FAMILIES[self.family]
 
     def with_sampling(self, timestep_sampling: str, timestep_shift: float) -> ModelAccess:
         """This access with the run's sigma sampler (flow families; `auto` = the family's default)."""
@@ -86,6 +89,15 @@ class TrainingResult:
     cache_bytes: dict[str, int] = field(default_factory=dict)   # in-memory caches at the end (latents, text)
     memory: str = ""                                            # the memory plan, in words
     device_peak: int = 0                                        # base-weight bytes on the device at most (ledger)
+
+    def summary(self, name: str) -> str:
+        """A few lines for people: the file as LoraLoader lists it (`name`), steps, time and final loss,
+        and the memory plan."""
+        lines = [f"LoRA: {name}",
+                 f"{self.records[-1].step + 1} steps in {self.seconds:.1f} s, final loss {self.records[-1].loss:.4f}"]
+        if self.memory:
+            lines.append(f"Memory: {self.memory}")
+        return "\n".join(lines)
 
 
 @dataclass

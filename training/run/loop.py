@@ -205,11 +205,14 @@ class StepRecord:
     loss: float
     lr: dict[str, float]
     val_loss: float | None = None   # the stable validation loss after this step, on the steps it ran
+    memory: dict | None = None      # the run's memory plan, on the first step's record only
 
     def as_json(self) -> str:
         record = {"step": self.step, "loss": self.loss, "lr": self.lr}
         if self.val_loss is not None:
             record["val_loss"] = self.val_loss
+        if self.memory is not None:
+            record["memory"] = self.memory
         return json.dumps(record)
 
 
@@ -231,12 +234,14 @@ def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective
              on_step: Callable[[StepRecord, int], None] | None = None,
              check_cancel: Callable[[], None] | None = None,
              scaler: torch.amp.GradScaler | None = None,
-             validate: Callable[[int], float | None] | None = None) -> list[StepRecord]:
+             validate: Callable[[int], float | None] | None = None,
+             memory: dict | None = None) -> list[StepRecord]:
     """Train steps settings.start_step .. total_steps - 1; returns one record per step run (also
     appended to log_path). `on_step(record, total steps)` is called after each update and
     `check_cancel()` before each micro-batch (it raises to stop the run). With fp16, `scaler` is the
     loss scaler to use (one is made when None). `validate(step)`, after each update, returns that
-    step's validation loss or None.
+    step's validation loss or None. `memory` (the memory plan) goes into step 0's record, so a log
+    holds it once, in its first line.
 
     Each step: every group's lr = its base_lr x multiplier(step) (set explicitly), then
     `gradient_accumulation` micro-batches, gradient clipping, the update; the rates are read back from
@@ -287,7 +292,8 @@ def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             record = StepRecord(step=step, loss=loss_value, lr=applied_rates(optimizer),
-                                val_loss=validate(step) if validate is not None else None)
+                                val_loss=validate(step) if validate is not None else None,
+                                memory=memory if step == 0 else None)
             records.append(record)
             if log_file is not None:
                 log_file.write(record.as_json() + "\n")

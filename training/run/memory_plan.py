@@ -104,6 +104,10 @@ class MemoryPlan:
                       window_bytes=self.window_bytes, estimated_peak=self.estimated_peak)
         return values
 
+    def as_record(self) -> dict:
+        """The plan in words and numbers: the `memory` field of the first step's line in log.jsonl."""
+        return {"summary": self.summary(), **self.as_dict()}
+
 
 def plan_memory(requested: str, device: str, budget: int, fixed: int, block_sizes: list[int], training: int,
                 reserve: int, prefetch: int = 1, base_weights: str = "as_loaded") -> MemoryPlan:

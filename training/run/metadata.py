@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..data.feeder import batches_per_epoch_of
-from ..families.table import FAMILIES
+from ..families.table import family_labels
 from ..network import kohya
 from .host import ModelAccess
 from .train_settings import TrainSettings
@@ -28,7 +28,6 @@ def kohya_fields(settings: TrainSettings, rates, schedule, dataset, access: Mode
                   fp8_base: bool = False) -> dict[str, Any]:
     """sd-scripts' ss_* training metadata for this run, as train_network.py names and fills it
     (tests/comfy/test_kohya_metadata.py lists every key and each deliberate difference)."""
-    family = access.family
     network_args: dict[str, str] = {}
     if conv_trained:   # 3x3 convolutions trained (LoCon): kohya records their rank/alpha this way
         network_args.update({"conv_dim": str(settings.rank), "conv_alpha": str(settings.alpha)})
@@ -50,7 +49,7 @@ def kohya_fields(settings: TrainSettings, rates, schedule, dataset, access: Mode
         "ss_unet_lr": part_rates["unet"],
         "ss_text_encoder_lr": part_rates["text_encoder"],
         # sd-scripts keeps only the first text encoder's rate in ss_text_encoder_lr; SDXL's second one:
-        "ss_text_encoder_2_lr": part_rates["text_encoder_2"] if "text_encoder_2" in FAMILIES[family].text_parts else None,
+        "ss_text_encoder_2_lr": part_rates["text_encoder_2"] if "text_encoder_2" in access.entry.text_parts else None,
         "ss_lr_scheduler": schedule.scheduler,
         "ss_lr_warmup_steps": schedule.warmup_steps(settings.steps),
         "ss_max_train_steps": settings.steps,
@@ -61,8 +60,8 @@ def kohya_fields(settings: TrainSettings, rates, schedule, dataset, access: Mode
         "ss_num_reg_images": 0,
         "ss_num_batches_per_epoch": batches_per_epoch,
         "ss_resolution": f"({dataset.options.resolution}, {dataset.options.resolution})",
-        "ss_base_model_version": FAMILIES[family].base_model_version,
-        "ss_v2": FAMILIES[family].kohya_v2,
+        "ss_base_model_version": access.entry.base_model_version,
+        "ss_v2": access.entry.kohya_v2,
         "ss_clip_skip": access.clip_skip,
         "ss_optimizer": settings.optimizer,
         "ss_seed": settings.training_seed,
@@ -91,10 +90,22 @@ def kohya_fields(settings: TrainSettings, rates, schedule, dataset, access: Mode
         "ss_fp8_base": fp8_base,
         "ss_fp8_base_unet": fp8_base,
         # Flow-matching runs: how sigmas were drawn (sd-scripts' names) and the guidance trained with.
-        "ss_timestep_sampling": access.sampling[0] if FAMILIES[family].flow else None,
-        "ss_discrete_flow_shift": access.sampling[1] if FAMILIES[family].flow and access.sampling[0] == "shift" else None,
+        "ss_timestep_sampling": access.sampling[0] if access.entry.flow else None,
+        "ss_discrete_flow_shift": access.sampling[1] if access.entry.flow and access.sampling[0] == "shift" else None,
         "ss_guidance_scale": access.training_guidance,
+        "lora_lab_generic_path": generic_path_note(access),
     }
+
+
+def generic_path_note(access: ModelAccess) -> str | None:
+    """For a model trained through the generic path: which model, and that it is not a first-class family."""
+    entry = access.entry
+    if not entry.structural:
+        return None
+    return (f"{entry.model_name} has no first-class entry ({family_labels()}): trained through the generic "
+            f"path, targets found by its structure ({', '.join(entry.dit.call_order)}), objective "
+            f"{access.objective.prediction_type} from its model_sampling, conditioning from its extra_conds, "
+            "text encoders frozen, ComfyUI-native diffusion_model.<path> keys")
 
 
 def file_metadata(fields: dict[str, Any], lora_settings: dict[str, Any], tensors: dict[str, torch.Tensor],
@@ -102,7 +113,7 @@ def file_metadata(fields: dict[str, Any], lora_settings: dict[str, Any], tensors
     """Everything the file's header holds: ss_* fields, our settings, the modelspec.* keys and the
     sshs_* hashes (computed last, over the tensors and ss_* fields, as sd-scripts does)."""
     metadata = kohya.kohya_metadata(fields, lora_settings)
-    metadata.update(kohya.modelspec_metadata(FAMILIES[access.family], access.objective.prediction_type, title,
+    metadata.update(kohya.modelspec_metadata(access.entry, access.objective.prediction_type, title,
                                              resolution, started, access.clip_skip,
                                              guidance_input=access.training_guidance is not None))
     metadata.update(kohya.safetensors_hashes(tensors, metadata))

@@ -9,11 +9,11 @@ import torch
 
 from ..data.feeder import largest_bucket_size
 from ..families.sigmas import TIMESTEP_SAMPLINGS
-from ..families.table import FAMILIES, check_family_settings
+from ..families.table import FAMILIES, Family, check_family_settings, family_entry
 from ..lr.optimizers import OPTIMIZERS, check_optimizer
 from ..network import kohya
 from ..network.targets import TARGETS
-from ..settings import setting, validate
+from ..settings import NodeSettings, setting, validate
 from .base_weights import BASE_WEIGHTS
 from .memory_plan import MEMORY_MODES
 
@@ -34,9 +34,11 @@ def _lora_name_problem(name: str) -> None:
 
 
 @dataclass(frozen=True)
-class TrainSettings:
+class TrainSettings(NodeSettings):
     """The Train LoRA node's widgets: each field is the one source of its default, range and help
-    (the node's INPUT_TYPES and the README's reference are generated from it)."""
+    (the node's schema inputs and the README's reference are generated from it)."""
+
+    TITLE = "Train LoRA"
 
     steps: int = setting(1000, "Optimizer updates. One step = batch_size x gradient_accumulation images.",
                          min=1, max=1_000_000)
@@ -115,12 +117,14 @@ class TrainSettings:
         "changed. Weights already fp8 stay as loaded."), choices=tuple(BASE_WEIGHTS))
 
     def __post_init__(self) -> None:
-        validate(self, "Train LoRA")
+        validate(self, self.TITLE)
 
 
 @dataclass(frozen=True)
-class RunOptions:
+class RunOptions(NodeSettings):
     """Train LoRA's optional inputs that are not training settings: previews and resume."""
+
+    TITLE = "Train LoRA"
 
     sample_prompt: str = setting("", (
         "Preview prompts drawn with the model being trained, one per line, kohya options allowed: "
@@ -136,7 +140,7 @@ class RunOptions:
         "vram_budget_gb may change); the result equals an uninterrupted run. Empty = start a new run."))
 
     def __post_init__(self) -> None:
-        validate(self, "Train LoRA")
+        validate(self, self.TITLE)
 
 
 def part_rates_for(rates, family: str, text_parts: Iterable[str] | None = None) -> dict[str, float]:
@@ -154,9 +158,13 @@ def part_rates_for(rates, family: str, text_parts: Iterable[str] | None = None) 
     return part_rates
 
 
-def check_inputs(settings: TrainSettings, dataset, part_rates: dict[str, float], schedule, access_family: str,
-                 device_type: str) -> None:
-    """Every check that needs no heavy work; raises ValueError naming input, value and fix."""
+def check_inputs(settings: TrainSettings, dataset, part_rates: dict[str, float], schedule,
+                 access_family: str | Family, device_type: str) -> None:
+    """The checks of a run's settings, dataset, rates and schedule that need no model loaded; raises
+    ValueError naming input, value and fix. Called by check_run (training/run/plan.py), the one place
+    a run's inputs are checked. access_family: the family's key or its entry (a generic entry resolved
+    for its model: ModelAccess.entry)."""
+    entry = family_entry(access_family)
     if dataset is None or not getattr(dataset, "samples", None):
         raise ValueError("Train LoRA: dataset has no images. Point the LoRA Dataset node at a folder with "
                          "images (or feed it an IMAGE batch).")
@@ -167,11 +175,11 @@ def check_inputs(settings: TrainSettings, dataset, part_rates: dict[str, float],
                          f"{len(dataset.samples)} images in {len(dataset.buckets())} bucket(s)). Lower "
                          f"batch_size to at most {largest}, add images or repeats, or turn bucketing off.")
     if not any(rate > 0 for part, rate in part_rates.items()):
-        frozen = FAMILIES[access_family].frozen_text
+        frozen = entry.frozen_text
         raise ValueError("Train LoRA: every learning rate resolves to 0, so nothing would train. Set "
                          "learning_rate (or unet_lr / text_encoder_lr) above 0 in UNet/TE Learning Rates."
-                         + (f" ({FAMILIES[access_family].label}'s text encoders, {frozen}, always stay frozen: "
-                            "set unet_lr.)" if frozen and not FAMILIES[access_family].text_parts else ""))
-    check_family_settings(access_family, settings.noise_offset, settings.min_snr_gamma, settings.timestep_sampling)
+                         + (f" ({entry.label}'s text encoders, {frozen}, always stay frozen: "
+                            "set unet_lr.)" if frozen and not entry.text_parts else ""))
+    check_family_settings(entry, settings.noise_offset, settings.min_snr_gamma, settings.timestep_sampling)
     schedule.check_total(settings.steps)
     check_optimizer(settings.optimizer, device_type)

@@ -2,7 +2,8 @@
 
 The ComfyUI bridge hands over a :class:`ModelAccess` (plain torch modules plus callables); this
 module injects LoRA layers, feeds batches, runs the loop, exports the kohya file and removes every
-change in ``finally``.
+change in ``finally``. Phase 1 (the checks and the plan) is training/run/plan.py; :func:`execute` is
+the sequence every run goes through, Train LoRA's and the LR Finder's alike.
 """
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import json
 import logging
 import time
 import traceback
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Callable, TypeVar
 
 import torch
 
 from ..data.feeder import BatchFeeder
+from ..families.table import FAMILIES, check_family_settings
 from ..lr.optimizers import TrainedLayer, build_optimizer, build_param_groups
 from ..network import kohya
 from ..network.lora import (InjectedLora, checkpointed_forward, inject_lora, lora_weights,
@@ -26,20 +27,21 @@ from ..network.lora import (InjectedLora, checkpointed_forward, inject_lora, lor
 from ..network.targets import text_target_paths, unet_blocks, unet_target_paths
 from . import resume
 from .base_weights import BASE_WEIGHTS, check_base_weights, float8_layers, quantized_weights
-from .checkpoints import (capture_progress, load_resume_state, previous_log_lines, restore_run, resume_weights,
-                          run_identity, seeded_global_rng)
+from .checkpoints import capture_progress, restore_run, resume_weights, seeded_global_rng
 from .host import ModelAccess, TrainCallbacks, TrainingResult
 from .loop import LoopSettings, StepRecord, TrainingDiverged, TrainingOutOfMemory, make_grad_scaler, run_loop
 from .memory import out_of_memory_message, release_device_memory
-from .memory_plan import MemoryPlan, plan_for_run
+from .memory_plan import MemoryPlan
+from .metadata import file_metadata, kohya_fields
+from .plan import RunInputs, RunPlan, check_run, loaded_for, plan_memory_of, plan_run
 from .streaming import BlockStreamer, DeviceLedger, frozen_bytes
-from .metadata import kohya_fields, file_metadata
-from .train_settings import SAVE_DTYPES, TEXT_PARTS, TrainSettings, check_inputs, part_rates_for
+from .train_settings import SAVE_DTYPES, TrainSettings
 from .validation import VALIDATION_IMAGES, VALIDATION_TIMESTEPS, ValidationSet
 
 logger = logging.getLogger("lora_lab")
 
 LATENT_CACHE_FOLDER = ".latent_cache"  # under <output>/lora_lab/; lora names cannot start with "."
+Outcome = TypeVar("Outcome")
 
 
 def text_layer_forward(layer: torch.nn.Module, gradient_checkpointing: bool) -> Callable:
@@ -52,112 +54,64 @@ def text_layer_forward(layer: torch.nn.Module, gradient_checkpointing: bool) -> 
 def train_lora(settings: TrainSettings, access: ModelAccess, dataset, rates, schedule, loras_dir: Path,
                output_dir: Path, callbacks: TrainCallbacks | None = None, resume_from: str | Path = ""
                ) -> TrainingResult:
+    """Check the inputs against the models in `access` (:func:`check_run`), then :func:`train_checked`."""
+    inputs = check_run(settings, dataset, rates, schedule, access.family, access.device.type,
+                       access.text_encoders, resume_from, output_dir)
+    return train_checked(inputs, access, loras_dir, output_dir, callbacks)
+
+
+def train_checked(inputs: RunInputs, access: ModelAccess, loras_dir: Path, output_dir: Path,
+                  callbacks: TrainCallbacks | None = None) -> TrainingResult:
     """Train, save the LoRA into `loras_dir` and return where it went. The modules in `access` are
     restored exactly (originals put back) whatever happens.
 
-    resume_from: a run folder or resume_state.json (see training/run/resume.py) to continue from; the run
-    must have had the same model, dataset and settings (checked before anything is trained).
-
-    The phases, in order: plan (every check and path, no heavy work), attach (trainable copies and
-    LoRA layers), prepare (optimizer, cached latents/captions, generators, a resumed state), run (the
-    step loop, with periodic saves), and on an exception the interruption policy; detach always.
+    inputs: from :func:`check_run` (a node calls it before loading any model); with a resume_from, the
+    run must have had the same model, dataset and settings (checked before anything is trained).
     """
+    def train(run: Run) -> tuple[list[StepRecord], Path]:
+        try:
+            records = run.run()
+        except BaseException as error:
+            run.interrupted(error)
+            raise
+        return records, run.export(run.plan.base_name, inputs.settings.steps)
+
+    run, (records, path) = execute(
+        inputs, access, lambda access, memory: plan_run(inputs, access, loras_dir, output_dir, memory),
+        callbacks or TrainCallbacks(), train)
+    plan = run.plan
+    if plan.resumed is not None:
+        records = [StepRecord(**json.loads(line)) for line in plan.previous_lines] + records
+    return TrainingResult(path=path, records=records, run_dir=plan.run_dir, seconds=time.time() - plan.started,
+                          cache_bytes=run.feeder.cached_bytes(), memory=plan.memory.summary(),
+                          device_peak=run.ledger.peak)
+
+
+def execute(inputs: RunInputs, access: ModelAccess, make_plan: Callable[[ModelAccess, MemoryPlan], RunPlan],
+            callbacks: TrainCallbacks, train: Callable[[Run], Outcome],
+            validation_shape: tuple[int, int] | None = None) -> tuple[Run, Outcome]:
+    """The sequence of every run: the run's sigma sampler, the memory plan, the weights loaded as
+    planned, the plan (`make_plan(access, memory)`, phase 1's rest: folders, log, resumed state), attach
+    the LoRA (phase 2), prepare (phase 3), `train(run)` (phase 4, the caller's: the step loop and what
+    follows it); detach always, whatever `train` raises. Returns the run and what `train` returned."""
+    settings = inputs.settings
+    if access.entry is not FAMILIES[inputs.family]:
+        # An entry resolved from the model (the generic path): its objective is known only now, before
+        # anything loads; a first-class family's settings were checked in check_run.
+        check_family_settings(access.entry, settings.noise_offset, settings.min_snr_gamma, settings.timestep_sampling)
     access = access.with_sampling(settings.timestep_sampling, settings.timestep_shift)
     check_base_weights(settings, access)
-    memory = plan_memory_of(settings, access, rates)
+    memory = plan_memory_of(inputs, access)
     with loaded_for(access, memory):
-        plan = plan_run(settings, access, dataset, rates, schedule, loras_dir, output_dir, resume_from, memory)
-        run = Run(plan, callbacks or TrainCallbacks())
+        run = Run(make_plan(access, memory), callbacks, validation_shape)
         with torch.inference_mode(False), contextlib.ExitStack() as stack:
             try:
                 run.attach(stack)
                 run.prepare(stack)
-                try:
-                    records = run.run()
-                except BaseException as error:
-                    run.interrupted(error)
-                    raise
-                path = run.export(plan.base_name, settings.steps)
+                outcome = train(run)
             finally:
                 run.detach()
-    if plan.resumed is not None:
-        records = [StepRecord(**json.loads(line)) for line in plan.previous_lines] + records
-    return TrainingResult(path=path, records=records, run_dir=plan.run_dir, seconds=time.time() - plan.started,
-                          cache_bytes=run.feeder.cached_bytes(), memory=memory.summary(), device_peak=run.ledger.peak)
-
-
-def plan_memory_of(settings: TrainSettings, access: ModelAccess, rates) -> MemoryPlan:
-    """The memory plan (training/run/memory_plan.py), before anything loads; logged."""
-    part_rates = part_rates_for(rates, access.family, access.text_encoders)
-    memory = plan_for_run(settings, access, [part for part in TEXT_PARTS if part_rates[part] > 0])
-    logger.info("LoRA Lab: %s", memory.summary())
-    return memory
-
-
-def loaded_for(access: ModelAccess, memory: MemoryPlan) -> ContextManager:
-    """The host loads the weights as the plan says: resident on the device, or into host memory to stream
-    or to quantize there."""
-    return access.load(memory.host_loaded) if access.load is not None else contextlib.nullcontext()
-
-
-@dataclass
-class RunPlan:
-    """Everything decided before training starts: checked inputs, rates per part, the file and run
-    folder, a resumed state (checked against this run), and the settings recorded in the file."""
-
-    settings: TrainSettings
-    access: ModelAccess
-    dataset: Any
-    rates: Any
-    schedule: Any
-    loras_dir: Path
-    output_dir: Path
-    started: float
-    part_rates: dict[str, float]
-    trained_text: list[str]
-    identity: dict[str, Any]
-    resumed: resume.ResumeState | None
-    run_dir: Path
-    log_path: Path
-    previous_lines: list[str]
-    base_name: str
-    lora_settings: dict[str, Any]
-    memory: MemoryPlan | None = None        # None: everything resident, as loaded
-
-
-def plan_run(settings: TrainSettings, access: ModelAccess, dataset, rates, schedule, loras_dir: Path,
-             output_dir: Path, resume_from: str | Path, memory: MemoryPlan | None = None) -> RunPlan:
-    """Phase 1: every check that needs no heavy work, then the run folder and its log."""
-    started = time.time()
-    part_rates = part_rates_for(rates, access.family, access.text_encoders)
-    check_inputs(settings, dataset, part_rates, schedule, access.family, access.device.type)
-    identity = run_identity(settings, rates, schedule, dataset, access)
-    resumed = load_resume_state(resume_from, output_dir / "lora_lab", identity, settings) if resume_from else None
-    # The run folder mirrors the file's name inside models/loras ("styles/alice_2" -> lora_lab/styles/alice_2).
-    planned = kohya.free_lora_path(loras_dir, settings.lora_name)
-    run_dir = output_dir / "lora_lab" / Path(kohya.lora_name_for(planned, loras_dir)).with_suffix("")
-    kohya.check_writable(planned.parent)
-    kohya.check_writable(run_dir)
-    log_path = run_dir / "log.jsonl"
-    previous_lines = previous_log_lines(resumed) if resumed else []
-    log_path.write_text("".join(previous_lines), encoding="utf-8")
-    lora_settings = {"train": asdict(settings), "learning_rates": asdict(rates), "lr_schedule": asdict(schedule),
-                     "dataset": {"source": getattr(dataset, "source", ""), "fingerprint": getattr(dataset, "fingerprint", ""),
-                                 "resolution": dataset.options.resolution}}
-    if resumed is not None:
-        lora_settings["resumed_from"] = {"state": str(resumed.path), "step": resumed.step}
-    if memory is not None:
-        lora_settings["memory_plan"] = memory.as_dict()
-        # log.jsonl stays one line per optimizer step (its readers count them): the plan sits beside it.
-        text = json.dumps(memory.as_dict(), indent=1)
-        resume.write_atomically(run_dir / "memory_plan.json",
-                                lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
-    return RunPlan(settings=settings, access=access, dataset=dataset, rates=rates, schedule=schedule,
-                   loras_dir=loras_dir, output_dir=output_dir, started=started, part_rates=part_rates,
-                   trained_text=[part for part in TEXT_PARTS if part_rates[part] > 0], identity=identity,
-                   resumed=resumed, run_dir=run_dir, log_path=log_path, previous_lines=previous_lines,
-                   base_name=kohya.sanitize_lora_name(settings.lora_name),   # no extension: suffixes go before it
-                   lora_settings=lora_settings, memory=memory)
+    return run, outcome
 
 
 class Run:
@@ -289,7 +243,8 @@ class Run:
             validate = self.validation.every(settings.validate_every_n_steps, settings.steps)
         return run_loop(self.loop_settings, self.optimizer, plan.access.objective, self.feeder, multiplier,
                         self.generator, plan.log_path, on_step=self._after_step,
-                        check_cancel=self.callbacks.check_cancel, scaler=self.scaler, validate=validate)
+                        check_cancel=self.callbacks.check_cancel, scaler=self.scaler, validate=validate,
+                        memory=plan.memory.as_record() if plan.memory is not None else None)
 
     def _after_step(self, record: StepRecord, total: int) -> None:
         settings = self.plan.settings

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...settings import setting
+from ...settings import NodeSettings, setting
 
 CROP_MODES = ("center", "random")
 
@@ -24,10 +24,12 @@ class BadImageError(DatasetError):
 
 
 @dataclass(frozen=True)
-class DatasetOptions:
+class DatasetOptions(NodeSettings):
     """Everything the LoRA Dataset node's widgets decide (each field is the one source of its default,
-    range and help: the node's INPUT_TYPES are generated from it); validated on construction, with
+    range and help: the node's schema inputs are generated from it); validated on construction, with
     DatasetError messages that name the option, the value and the fix."""
+
+    TITLE = "LoRA Dataset"
 
     resolution: int = setting(512, "Training resolution: buckets have about resolution x resolution pixels. 512 "
                                    "for SD1.x, 768 for SD2.x, 1024 for SDXL.", min=64, max=4096, step=8)
