@@ -32,7 +32,7 @@ from lora_lab_devtools import flow_fixtures
 from lora_lab_devtools.tiny_checkpoint import TINY_SD15_UNET
 
 from .test_flow_families import CAPTIONS, link, no_unmatched, release_all_models, state_bytes
-from .test_train import pattern_images, rates, read_lora, schedule, stock_lora_loader, train
+from .test_train import pattern_images, rates, read_lora, schedule, stock_lora_loader, train, train_outputs
 
 FIXED_SIGMAS = (0.5, 0.75, 0.9)       # flow models (Lumina 2's default shift 6 trains mostly above 0.5)
 FIXED_TIMESTEPS = (900, 600, 300)     # discrete models
@@ -146,9 +146,11 @@ def check_generic_training(comfy, loaded, caplog, lora_name: str, model_class: s
     before_outputs = outputs(model, clip, vae)
 
     with caplog.at_level(logging.INFO, logger="lora_lab"):
-        trained_model, _, name, _ = train(comfy, loaded, dataset, rates(comfy, learning_rate=learning_rate),
-                                          schedule(comfy), steps=4, batch_size=2, target=target,
-                                          lora_name=lora_name, save_precision="fp32", **widgets)
+        trained_model, _, name, _, summary = train_outputs(
+            comfy, loaded, dataset, rates(comfy, learning_rate=learning_rate), schedule(comfy), steps=4, batch_size=2,
+            target=target, lora_name=lora_name, save_precision="fp32", **widgets)
+    # The node's summary says the model trained through the generic path, and names the first-class families.
+    assert f"Model: {model_class} has no first-class entry" in summary and "Z-Image" in summary, summary
     messages = [record.getMessage() for record in caplog.records]
     assert state_bytes(model.model.diffusion_model, clip.cond_stage_model) == base_bytes   # the input untouched
     assert any(f"{model_class} is not one of the first-class families" in message and "generic path" in message

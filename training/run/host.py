@@ -89,6 +89,7 @@ class TrainingResult:
     cache_bytes: dict[str, int] = field(default_factory=dict)   # in-memory caches at the end (latents, text)
     memory: str = ""                                            # the memory plan, in words
     device_peak: int = 0                                        # base-weight bytes on the device at most (ledger)
+    model_note: str = ""                                        # how the model was trained, where it is not a first-class family
 
     def summary(self, name: str) -> str:
         """A few lines for people: the file as LoraLoader lists it (`name`), steps, time and final loss,
@@ -97,6 +98,8 @@ class TrainingResult:
                  f"{self.records[-1].step + 1} steps in {self.seconds:.1f} s, final loss {self.records[-1].loss:.4f}"]
         if self.memory:
             lines.append(f"Memory: {self.memory}")
+        if self.model_note:
+            lines.append(f"Model: {self.model_note}")
         return "\n".join(lines)
 
 

@@ -32,7 +32,7 @@ from .host import ModelAccess, TrainCallbacks, TrainingResult
 from .loop import LoopSettings, StepRecord, TrainingDiverged, TrainingOutOfMemory, make_grad_scaler, run_loop
 from .memory import out_of_memory_message, release_device_memory
 from .memory_plan import MemoryPlan
-from .metadata import file_metadata, kohya_fields
+from .metadata import file_metadata, generic_path_note, kohya_fields
 from .plan import RunInputs, RunPlan, check_run, loaded_for, plan_memory_of, plan_run
 from .streaming import BlockStreamer, DeviceLedger, frozen_bytes
 from .train_settings import SAVE_DTYPES, TrainSettings
@@ -84,7 +84,7 @@ def train_checked(inputs: RunInputs, access: ModelAccess, loras_dir: Path, outpu
         records = [StepRecord(**json.loads(line)) for line in plan.previous_lines] + records
     return TrainingResult(path=path, records=records, run_dir=plan.run_dir, seconds=time.time() - plan.started,
                           cache_bytes=run.feeder.cached_bytes(), memory=plan.memory.summary(),
-                          device_peak=run.ledger.peak)
+                          device_peak=run.ledger.peak, model_note=generic_path_note(access) or "")
 
 
 def execute(inputs: RunInputs, access: ModelAccess, make_plan: Callable[[ModelAccess, MemoryPlan], RunPlan],
