@@ -10,6 +10,7 @@ from ..training.data.image_tensors import pil_to_image
 from ..training.lr.charts import sweep_chart
 from ..training.lr.finder import FinderSettings, check_sweep, summary, sweep
 from ..training.run.host import TrainCallbacks
+from ..training.run.memory import give_back_host_memory
 from . import comfy
 from .widgets import inputs, output, socket, training_sockets
 
@@ -56,12 +57,15 @@ class LRFinderNode(io.ComfyNode):
         # Every check before a model loads: a bad input fails here, with the trainer's message.
         checked = check_sweep(settings, dataset, learning_rates, family, comfy.device_type(model))
         train_text = bool(checked.trained_text)
-        with comfy.training_models(model, clip, train_text, settings.memory) as (train_model, train_clip):
-            access = comfy.model_access(train_model, train_clip, vae, family)
-            report = comfy.progress_reporter(settings.steps, unique_id,
-                                             lambda records: sweep_chart(records, settings.rate), label="LR Finder")
-            result = sweep(settings, checked, access, comfy.output_dir(),
-                           TrainCallbacks(check_cancel=comfy.check_cancel), on_record=report)
+        try:
+            with comfy.training_models(model, clip, train_text, settings.memory) as (train_model, train_clip):
+                access = comfy.model_access(train_model, train_clip, vae, family)
+                report = comfy.progress_reporter(settings.steps, unique_id,
+                                                 lambda records: sweep_chart(records, settings.rate), label="LR Finder")
+                result = sweep(settings, checked, access, comfy.output_dir(),
+                               TrainCallbacks(check_cancel=comfy.check_cancel), on_record=report)
+        finally:   # after success, error and Cancel: what the sweep freed goes back to the system
+            give_back_host_memory()
         chart = sweep_chart(result.records, settings.rate, result.curve, result.suggested_lr, result.min_loss_lr,
                             result.steepest_lr, title=f"LR Finder: suggested {result.suggested_lr:.3g}")
         text = summary(result, settings)

@@ -11,6 +11,7 @@ from ..training.data.image_tensors import pil_to_image
 from ..training.families.table import FAMILIES
 from ..training.network.kohya import lora_name_for
 from ..training.run.host import TrainCallbacks
+from ..training.run.memory import give_back_host_memory
 from ..training.run.plan import check_run
 from ..training.run.sampling import parse_sample_prompts
 from ..training.run.train_settings import OPTIONAL_SETTINGS, RunOptions, TrainSettings
@@ -69,7 +70,10 @@ class TrainNode(io.ComfyNode):
         if sample_prompts and options.sample_every_n_steps <= 0:
             logger.warning("LoRA Lab: sample_prompt is set but sample_every_n_steps is 0: no previews will be drawn.")
 
-        result = cls._run(model, clip, vae, checked, sample_prompts, options.sample_every_n_steps, unique_id)
+        try:
+            result = cls._run(model, clip, vae, checked, sample_prompts, options.sample_every_n_steps, unique_id)
+        finally:   # after success, error and Cancel: what the run freed goes back to the system
+            give_back_host_memory()
         trained_model, trained_clip = comfy.apply_lora_file(model, clip, result.path)
         name = lora_name_for(result.path, comfy.loras_dir())
         chart = pil_to_image(training_chart(result.records, title=f"Train LoRA: {name}"))

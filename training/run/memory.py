@@ -2,7 +2,9 @@
 out-of-memory error, and what to tell the user when a run ran out."""
 from __future__ import annotations
 
+import ctypes
 import gc
+import sys
 from pathlib import Path
 
 import torch
@@ -28,6 +30,18 @@ def check_fits(model_bytes: dict[str, int], reserve_bytes: int, free_bytes: int,
                      "is free after ComfyUI unloaded the other models. Set the text-encoder rates to 0 (a frozen "
                      "text encoder is not loaded for training), close other programs that use the GPU, or load the "
                      "checkpoint with a smaller weight dtype (fp16).")
+
+
+def give_back_host_memory() -> None:
+    """After a run: collect garbage and hand the allocator's freed pages back to the system (glibc keeps
+    freed memory in its heap, so the process kept ~8 GB more than it used after training SD3's CLIP-G
+    on a CPU: measured with VmRSS before and after malloc_trim). Nothing to do elsewhere."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):   # not glibc (musl): its allocator returns memory itself
+            pass
 
 
 def release_device_memory(device: torch.device) -> None:
