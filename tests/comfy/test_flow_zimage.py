@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .test_flow_families import (dataset, dit_outputs, load_dit, no_unmatched, release_all_models,  # noqa: F401
-                                 release_models_after_module, state_bytes)
+                                 release_models_after_each_test, state_bytes)
 from .test_train import rates, read_lora, schedule, stock_lora_loader, train
 
 
