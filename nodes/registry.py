@@ -10,8 +10,9 @@ from .train_node import TrainNode
 NODES: list[type[io.ComfyNode]] = [LRScheduleNode, LearningRatesNode, DatasetNode, TrainNode, LRFinderNode]
 
 # node id -> class and -> display name, read from the schemas.
-NODE_CLASS_MAPPINGS = {node.define_schema().node_id: node for node in NODES}
-NODE_DISPLAY_NAME_MAPPINGS = {node.define_schema().node_id: node.define_schema().display_name for node in NODES}
+_SCHEMAS = {node: node.define_schema() for node in NODES}
+NODE_CLASS_MAPPINGS = {schema.node_id: node for node, schema in _SCHEMAS.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {schema.node_id: schema.display_name for schema in _SCHEMAS.values()}
 
 
 class LoraLabExtension(ComfyExtension):

@@ -245,27 +245,10 @@ def test_the_flow_default_takes_the_shift_the_model_samples_with(comfy):
 def refiner(comfy):
     """(MODEL, CLIP, VAE): ComfyUI's SDXLRefiner class at small widths, built in code (seeded weights), a
     small SDXL CLIP and the 4-channel TAESD."""
-    from comfy import model_management, model_patcher, supported_models
-    from lora_lab_devtools.tiny_checkpoint import _initialise
+    from .test_train import small_sdxl_unet_and_clip
 
-    from .test_train import tiny_sdxl_clip
-
-    unet_config = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 64,
-                   "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1],
-                   "transformer_depth_middle": 1, "transformer_depth_output": [0, 0, 1, 1],
-                   "use_linear_in_transformer": True, "context_dim": 128, "adm_in_channels": 64 + 5 * 256,
-                   "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential",
-                   "use_temporal_attention": False, "use_temporal_resblock": False}
+    model, clip = small_sdxl_unet_and_clip("SDXLRefiner", 5)
     with torch.inference_mode():
-        config = supported_models.SDXLRefiner(unet_config)
-        config.set_inference_dtype(torch.float32, None)
-        base_model = config.get_model({})
-        generator = torch.Generator().manual_seed(3)
-        _initialise(base_model.diffusion_model, generator)
-        model = model_patcher.ModelPatcher(base_model, load_device=model_management.get_torch_device(),
-                                           offload_device=model_management.unet_offload_device())
-        clip = tiny_sdxl_clip()
-        _initialise(clip.cond_stage_model, generator)
         vae = comfy.node_class("VAELoader")().load_vae(link(comfy, "vae", flow_fixtures.ensure_vae4()))[0]
     return model, clip, vae
 

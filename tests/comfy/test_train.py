@@ -496,10 +496,10 @@ def test_lora_key_capture_sees_unmatched_keys(comfy, loaded, dataset):
 SMALL_TEXT = {"num_hidden_layers": 3, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2}
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(comfy, loaded):
-    """(MODEL, CLIP, VAE): ComfyUI's SDXL model class (y conditioning, ldm key names) and a real SDXL CLIP
-    (clip_l + clip_g) at small widths, seeded weights; the VAE is the tiny checkpoint's TAESD."""
+def small_sdxl_unet_and_clip(config_class: str, size_embeddings: int):
+    """(MODEL, CLIP): a UNet of ComfyUI's `config_class` (supported_models: SDXL, or SDXLRefiner) at small
+    widths, whose `y` holds the pooled text plus `size_embeddings` size/score embeddings of 256, and a
+    real SDXL CLIP (clip_l + clip_g) at small widths; seeded weights."""
     import comfy.model_management as model_management
     import comfy.model_patcher
     import comfy.supported_models
@@ -508,11 +508,12 @@ def tiny_sdxl(comfy, loaded):
     unet_config = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 64,
                    "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1],
                    "transformer_depth_middle": 1, "transformer_depth_output": [0, 0, 1, 1],
-                   "use_linear_in_transformer": True, "context_dim": 128, "adm_in_channels": 64 + 6 * 256,
+                   "use_linear_in_transformer": True, "context_dim": 128,
+                   "adm_in_channels": 64 + size_embeddings * 256,
                    "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential",
                    "use_temporal_attention": False, "use_temporal_resblock": False}
     with torch.inference_mode():
-        config = comfy.supported_models.SDXL(unet_config)
+        config = getattr(comfy.supported_models, config_class)(unet_config)
         config.set_inference_dtype(torch.float32, None)
         base_model = config.get_model({})
         generator = torch.Generator().manual_seed(3)
@@ -521,7 +522,14 @@ def tiny_sdxl(comfy, loaded):
                                                  offload_device=model_management.unet_offload_device())
         clip = tiny_sdxl_clip()
         _initialise(clip.cond_stage_model, generator)
-    return model, clip, loaded[2]
+    return model, clip
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(comfy, loaded):
+    """(MODEL, CLIP, VAE): ComfyUI's SDXL model class (y conditioning, ldm key names) and a real SDXL CLIP
+    (clip_l + clip_g) at small widths, seeded weights; the VAE is the tiny checkpoint's TAESD."""
+    return (*small_sdxl_unet_and_clip("SDXL", 6), loaded[2])
 
 
 @pytest.mark.compat
