@@ -72,7 +72,7 @@ class ComfyModels:
 
     def encode_caption(self, caption: str) -> dict:
         tokens = self.clip.tokenize(caption)
-        if self.entry.structural:   # the generic path: everything the CLIP returns, for the model's extra_conds
+        if self.entry.model_conditioning:   # everything the CLIP returns, for the model's own extra_conds
             output = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
             encoded = {("c_crossattn" if key == "cond" else "pooled" if key == "pooled_output" else key):
                        (value.to(self.device) if torch.is_tensor(value) else value)

@@ -29,6 +29,9 @@ DETECTION: tuple[Detection, ...] = (
     Detection("Flux", {"image_model": "flux"}, "flux"),
     Detection("SD3", {}, "sd3"),
     Detection("Lumina2", {"image_model": "lumina2", "dim": 3840}, "zimage"),
+    Detection("QwenImage", {"image_model": "qwen_image"}, "qwen_image"),
+    Detection("Flux2", {"image_model": "flux2"}, "flux2"),
+    Detection("Chroma", {"image_model": "chroma"}, "chroma"),
 )
 # Every other model: the generic path (targets by structure, objective from model_sampling, conditioning
 # from extra_conds).
@@ -53,7 +56,6 @@ def model_shift(model_sampling) -> float | None:
 def generic_refusal(model) -> str | None:
     """Why the generic path cannot train this MODEL (None: it can). Cheap: a concat_cond probe on a
     zero latent of 8 x 8 and a walk over the module tree."""
-    import torch
     import comfy.model_sampling as sampling
 
     from ...training.network.targets import dit_targets_by_structure
@@ -73,19 +75,33 @@ def generic_refusal(model) -> str | None:
     dimensions = getattr(latent_format, "latent_dimensions", 2)
     if dimensions != 2:
         return (f"it works on {dimensions}-D latents (video or audio); a LoRA Dataset holds images (2-D latents)")
-    probe = torch.zeros((1, latent_format.latent_channels, 8, 8))
-    try:
-        concat = base_model.concat_cond(noise=probe, latent_image=probe, device=probe.device)
-    except Exception as error:   # a model whose concat input cannot be built from nothing
-        concat = error
+    concat = concat_refusal(base_model)
     if concat is not None:
-        return ("it takes extra input latents beside the noisy one (c_concat: a reference, control, mask or "
-                "source image), which a LoRA Dataset of images and captions does not have")
+        return concat
     try:
         dit_targets_by_structure(base_model.diffusion_model)
     except ValueError as error:
         return str(error)
     return None
+
+
+def concat_refusal(base_model) -> str | None:
+    """Why a model that takes extra input latents beside the noisy one (c_concat: inpainting, Flux Fill,
+    instruct-pix2pix) cannot train on images and captions; None when it takes none. A probe on a zero
+    latent of 8 x 8 (with a frame axis for a model on video latents)."""
+    import torch
+
+    latent_format = base_model.latent_format
+    frames = (1,) if getattr(latent_format, "latent_dimensions", 2) == 3 else ()
+    probe = torch.zeros((1, latent_format.latent_channels, *frames, 8, 8))
+    try:
+        concat = base_model.concat_cond(noise=probe, latent_image=probe, device=probe.device)
+    except Exception:   # a model whose concat input cannot be built from nothing
+        concat = True
+    if concat is None:
+        return None
+    return ("it takes extra input latents beside the noisy one (c_concat: a reference, control, mask or "
+            "source image), which a LoRA Dataset of images and captions does not have")
 
 
 def detect_family(base_model) -> str | None:
@@ -135,7 +151,8 @@ def check_compatible(model, clip, vae) -> str:
     stage = clip.cond_stage_model
     present = encoders_present(stage)
     required, optional = entry.encoders, entry.optional_encoders
-    if not set(required) <= set(present) or not set(present) <= set(required) | set(optional):
+    if (not set(required) <= set(present) or not set(present) <= set(required) | set(optional)
+            or not present):   # a family whose encoder is one of several (Flux.2: Mistral-3 or Qwen3) needs one
         loaders = "; ".join(f"{other.label}: {other.clip_loader}" for other in FAMILIES.values() if other.dit is not None)
         raise ValueError(f"Train LoRA: clip has text encoder(s) {present or type(stage).__name__} but model is "
                          f"{entry.label}, which needs {list(required)}{f' (optionally {list(optional)})' if optional else ''}. "
@@ -148,15 +165,24 @@ def check_compatible(model, clip, vae) -> str:
         if widths != context:
             raise ValueError(f"Train LoRA: clip produces {widths}-wide text embeddings but model expects "
                              f"{context}. Connect the CLIP of the same checkpoint as the MODEL.")
+    if entry.dit is None:   # a UNet's input width (an inpainting UNet takes 9 channels)
+        expected = model.model.model_config.unet_config.get("in_channels", 4)
+    else:
+        expected = model.model.latent_format.latent_channels
     latent_channels = getattr(vae, "latent_channels", 4)
-    if latent_channels != model.model.model_config.unet_config.get("in_channels", 4):
-        raise ValueError(f"Train LoRA: vae makes {latent_channels}-channel latents but model takes "
-                         f"{model.model.model_config.unet_config.get('in_channels')}. Connect the VAE of the "
-                         "same checkpoint (Flux, SD3 and Z-Image use 16-channel VAEs).")
+    if latent_channels != expected:
+        raise ValueError(f"Train LoRA: vae makes {latent_channels}-channel latents but model takes {expected}. Connect "
+                         "the VAE of the same checkpoint (Flux.1, SD3, Z-Image and Chroma use the 16-channel Flux VAE, "
+                         "Qwen-Image the Wan 2.1 VAE, Flux.2 its own).")
     prediction = model.model.model_type.name
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"Train LoRA: model predicts {prediction}; only epsilon, v-prediction and flow-matching "
                          "models can be trained.")
+    concat = concat_refusal(model.model) if entry.dit is not None else None
+    if concat is not None:   # Flux.1 Fill and the like
+        raise ValueError(f"Train LoRA: model is {entry.label} ({type(model.model).__name__} with "
+                         f"{model.model.model_config.unet_config.get('in_channels')} input channels), which cannot "
+                         f"train here: {concat}. Connect the base model, not its fill/inpaint variant.")
     return family
 
 

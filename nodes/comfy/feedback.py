@@ -82,10 +82,12 @@ def sample_previewer(model, vae, access: ModelAccess, prompts: list[SamplePrompt
         return conditioning
 
     def decode(latent: torch.Tensor) -> torch.Tensor:
-        return vae.decode(base_model.process_latent_out(latent.float()).cpu())
+        images = vae.decode(base_model.process_latent_out(latent.float()).cpu())
+        # a video VAE gives [B, T, H, W, 3]: frames as images, as VAEDecode does
+        return images.reshape(-1, *images.shape[-3:]) if images.ndim == 5 else images
 
     sampler = PreviewSampler(objective=access.objective, encode=encode, decode=decode, device=access.device,
-                             latent_channels=base_model.latent_format.latent_channels, check_cancel=check_cancel)
+                             latent_shape=latent_shape_of(base_model, vae), check_cancel=check_cancel)
 
     def on_sample(done: int, run_dir: Path) -> None:
         if done % every_n_steps:
@@ -103,6 +105,16 @@ def sample_previewer(model, vae, access: ModelAccess, prompts: list[SamplePrompt
             logger.info("LoRA Lab: sample at step %d: %s", done, path)
 
     return on_sample
+
+
+def latent_shape_of(base_model, vae) -> Callable[[int, int], tuple[int, ...]]:
+    """(height, width) -> the latent shape of one image for this model: its latent format's channels at
+    the VAE's spatial compression (8, or 16 for Flux.2's), with a frame axis of 1 for a model on video
+    latents (latent_dimensions 3: Qwen-Image)."""
+    channels = base_model.latent_format.latent_channels
+    ratio = int(vae.spacial_compression_encode())
+    frames = (1,) if getattr(base_model.latent_format, "latent_dimensions", 2) == 3 else ()
+    return lambda height, width: (1, channels, *frames, height // ratio, width // ratio)
 
 
 def prompt_server():

@@ -44,7 +44,7 @@ def release_models_after_module():
     release_all_models()
 
 
-SIZES = {"Lumina2": 64, "PixArt": 384}   # image sizes each model trains and is checked at
+SIZES = {"Lumina2": 64, "PixArt": 384, "QwenImage": 64, "Flux2": 64, "Chroma": 64}   # image sizes each model trains and is checked at
 
 
 def make_dataset(comfy, size: int):

@@ -102,7 +102,8 @@ def test_every_family_entry_is_complete():
             continue
         assert entry.key == key and entry.objective in ("discrete", "flow") and entry.label
         assert entry.base_model_version and entry.modelspec_architecture and entry.modelspec_implementation
-        assert entry.encoders and entry.clip_loader and entry.sampling in SIGMA_SAMPLERS
+        # the encoders its CLIP holds; or one of several (Flux.2: Mistral-3 for dev, Qwen3 for Klein)
+        assert (entry.encoders or entry.optional_encoders) and entry.clip_loader and entry.sampling in SIGMA_SAMPLERS
         assert entry.key_style in ("kohya", "diffusers") and entry.unet_key_names in ("ldm", "diffusers")
         assert set(entry.conditioning) <= set(CONDITIONING_EXTRAS)
         for text in entry.text_encoders:   # a trained encoder is one the CLIP holds, with its own key prefix

@@ -20,11 +20,13 @@ def shifted(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def flux_resolution_shift(latent_height: int, latent_width: int) -> float:
+def flux_resolution_shift(latent_height: int, latent_width: int, patch: int = 2) -> float:
     """Flux's resolution-dependent shift: exp(mu), mu linear in the image token count from 0.5 at 256
     tokens to 1.15 at 4096 (BFL's flux sampling `get_lin_function`, diffusers' FluxPipeline
-    `calculate_shift`, sd-scripts' `--timestep_sampling flux_shift`); a token is a 2x2 latent patch."""
-    tokens = (latent_height // 2) * (latent_width // 2)
+    `calculate_shift`, sd-scripts' `--timestep_sampling flux_shift`); a token is a patch x patch square
+    of latent pixels (Flux.1: 2 x 2; Flux.2, whose latents are already patchified: 1, as musubi-tuner's
+    `flux2_shift`)."""
+    tokens = (latent_height // patch) * (latent_width // patch)
     mu = 0.5 + (1.15 - 0.5) * (tokens - 256) / (4096 - 256)
     return math.exp(mu)
 
@@ -49,10 +51,17 @@ def _flux_shift(batch: int, shift: float, shape: tuple, generator: torch.Generat
     return shifted(_logit_normal(batch, shift, shape, generator), flux_resolution_shift(shape[-2], shape[-1]))
 
 
+def _flux2_shift(batch: int, shift: float, shape: tuple, generator: torch.Generator) -> torch.Tensor:
+    """As flux_shift, one token per latent pixel (Flux.2)."""
+    return shifted(_logit_normal(batch, shift, shape, generator), flux_resolution_shift(shape[-2], shape[-1], patch=1))
+
+
 SIGMA_SAMPLERS: dict[str, Callable[[int, float, tuple, torch.Generator], torch.Tensor]] = {
     "uniform": _uniform, "logit_normal": _logit_normal, "shift": _shift, "flux_shift": _flux_shift,
+    "flux2_shift": _flux2_shift,
 }
-# The node's choices (a public API: append only); "auto" is the family's default, flux_shift is only a default.
+# The node's choices (a public API: append only); "auto" is the family's default; flux_shift and
+# flux2_shift are only defaults.
 TIMESTEP_SAMPLINGS = ("auto", "uniform", "logit_normal", "shift")
 
 

@@ -73,6 +73,11 @@ class Family:
     model_name: str = ""                    # resolved generic entry: ComfyUI's model class
 
     @property
+    def model_conditioning(self) -> bool:
+        """The model's inputs come from ComfyUI's own extra_conds (fed everything the CLIP returns)."""
+        return "model_conds" in self.conditioning
+
+    @property
     def flow(self) -> bool:
         return self.objective == "flow"
 
@@ -137,6 +142,28 @@ ZIMAGE_TARGETS = DitTargets(
                          "linears of every transformer block (refiners included), adaLN modulation left out",
 )
 
+QWEN_IMAGE_TARGETS = DitTargets(
+    blocks=("transformer_blocks.",),
+    call_order=("transformer_blocks",),
+    attention=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+               "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
+    feed_forward=("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"),
+    kohya_default="all",
+    kohya_default_source="musubi-tuner networks/lora_qwen_image.py: every Linear of QwenImageTransformerBlock, the "
+                         "img_mod/txt_mod modulation included (its `_mod_` exclude pattern never matches the dotted "
+                         "module names); ai-toolkit trains the same set",
+)
+# Flux.2 and Chroma keep Flux.1's block layout and layer names; their blocks hold no modulation linears
+# (Flux.2 modulates from shared layers outside the blocks, Chroma from its distilled guidance layer), so
+# "every Linear of the blocks" is attention and MLP.
+FLUX2_TARGETS = dataclasses.replace(
+    FLUX_TARGETS, kohya_default_source="musubi-tuner networks/lora_flux_2.py: every Linear of DoubleStreamBlock and "
+                                       "SingleStreamBlock (ai-toolkit's Flux.2 default is the same set)")
+CHROMA_TARGETS = dataclasses.replace(
+    FLUX_TARGETS, kohya_default_source="sd-scripts networks/lora_flux.py (flux_train_network.py --model_type chroma): "
+                                       "every Linear of DoubleStreamBlock and SingleStreamBlock; ai-toolkit's Chroma "
+                                       "default is the same set")
+
 _SD_IMPLEMENTATION = "diffusers"
 
 FAMILIES: dict[str, Family] = {
@@ -200,6 +227,54 @@ FAMILIES: dict[str, Family] = {
         base_model_version="z_image", modelspec_architecture="z-image-turbo",
         modelspec_implementation="https://github.com/Tongyi-MAI/Z-Image",
         preview_cfg=1.0, preview_steps=8),
+    "qwen_image": Family(
+        "qwen_image", "Qwen-Image", "flow", encoders=("qwen25_7b",), clip_loader="CLIPLoader, type qwen_image",
+        frozen_text="the Qwen2.5-VL LLM text encoder", exact_length_text=True, conditioning=("model_conds",),
+        sampling="shift", sampling_shift=2.2,
+        sampling_source="shift 2.2 over a logit-normal t: musubi-tuner's Qwen-Image recommendation "
+                        "(docs/qwen_image.md: --timestep_sampling shift --discrete_flow_shift 2.2, about the "
+                        "resolution-dependent shift of Qwen-Image's own scheduler at 1328 px)",
+        dit=QWEN_IMAGE_TARGETS, key_style="kohya",
+        key_style_reason="lora_unet_<block path> names (musubi-tuner's format): ComfyUI's LoraLoader maps them to the "
+                         "model directly and diffusers' QwenImageLoraLoaderMixin converts every one "
+                         "(_convert_non_diffusers_qwen_lora_to_diffusers)",
+        base_model_version="qwen_image", modelspec_architecture="qwen-image",
+        modelspec_implementation="https://github.com/QwenLM/Qwen-Image",
+        # Qwen-Image has no guidance input; previews at ComfyUI's Qwen-Image example settings (20 steps, cfg 2.5)
+        preview_cfg=2.5, preview_steps=20),
+    "flux2": Family(
+        "flux2", "Flux.2", "flow", optional_encoders=("mistral3_24b", "qwen3_4b", "qwen3_8b"),
+        clip_loader="CLIPLoader, type flux2", frozen_text="the Mistral-3 / Qwen3 LLM text encoder",
+        exact_length_text=True, conditioning=("model_conds",),
+        sampling="flux2_shift",
+        sampling_source="Flux's resolution-dependent shift exp(mu), mu 0.5 at 256 to 1.15 at 4096 image tokens (one "
+                        "token per Flux.2 latent pixel), over a logit-normal t: musubi-tuner's recommendation "
+                        "(docs/flux_2.md --timestep_sampling flux2_shift)",
+        dit=FLUX2_TARGETS, key_style="kohya",
+        key_style_reason="lora_unet_<block path> names: ComfyUI's LoraLoader maps them to the model directly and "
+                         "diffusers' Flux2LoraLoaderMixin converts every one (_convert_kohya_flux2_lora_to_diffusers)",
+        base_model_version="flux2", modelspec_architecture="flux-2-dev", modelspec_without_guidance="flux-2-klein",
+        modelspec_implementation="https://github.com/black-forest-labs/flux2",
+        # dev's guidance input while training: 1.0 as musubi-tuner (flux_2_train_network.py), ai-toolkit and
+        # OneTrainer pass it; Klein has no guidance input. Previews: dev at FluxGuidance 4.0 (ComfyUI's Flux.2
+        # example); Klein distilled samples at cfg 1 (its base model wants --l 4 --s 50 on the prompt line)
+        training_guidance=1.0, preview_cfg=1.0, preview_guidance=4.0, preview_steps=20),
+    "chroma": Family(
+        "chroma", "Chroma", "flow", encoders=("t5xxl",), clip_loader="CLIPLoader, type chroma",
+        frozen_text="T5-XXL", exact_length_text=True, conditioning=("model_conds",),
+        sampling="logit_normal",
+        sampling_source="logit-normal t = sigmoid(N(0, 1)), unshifted: sd-scripts' Chroma recommendation "
+                        "(docs/flux_train_network.md: --timestep_sampling sigmoid --guidance_scale 0.0) and "
+                        "ai-toolkit's default for Chroma",
+        dit=CHROMA_TARGETS, key_style="kohya",
+        key_style_reason="lora_unet_<block path> names (sd-scripts' Flux layout): ComfyUI's LoraLoader maps them to "
+                         "the model directly and diffusers' Flux/Chroma LoRA loader converts every one "
+                         "(_convert_kohya_flux_lora_to_diffusers)",
+        base_model_version="chroma", modelspec_architecture="chroma",
+        modelspec_implementation="https://huggingface.co/lodestones/Chroma",
+        # Chroma is not guidance-distilled: its guidance input stays 0 (ComfyUI's Chroma.extra_conds), real cfg 4
+        # in previews (ComfyUI's Chroma example: 30 steps, cfg 4)
+        preview_cfg=4.0, preview_steps=30),
     "generic": Family(
         "generic", "any other model (generic path)", OBJECTIVE_FROM_MODEL,
         clip_loader="the CLIP loader (and type) its model card names for ComfyUI",

@@ -119,7 +119,9 @@ class PreviewSampler:
     encode: Callable[[str, int, int], dict]          # (text, width, height) -> model conditioning
     decode: Callable[[torch.Tensor], torch.Tensor]   # model latent -> IMAGE [B, H, W, 3] in 0..1
     device: torch.device
-    latent_channels: int = 4
+    # (height, width) in pixels -> the model's latent shape for one image: [1, C, H/r, W/r], or
+    # [1, C, 1, H/r, W/r] for a model on video latents (Qwen-Image's Wan VAE)
+    latent_shape: Callable[[int, int], tuple[int, ...]] = lambda height, width: (1, 4, height // 8, width // 8)
     check_cancel: Callable[[], None] | None = None   # raises to stop (Cancel), checked every sampler step
 
     @torch.no_grad()
@@ -127,7 +129,7 @@ class PreviewSampler:
         cond = self.encode(sample.prompt, sample.width, sample.height)
         uncond = self.encode(sample.negative, sample.width, sample.height)
         generator = torch.Generator(device="cpu").manual_seed(sample.seed)
-        shape = (1, self.latent_channels, sample.height // 8, sample.width // 8)
+        shape = self.latent_shape(sample.height, sample.width)
         latent = euler_sample(self.objective, cond, uncond, shape, sample.steps, sample.cfg, generator, self.device,
                               self.check_cancel)
         return self.decode(latent)

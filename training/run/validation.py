@@ -65,7 +65,7 @@ class ValidationSet:
             noise = torch.randn((len(sigmas), *latent.shape[1:]), generator=generator, dtype=torch.float32)
             size = {"original_size": tuple(sample.original_size), "crop_offset": tuple(int(v) for v in offset),
                     "target_size": tuple(sample.bucket)}
-            item = ValidationItem(x0=latent.repeat(len(sigmas), 1, 1, 1).to(device), noise=noise.to(device),
+            item = ValidationItem(x0=latent.repeat(len(sigmas), *([1] * (latent.ndim - 1))).to(device), noise=noise.to(device),
                                   sigmas=sigmas.to(device), caption=dataset.base_caption(index),
                                   sizes=[size] * len(sigmas))
             if not feeder.train_text:

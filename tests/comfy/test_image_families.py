@@ -1,0 +1,129 @@
+"""Qwen-Image, Flux.2 and Chroma: first-class family entries (training/families/table.py), trained on
+tiny random-weight files that ComfyUI's own detection recognises (lora_lab_devtools/qwen_fixtures.py,
+flux2_fixtures.py), loaded through the stock UNETLoader and VAELoader with reduced text encoders.
+
+Each checks: the loss at fixed noise falls (the model's own objective through ComfyUI's model_sampling
+and extra_conds), the input MODEL/CLIP are untouched, the summary names the family (not the generic
+path), the file has the family's lora_unet_<block path> keys (the layers its kohya_default trains),
+ComfyUI's stock LoraLoader loads it with no unmatched key and gives what the node returned, and a
+second tool converts the keys: diffusers' own converter for the family, which raises on a key it
+cannot place.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from lora_lab_devtools import flow_fixtures, qwen_fixtures
+
+from .test_flow_families import link, no_unmatched, release_all_models, state_bytes
+from .test_generic_family import fixed_loss, make_dataset, outputs, size_of
+from .test_train import rates, read_lora, schedule, stock_lora_loader, train_outputs
+
+
+@pytest.fixture(autouse=True)
+def release_models_after_each_test():
+    """These models are real-width (Qwen-Image's block alone is 0.38 B parameters): out of ComfyUI's
+    cache after each test, so one file's tests never hold the next one's."""
+    yield
+    release_all_models()
+
+
+def load_diffusion_model(comfy, unet_file, vae_file, clip):
+    """(MODEL, CLIP, VAE): UNETLoader and VAELoader on the fixture files, with the reduced CLIP."""
+    unet, vae_name = link(comfy, "diffusion_models", unet_file), link(comfy, "vae", vae_file)
+    with torch.inference_mode():
+        model = comfy.node_class("UNETLoader")().load_unet(unet, "default")[0]
+        vae = comfy.node_class("VAELoader")().load_vae(vae_name)[0]
+    return model, clip, vae
+
+
+@pytest.fixture(scope="module")
+def qwen_image(comfy):
+    from comfy import utils as comfy_utils
+
+    weights = comfy_utils.load_torch_file(str(qwen_fixtures.ensure_qwen_image_text_encoder()))
+    clip = qwen_fixtures.reduced_qwen_image_clip(weights)
+    del weights
+    loaded = load_diffusion_model(comfy, qwen_fixtures.ensure_qwen_image_unet(), qwen_fixtures.ensure_wan21_vae(), clip)
+    yield loaded
+    del loaded, clip
+    release_all_models()
+
+
+def check_family_training(comfy, loaded, caplog, family_label: str, lora_name: str, learning_rate: float,
+                          **widgets) -> tuple[dict, dict, str]:
+    """Train 4 steps (batch 2) and check what every first-class family must give; returns the file's
+    (tensors, metadata) and the node's summary."""
+    model, clip, vae = loaded
+    dataset = make_dataset(comfy, size_of(model))
+    base_bytes = state_bytes(model.model.diffusion_model, clip.cond_stage_model)
+    before = fixed_loss(model, clip, vae)
+    before_outputs = outputs(model, clip, vae)
+    with caplog.at_level(logging.INFO, logger="lora_lab"):
+        trained_model, _, name, _, summary = train_outputs(
+            comfy, loaded, dataset, rates(comfy, learning_rate=learning_rate), schedule(comfy), steps=4, batch_size=2,
+            lora_name=lora_name, save_precision="fp32", **widgets)
+    assert state_bytes(model.model.diffusion_model, clip.cond_stage_model) == base_bytes   # the input untouched
+    assert "generic path" not in summary and not any("generic path" in record.getMessage()
+                                                      for record in caplog.records), summary
+    after = fixed_loss(trained_model, clip, vae)
+    assert after < 0.95 * before, (before, after)
+
+    tensors, metadata = read_lora(comfy, name)
+    assert tensors and all(key.startswith("lora_unet_") for key in tensors), sorted(tensors)[:5]
+    assert "lora_lab_generic_path" not in metadata
+
+    stock_model, _, lines = stock_lora_loader(comfy, loaded, name)
+    assert no_unmatched(lines), lines
+    returned = outputs(trained_model, clip, vae)
+    torch.testing.assert_close(returned, outputs(stock_model, clip, vae), rtol=0, atol=1e-4)
+    assert (returned - before_outputs).abs().max() > 1e-5
+    return tensors, metadata, summary
+
+
+@pytest.mark.compat
+def test_qwen_image_trains_and_its_file_loads_in_comfyui_and_diffusers(comfy, qwen_image, caplog):
+    """Qwen-Image: 5-D latents from the Wan 2.1 VAE, the Qwen2.5-VL text frozen, conditioning through its
+    own extra_conds; kohya_default = every Linear of the blocks (musubi-tuner's set, modulation included);
+    musubi-tuner's key names, which diffusers' Qwen-Image loader converts."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_qwen_lora_to_diffusers
+
+    assert type(qwen_image[0].model).__name__ == "QwenImage"
+    tensors, metadata, _ = check_family_training(comfy, qwen_image, caplog, "Qwen-Image", "qwen_image_lora", 2e-3,
+                                                 target="kohya_default")
+    stems = {key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0] for key in tensors}
+    block = "lora_unet_transformer_blocks_0_"
+    assert {f"{block}attn_to_q", f"{block}attn_add_k_proj", f"{block}attn_to_add_out", f"{block}img_mlp_net_0_proj",
+            f"{block}txt_mlp_net_2", f"{block}img_mod_1", f"{block}txt_mod_1"} <= stems, sorted(stems)
+    assert all(stem.startswith(block) for stem in stems)   # the blocks only: no embedder or output head
+    assert metadata["ss_base_model_version"] == "qwen_image"
+    assert metadata["modelspec.architecture"] == "qwen-image/lora"
+    assert metadata["ss_timestep_sampling"] == "shift" and metadata["ss_discrete_flow_shift"] == "2.2"
+
+    converted = _convert_non_diffusers_qwen_lora_to_diffusers(dict(tensors))   # raises on a leftover key
+    assert all(key.startswith("transformer.") for key in converted)
+    assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in converted
+    assert "transformer.transformer_blocks.0.img_mod.1.lora_B.weight" in converted
+    assert len([key for key in converted if key.endswith("lora_A.weight")]) == len(stems)
+
+
+@pytest.mark.compat
+def test_qwen_image_previews_and_streams(comfy, qwen_image):
+    """Previews sample and decode 5-D latents (a frame axis of 1), and memory = stream trains the
+    resident run's LoRA bit for bit."""
+    from .test_resume import assert_same_tensors
+
+    dataset = make_dataset(comfy, 64)
+    common = dict(steps=2, batch_size=2, target="attention", save_precision="fp32")
+    resident = train_outputs(comfy, qwen_image, dataset, rates(comfy, learning_rate=1e-3), schedule(comfy),
+                             memory="resident", lora_name="qwen_resident",
+                             sample_prompt="a red square on black --w 64 --h 64 --s 2", sample_every_n_steps=2,
+                             **common)[2]
+    samples = comfy.output_dir / "lora_lab" / "qwen_resident" / "samples"
+    assert [path.name for path in samples.iterdir()] == ["step00002_0.png"]
+    streamed = train_outputs(comfy, qwen_image, dataset, rates(comfy, learning_rate=1e-3), schedule(comfy),
+                             memory="stream", lora_name="qwen_streamed", **common)[2]
+    assert_same_tensors(comfy, resident, streamed)
