@@ -105,9 +105,12 @@ def finder_graph(checkpoint: str, resolution: int, rates: dict, steps: int, lora
 
 
 def dit_graph(family: str, loaders: list[dict], model_link: tuple, clip_link: tuple, vae_link: tuple, rates: dict,
-              train: dict, sampler: dict, lora_name: str, guidance: float | None = None) -> dict:
+              train: dict, sampler: dict, lora_name: str, guidance: float | None = None,
+              empty_latent: str = "EmptySD3LatentImage", network: dict | None = None) -> dict:
     """A flow-matching family's graph: its loaders (as users load it for generating) -> LoRA Lab's four
-    nodes -> sampling with the trained MODEL/CLIP at the family's usual settings (1024 px)."""
+    nodes -> sampling with the trained MODEL/CLIP at the family's usual settings (1024 px). The empty
+    latent is the family's own node (Flux.2: EmptyFlux2LatentImage, 128 channels at 1/16)."""
+    network = network or {"rank": 16, "alpha": 16.0}
     nodes = [
         *loaders,
         {"id": 2, "type": "LoRALabDataset", "column": 0, "widgets": {
@@ -116,13 +119,13 @@ def dit_graph(family: str, loaders: list[dict], model_link: tuple, clip_link: tu
             "scheduler": "cosine", "warmup": 5.0, "warmup_unit": "percent", "preview_steps": train["steps"]}},
         {"id": 4, "type": "LoRALabLearningRates", "column": 1, "widgets": rates},
         {"id": 5, "type": "LoRALabTrain", "column": 2, "widgets": {
-            "batch_size": 1, "rank": 16, "alpha": 16.0, "precision": "bf16", "gradient_checkpointing": True,
+            "batch_size": 1, **network, "precision": "bf16", "gradient_checkpointing": True,
             "training_seed": 0, "min_snr_gamma": 0.0, "noise_offset": 0.0, "lora_name": lora_name,
             "timestep_sampling": "auto", **train}},
         {"id": 6, "type": "CLIPTextEncode", "column": 3, "title": "Prompt (with the trigger word)",
          "widgets": {"text": f"{TRIGGER_WORD}, a blue disc in the centre"}},
         {"id": 7, "type": "CLIPTextEncode", "column": 3, "title": "Negative prompt", "widgets": {"text": ""}},
-        {"id": 8, "type": "EmptySD3LatentImage", "column": 3, "widgets": {"width": 1024, "height": 1024, "batch_size": 1}},
+        {"id": 8, "type": empty_latent, "column": 3, "widgets": {"width": 1024, "height": 1024, "batch_size": 1}},
         {"id": 9, "type": "KSampler", "column": 4, "widgets": {
             "seed": 42, "control_after_generate": "fixed", "denoise": 1.0, **sampler}},
         {"id": 10, "type": "VAEDecode", "column": 4, "widgets": {}},
@@ -204,6 +207,33 @@ WORKFLOWS = {
         (1, 0), (15, 0), (16, 0), FROZEN_TEXT_RATES, {"steps": 1500}, {
             "steps": 8, "cfg": 1.0, "sampler_name": "res_multistep", "scheduler": "simple"},
         "my_first_zimage_lora"),
+    # Qwen-Image as ComfyUI's own Qwen-Image template loads it (its file names); rate 1e-4, rank 16 and 2000
+    # steps as ai-toolkit's Qwen-Image example (config/examples/train_lora_qwen_image_24gb.yaml); the sample at
+    # the template's 20 steps, cfg 2.5.
+    "qwen_image_train_lora": dit_graph(
+        "qwen_image", [
+            {"id": 1, "type": "UNETLoader", "column": 0, "widgets": {"unet_name": "qwen_image_fp8_e4m3fn.safetensors",
+                                                                     "weight_dtype": "default"}},
+            {"id": 15, "type": "CLIPLoader", "column": 0, "widgets": {
+                "clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image"}},
+            {"id": 16, "type": "VAELoader", "column": 0, "widgets": {"vae_name": "qwen_image_vae.safetensors"}}],
+        (1, 0), (15, 0), (16, 0), FROZEN_TEXT_RATES, {"steps": 2000}, {
+            "steps": 20, "cfg": 2.5, "sampler_name": "euler", "scheduler": "simple"},
+        "my_first_qwen_image_lora"),
+    # Flux.2 dev as ComfyUI's own Flux.2 template loads it; rate 1e-4 and rank 32 as musubi-tuner's Flux.2
+    # guide (docs/flux_2.md); trained at guidance 1.0, sampled at FluxGuidance 4.0 (the template's value)
+    # on Flux.2's own empty latent.
+    "flux2_train_lora": dit_graph(
+        "flux2", [
+            {"id": 1, "type": "UNETLoader", "column": 0, "widgets": {"unet_name": "flux2_dev_fp8mixed.safetensors",
+                                                                     "weight_dtype": "default"}},
+            {"id": 15, "type": "CLIPLoader", "column": 0, "widgets": {
+                "clip_name": "mistral_3_small_flux2_fp8.safetensors", "type": "flux2"}},
+            {"id": 16, "type": "VAELoader", "column": 0, "widgets": {"vae_name": "flux2-vae.safetensors"}}],
+        (1, 0), (15, 0), (16, 0), FROZEN_TEXT_RATES, {"steps": 1500}, {
+            "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"},
+        "my_first_flux2_lora", guidance=4.0, empty_latent="EmptyFlux2LatentImage",
+        network={"rank": 32, "alpha": 32.0}),
 }
 
 BUILD_GRAPH = """async (spec) => {

@@ -65,8 +65,10 @@ class ModelInputs:
 
     def sample_conds(self, index: int, noise: torch.Tensor) -> dict:
         width, height = self.sizes[index]["target_size"] if index < len(self.sizes) else (None, None)
-        params = {**self.samples[index], "device": self.device, "noise": noise, "latent_image": torch.zeros_like(noise),
-                  "prompt_type": "positive"}
+        # CLIPTextEncode's conditioning always holds pooled_output (None for an encoder without one), and
+        # some extra_conds read it unconditionally (0.3.75's Flux family)
+        params = {"pooled_output": None, **self.samples[index], "device": self.device, "noise": noise,
+                  "latent_image": torch.zeros_like(noise), "prompt_type": "positive"}
         if width is not None:
             params.update(width=width, height=height)
         conds = self.base_model.extra_conds(**params)

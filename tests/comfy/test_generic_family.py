@@ -85,8 +85,7 @@ def conditioning(model, clip, caption: str, noise: torch.Tensor) -> dict:
     """The model's inputs for a caption, built by ComfyUI's own extra_conds (not the pack's)."""
     output = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True, return_dict=True)
     cond = output.pop("cond")
-    extras = model.model.extra_conds(cross_attn=cond, noise=noise, device="cpu",
-                                     **{key: value for key, value in output.items() if value is not None})
+    extras = model.model.extra_conds(cross_attn=cond, noise=noise, device="cpu", **output)   # pooled_output even if None
     return {key: value.cond for key, value in extras.items()}
 
 

@@ -16,7 +16,7 @@ import logging
 import pytest
 import torch
 
-from lora_lab_devtools import flow_fixtures, qwen_fixtures
+from lora_lab_devtools import flow_fixtures, flux2_fixtures, qwen_fixtures
 
 from .test_flow_families import link, no_unmatched, release_all_models, state_bytes
 from .test_generic_family import fixed_loss, make_dataset, outputs, size_of
@@ -127,3 +127,82 @@ def test_qwen_image_previews_and_streams(comfy, qwen_image):
     streamed = train_outputs(comfy, qwen_image, dataset, rates(comfy, learning_rate=1e-3), schedule(comfy),
                              memory="stream", lora_name="qwen_streamed", **common)[2]
     assert_same_tensors(comfy, resident, streamed)
+
+
+@pytest.fixture(scope="module")
+def chroma(comfy):
+    from comfy import utils as comfy_utils
+
+    clip = flux2_fixtures.reduced_chroma_clip(comfy_utils.load_torch_file(str(flux2_fixtures.ensure_chroma_text_encoder())))
+    loaded = load_diffusion_model(comfy, flux2_fixtures.ensure_chroma_unet(), flow_fixtures.ensure_vae16(), clip)
+    yield loaded
+    del loaded, clip
+    release_all_models()
+
+
+@pytest.mark.compat
+def test_chroma_trains_and_its_file_loads_in_comfyui_and_diffusers(comfy, chroma, caplog):
+    """Chroma: Flux's blocks with no modulation linears in them (its distilled guidance layer modulates),
+    T5 only and frozen, guidance input 0 as ComfyUI's Chroma.extra_conds gives it; sd-scripts' Flux key
+    names, which diffusers' Chroma pipeline converts with its Flux kohya converter."""
+    from diffusers import ChromaPipeline
+
+    assert type(chroma[0].model).__name__ == "Chroma"
+    tensors, metadata, _ = check_family_training(comfy, chroma, caplog, "Chroma", "chroma_lora", 2e-3,
+                                                 target="kohya_default")
+    stems = {key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0] for key in tensors}
+    assert stems == {f"lora_unet_double_blocks_0_{side}_{layer}" for side in ("img", "txt")
+                     for layer in ("attn_qkv", "attn_proj", "mlp_0", "mlp_2")} | {
+        "lora_unet_single_blocks_0_linear1", "lora_unet_single_blocks_0_linear2"}
+    assert metadata["ss_base_model_version"] == "chroma" and metadata["modelspec.architecture"] == "chroma/lora"
+    assert metadata["ss_timestep_sampling"] == "logit_normal" and "ss_guidance_scale" not in metadata
+
+    # diffusers: its kohya Flux converter raises on any key it cannot place; every module comes out
+    state_dict = ChromaPipeline.lora_state_dict(str(comfy.models_dir / "loras" / "chroma_lora.safetensors"))
+    converted = [key for key in state_dict if key.endswith("lora_A.weight")]
+    assert converted and all(key.startswith("transformer.") for key in state_dict)
+    assert len(converted) >= len(stems)
+
+
+@pytest.fixture(scope="module")
+def flux2_klein(comfy):
+    if "klein" not in flux2_fixtures.flux2_variants():
+        pytest.skip("Flux.2 Klein needs ComfyUI 0.33 (0.3.75 has no Klein text encoder and fixes Flux.2 at 48 heads)")
+    from comfy import utils as comfy_utils
+
+    weights = comfy_utils.load_torch_file(str(flux2_fixtures.ensure_flux2_text_encoder("klein")))
+    clip = flux2_fixtures.reduced_flux2_clip("klein", weights)
+    loaded = load_diffusion_model(comfy, flux2_fixtures.ensure_flux2_unet("klein"), flux2_fixtures.ensure_flux2_vae(),
+                                  clip)
+    yield loaded
+    del loaded, clip
+    release_all_models()
+
+
+def test_flux2_klein_trains_and_its_file_loads_in_comfyui_and_diffusers(comfy, flux2_klein, caplog):
+    """Flux.2 Klein (ComfyUI 0.33): 128-channel latents at 1/16 from the Flux.2 VAE (one token per
+    latent pixel: flux2_shift), the Qwen3 text frozen and left-padded to 512 by Flux2.extra_conds, no
+    guidance input; musubi-tuner's key names, which diffusers' Flux.2 kohya converter places (qkv and
+    linear1 split)."""
+    from diffusers import Flux2Pipeline
+
+    model = flux2_klein[0]
+    assert type(model.model).__name__ == "Flux2" and not model.model.model_config.unet_config["guidance_embed"]
+    tensors, metadata, summary = check_family_training(comfy, flux2_klein, caplog, "Flux.2", "flux2_klein_lora",
+                                                       3e-2, target="kohya_default",
+                                                       sample_prompt="a red square on black --w 64 --h 64 --s 2",
+                                                       sample_every_n_steps=4)
+    samples = comfy.output_dir / "lora_lab" / "flux2_klein_lora" / "samples"   # 1/16 latents, decoded
+    assert [path.name for path in samples.iterdir()] == ["step00004_0.png"]
+    stems = {key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0] for key in tensors}
+    assert "lora_unet_double_blocks_0_img_attn_qkv" in stems and "lora_unet_single_blocks_0_linear1" in stems
+    assert not any("modulation" in stem for stem in stems)   # Flux.2 modulates outside the blocks
+    assert metadata["ss_base_model_version"] == "flux2"
+    assert metadata["modelspec.architecture"] == "flux-2-klein/lora"   # no guidance input: Klein
+    assert metadata["ss_timestep_sampling"] == "flux2_shift" and "ss_guidance_scale" not in metadata
+
+    state_dict = Flux2Pipeline.lora_state_dict(str(comfy.models_dir / "loras" / "flux2_klein_lora.safetensors"))
+    converted = [key for key in state_dict if key.endswith("lora_A.weight")]
+    assert converted and all(key.startswith("transformer.") for key in state_dict)
+    assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in state_dict
+    assert len(converted) >= len(stems)
