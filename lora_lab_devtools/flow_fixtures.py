@@ -396,9 +396,9 @@ def ensure_sd3_scaled_fp8_checkpoint() -> Path:
     return target
 
 
-def flux_example_files() -> dict[str, Path]:
-    """The Flux example's files (diffusion model, CLIP-L, reduced T5, VAE), generated in a child process
-    (the e2e tier does not import ComfyUI itself)."""
+def example_files(module: str, makers: dict[str, str]) -> dict[str, Path]:
+    """{name: path} of fixture files made by `lora_lab_devtools.<module>.<maker>()`, generated in a child
+    process (the e2e tier does not import ComfyUI itself)."""
     import json
     import os
     import subprocess
@@ -407,10 +407,28 @@ def flux_example_files() -> dict[str, Path]:
     from .environment import REPO_ROOT
     from .tiny_checkpoint import _comfyui_dir
 
-    code = ("import json; from lora_lab_devtools import flow_fixtures as f; clip_l, t5 = f.ensure_flux_text_encoder_files(); "
-            "print(json.dumps({'unet': str(f.ensure_diffusion_model('flux_dev')), 'clip_l': str(clip_l), "
-            "'t5': str(t5), 'vae': str(f.ensure_vae16())}))")
+    calls = ", ".join(f"{name!r}: str(m.{maker}())" for name, maker in makers.items())
+    code = f"import json; from lora_lab_devtools import {module} as m; print(json.dumps({{{calls}}}))"
     environment = {**os.environ, "LORA_LAB_COMFYUI_DIR": str(_comfyui_dir())}
     output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=REPO_ROOT,
                             env=environment).stdout
     return {key: Path(value) for key, value in json.loads(output.strip().splitlines()[-1]).items()}
+
+
+def flux_example_files() -> dict[str, Path]:
+    """The Flux example's files (diffusion model, CLIP-L, reduced T5, VAE)."""
+    return example_files("flow_fixtures", {"unet": "ensure_diffusion_model_flux_dev",
+                                           "clip_l": "ensure_flux_clip_l_file", "t5": "ensure_flux_t5_file",
+                                           "vae": "ensure_vae16"})
+
+
+def ensure_diffusion_model_flux_dev() -> Path:
+    return ensure_diffusion_model("flux_dev")
+
+
+def ensure_flux_clip_l_file() -> Path:
+    return ensure_flux_text_encoder_files()[0]
+
+
+def ensure_flux_t5_file() -> Path:
+    return ensure_flux_text_encoder_files()[1]

@@ -40,15 +40,16 @@ import functools
 import math
 from pathlib import Path
 
-from .flow_fixtures import SEED, _save, _zeros, fixture_path
+from .flow_fixtures import SEED, _save, _zeros, example_files, fixture_path
 from .tiny_checkpoint import _import_comfy, _initialise
 
 QWEN_IMAGE_HIDDEN = 3072        # ComfyUI fixes Qwen-Image at 24 heads of 128
 QWEN_IMAGE_TEXT_WIDTH = 3584    # joint_attention_dim (txt_norm / txt_in), fixed by ComfyUI: Qwen2.5-VL-7B's width
 QWEN_IMAGE_IN_CHANNELS = 64     # img_in: 16 latent channels x 2 x 2 patch
-# Qwen25_7BVLI_Config overrides. head_dim stays 128: MRoPE's sections (16, 24, 24) cover half of it.
+# Qwen25_7BVLI_Config overrides. head_dim stays 128: MRoPE's sections (16, 24, 24) cover half of it. 4 KV
+# heads as the real model has: ComfyUI's CLIPLoader tells Qwen2.5-VL-7B by its 512-wide k_proj bias.
 REDUCED_QWEN25_VL = {"hidden_size": QWEN_IMAGE_TEXT_WIDTH, "intermediate_size": 512, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "num_key_value_heads": 1}
+                     "num_attention_heads": 4, "num_key_value_heads": 4}
 # Qwen2VLVisionTransformer arguments; patch 14, temporal patch 2 and merge 2 stay (the image
 # preprocessing assumes them). Head width 32: the 2-D rotary embedding needs a multiple of 4.
 REDUCED_QWEN25_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "num_layers": 8}
@@ -98,7 +99,7 @@ def ensure_qwen_image_unet() -> Path:
 
 
 @functools.cache
-def _reduced_qwen25_vl_class():
+def reduced_qwen25_vl_class():
     """ComfyUI's Qwen25_7BVLI with a reduced vision tower (ComfyUI fixes its width at 1280 and 32
     blocks; the language model takes its configuration from the config dict as usual)."""
     import comfy.text_encoders.llama as llama
@@ -130,7 +131,7 @@ def _reduced_qwen25_7b(device="cpu", dtype=None, model_options={}):
     comfy.sd1_clip.SDClipModel.__init__(
         encoder, device=device, layer="last", layer_idx=None, textmodel_json_config=dict(REDUCED_QWEN25_VL),
         dtype=dtype, special_tokens={"pad": QWEN_PAD_TOKEN}, layer_norm_hidden_state=False,
-        model_class=_reduced_qwen25_vl_class(), enable_attention_masks=True, return_attention_masks=True,
+        model_class=reduced_qwen25_vl_class(), enable_attention_masks=True, return_attention_masks=True,
         model_options=model_options)
     return encoder
 
@@ -193,7 +194,7 @@ def ensure_qwen_image_text_encoder() -> Path:
     the vocabulary table at width 3584 is 1.1 GB even so."""
     import torch
 
-    target = fixture_path("tiny_qwen_image_text_encoder")
+    target = fixture_path("tiny_qwen_image_text_encoder_kv4")
     if target.is_file():
         return target
     model = reduced_qwen_image_text_encoder(dtype=torch.bfloat16)
@@ -230,3 +231,27 @@ def ensure_wan21_vae() -> Path:
     if target.is_file():
         return target
     return _save(target, tiny_wan21_vae(SEED + 13).state_dict(), torch.float32)
+
+
+def ensure_qwen_image_clip_file() -> Path:
+    """The reduced text encoder as a text-encoder file (the Qwen2.5-VL's own keys: model.*, visual.*, lm_head),
+    as CLIPLoader (type qwen_image) reads qwen_2.5_vl_7b.safetensors. The stock loader builds the reduced
+    configuration only where tests/support/reduced_text_encoders is installed (the e2e server that runs
+    the Qwen-Image example)."""
+    import safetensors.torch
+    import torch
+
+    target = fixture_path("tiny_qwen_image_clip_file")
+    if target.is_file():
+        return target
+    prefix = "qwen25_7b.transformer."
+    weights = safetensors.torch.load_file(str(ensure_qwen_image_text_encoder()))
+    return _save(target, {key[len(prefix):]: value for key, value in weights.items() if key.startswith(prefix)},
+                 torch.bfloat16)
+
+
+def qwen_image_example_files() -> dict[str, Path]:
+    """The Qwen-Image example's files (diffusion model, text encoder, VAE), generated in a child process
+    (the e2e tier does not import ComfyUI itself)."""
+    return example_files("qwen_fixtures", {"unet": "ensure_qwen_image_unet", "clip": "ensure_qwen_image_clip_file",
+                                           "vae": "ensure_wan21_vae"})

@@ -79,7 +79,11 @@ def test_training_examples_ship_real_starting_values(name, object_info):
 FLOW_EXAMPLES = {"flux_train_lora": (("UNETLoader", "unet_name"), "flux1-dev.safetensors"),
                  "sd35_train_lora": (("CheckpointLoaderSimple", "ckpt_name"),
                                      "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"),
-                 "zimage_train_lora": (("UNETLoader", "unet_name"), "z_image_turbo_bf16.safetensors")}
+                 "zimage_train_lora": (("UNETLoader", "unet_name"), "z_image_turbo_bf16.safetensors"),
+                 "qwen_image_train_lora": (("UNETLoader", "unet_name"), "qwen_image_fp8_e4m3fn.safetensors"),
+                 "flux2_train_lora": (("UNETLoader", "unet_name"), "flux2_dev_fp8mixed.safetensors")}
+# The guidance-distilled families sample through FluxGuidance; Flux.2 draws on its own empty latent.
+GUIDED_EXAMPLES = ("flux_train_lora", "flux2_train_lora")
 
 
 @pytest.mark.parametrize("name", FLOW_EXAMPLES)
@@ -91,7 +95,9 @@ def test_flow_examples_ship_real_starting_values(name, object_info):
     (loader, widget), model_file = FLOW_EXAMPLES[name]
     assert by_type[loader][widget] == model_file
     assert by_type["LoRALabDataset"]["resolution"] == 1024
-    assert by_type["EmptySD3LatentImage"]["width"] == by_type["EmptySD3LatentImage"]["height"] == 1024
+    empty = by_type.get("EmptySD3LatentImage") or by_type["EmptyFlux2LatentImage"]
+    assert empty["width"] == empty["height"] == 1024
+    assert ("EmptyFlux2LatentImage" in by_type) == (name == "flux2_train_lora")
     train = by_type["LoRALabTrain"]
     assert train["precision"] == "bf16" and train["steps"] >= 500 and train["timestep_sampling"] == "auto"
     assert train["min_snr_gamma"] == 0 and train["noise_offset"] == 0
@@ -100,7 +106,7 @@ def test_flow_examples_ship_real_starting_values(name, object_info):
         assert 0 < rates["text_encoder_2_lr"] < rates["text_encoder_lr"] < rates["learning_rate"]
     else:                           # the T5 / LLM encoders stay frozen: the graph says 0
         assert rates["text_encoder_lr"] == 0
-    assert ("FluxGuidance" in by_type) == (name == "flux_train_lora")
+    assert ("FluxGuidance" in by_type) == (name in GUIDED_EXAMPLES)
 
 
 def test_declared_overrides_change_only_the_declared_inputs(object_info):
@@ -167,43 +173,69 @@ def test_find_lr_then_train_example_sweeps_then_trains_at_the_suggestion(server,
 
 def test_flux_example_trains_then_samples_with_the_trained_model(comfyui_dir, tmp_path, object_info):
     """The saved Flux graph (UNETLoader + DualCLIPLoader + VAELoader -> Train LoRA -> FluxGuidance ->
-    KSampler) on a tiny Flux-dev that ComfyUI detects as Flux, 2 steps at 64 px, fp32. The server has
-    tests/support/reduced_text_encoders installed, so that the stock DualCLIPLoader builds T5 with a
-    reduced configuration (the real one is 4.7 B parameters); everything else is stock."""
-    from safetensors import safe_open
-
+    KSampler) on a tiny Flux-dev that ComfyUI detects as Flux, 2 steps at 64 px, fp32."""
     from lora_lab_devtools.flow_fixtures import flux_example_files
 
     files = flux_example_files()
+    run_dit_example(comfyui_dir, tmp_path, object_info, "flux_train_lora", {
+        "UNETLoader": ("unet_name", "diffusion_models", files["unet"]),
+        "DualCLIPLoader": (("clip_name1", "clip_name2"), "text_encoders", (files["clip_l"], files["t5"])),
+        "VAELoader": ("vae_name", "vae", files["vae"])},
+        key_prefixes=("lora_unet_double_blocks_", "lora_unet_single_blocks_"), architecture="flux-1-dev/lora")
+
+
+@pytest.mark.compat
+def test_qwen_image_example_trains_then_samples_with_the_trained_model(comfyui_dir, tmp_path, object_info):
+    """The saved Qwen-Image graph (UNETLoader + CLIPLoader qwen_image + VAELoader -> Train LoRA -> KSampler)
+    on a tiny Qwen-Image that ComfyUI detects as QwenImage, its reduced Qwen2.5-VL-7B read by the stock
+    CLIPLoader and a tiny Wan 2.1 VAE (5-D latents), 2 steps at 64 px, fp32."""
+    from lora_lab_devtools.qwen_fixtures import qwen_image_example_files
+
+    files = qwen_image_example_files()
+    run_dit_example(comfyui_dir, tmp_path, object_info, "qwen_image_train_lora", {
+        "UNETLoader": ("unet_name", "diffusion_models", files["unet"]),
+        "CLIPLoader": ("clip_name", "text_encoders", files["clip"]),
+        "VAELoader": ("vae_name", "vae", files["vae"])},
+        key_prefixes=("lora_unet_transformer_blocks_",), architecture="qwen-image/lora")
+
+
+def run_dit_example(comfyui_dir, tmp_path, object_info, name: str, loaders: dict, key_prefixes: tuple[str, ...],
+                    architecture: str) -> None:
+    """A flow family's saved graph on its tiny files (loaders: node type -> (widget(s), models folder,
+    file(s))), 2 steps at 64 px, fp32, then KSampler with the trained MODEL/CLIP. The server has
+    tests/support/reduced_text_encoders installed, so that the stock text-encoder loaders build T5 and
+    Qwen2.5-VL with reduced configurations (the real ones are 4.7 B and 8 B parameters); everything else
+    is stock."""
+    from PIL import Image
+    from safetensors import safe_open
+
     support = Path(__file__).resolve().parents[1] / "support" / "reduced_text_encoders"
-    server = ComfyServer(comfyui_dir, tmp_path / "flux-server", extra_custom_nodes=[support]).start()
+    server = ComfyServer(comfyui_dir, tmp_path / f"{name}-server", extra_custom_nodes=[support]).start()
     try:
-        for folder, key in (("diffusion_models", "unet"), ("text_encoders", "clip_l"), ("text_encoders", "t5"),
-                            ("vae", "vae")):
-            target = server.models_dir / folder / files[key].name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(files[key])
-        workflow = json.loads((EXAMPLES[0].parent / "flux_train_lora.json").read_text())
-        overrides = {"UNETLoader": {"unet_name": files["unet"].name},
-                     "DualCLIPLoader": {"clip_name1": files["clip_l"].name, "clip_name2": files["t5"].name},
-                     "VAELoader": {"vae_name": files["vae"].name},
-                     "LoRALabDataset": {"folder": str(ensure_sample_dataset()), "resolution": 64,
-                                        "min_bucket_resolution": 64},
-                     "EmptySD3LatentImage": {"width": 64, "height": 64},
-                     "LoRALabTrain": {"steps": 2, "precision": "fp32"}, "KSampler": {"steps": 3}}
+        overrides = {}
+        for node_type, (widgets, folder, sources) in loaders.items():
+            widgets, sources = (widgets, sources) if isinstance(widgets, tuple) else ((widgets,), (sources,))
+            for source in sources:
+                target = server.models_dir / folder / source.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.symlink_to(source)
+            overrides[node_type] = {widget: source.name for widget, source in zip(widgets, sources)}
+        workflow = json.loads((EXAMPLES[0].parent / f"{name}.json").read_text())
+        overrides.update({"LoRALabDataset": {"folder": str(ensure_sample_dataset()), "resolution": 64,
+                                             "min_bucket_resolution": 64},
+                          "EmptySD3LatentImage": {"width": 64, "height": 64},
+                          "LoRALabTrain": {"steps": 2, "precision": "fp32"}, "KSampler": {"steps": 3}})
         prompt = to_api_prompt(workflow, object_info, overrides)
         entry = server.run(prompt, timeout=900)
         titles = {node["_meta"]["title"]: node_id for node_id, node in prompt.items()}
         lora_name = entry["outputs"][titles["Train LoRA"]]["text"][0]
         with safe_open(str(server.models_dir / "loras" / lora_name), "pt") as handle:
             keys, metadata = list(handle.keys()), handle.metadata()
-        assert keys and all(key.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for key in keys)
-        assert metadata["modelspec.architecture"] == "flux-1-dev/lora"
+        assert keys and all(key.startswith(key_prefixes) for key in keys)
+        assert metadata["modelspec.architecture"] == architecture
         log = (server.output_dir / "lora_lab" / Path(lora_name).stem / "log.jsonl").read_text().splitlines()
         assert [json.loads(line)["step"] for line in log] == [0, 1]
         assert "lora key not loaded" not in server.log()
-        from PIL import Image
-
         (sample,) = entry["outputs"][titles["Sample with the LoRA"]]["images"]
         with Image.open(server.output_file(sample)) as image:
             assert image.size == (64, 64)

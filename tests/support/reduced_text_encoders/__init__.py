@@ -1,19 +1,24 @@
-"""Test-only ComfyUI custom node package (no nodes): makes ComfyUI build T5-XXL with the reduced
-configuration of lora_lab_devtools/flow_fixtures.py, so that the stock DualCLIPLoader loads the tiny
-reduced T5 file in the e2e server that runs the Flux example workflow. Installed only there
+"""Test-only ComfyUI custom node package (no nodes): makes ComfyUI build T5-XXL and Qwen-Image's
+Qwen2.5-VL-7B with the reduced configurations of lora_lab_devtools/flow_fixtures.py and
+qwen_fixtures.py, so that the stock DualCLIPLoader / CLIPLoader load the tiny reduced files in the e2e
+servers that run the Flux and Qwen-Image example workflows. Installed only there
 (tests/e2e/test_example_workflows.py); never part of the pack.
 
-What stays real: ComfyUI's DualCLIPLoader, its Flux CLIP class and T5 implementation and tokenizer.
-What changes: T5's width and depth (64 wide, 2 layers), as the test machine cannot hold the real 4.7 B.
+What stays real: ComfyUI's loaders, their detection of the encoder from the file, its CLIP classes,
+T5 and Qwen2.5-VL implementations, tokenizers and chat templates.
+What changes: the encoders' width and depth (T5: 64 wide, 2 layers; Qwen2.5-VL: 2 layers, a 64-wide
+vision tower), as the test machine cannot hold the real 4.7 B and 8 B.
 """
 import sys
 from pathlib import Path
 
 import comfy.sd1_clip
+import comfy.text_encoders.qwen_image
 import comfy.text_encoders.sd3_clip
 import comfy.text_encoders.t5
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))   # the checkout (this folder is linked in)
+from lora_lab_devtools import qwen_fixtures  # noqa: E402
 from lora_lab_devtools.flow_fixtures import REDUCED_T5  # noqa: E402
 
 
@@ -26,5 +31,15 @@ def _reduced_t5_init(self, device="cpu", layer="last", layer_idx=None, dtype=Non
         model_options={**model_options, "model_name": "t5xxl"})
 
 
+def _reduced_qwen25_7b_init(self, device="cpu", layer="last", layer_idx=None, dtype=None, attention_mask=True,
+                            model_options={}):
+    comfy.sd1_clip.SDClipModel.__init__(
+        self, device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config=dict(qwen_fixtures.REDUCED_QWEN25_VL),
+        dtype=dtype, special_tokens={"pad": qwen_fixtures.QWEN_PAD_TOKEN}, layer_norm_hidden_state=False,
+        model_class=qwen_fixtures.reduced_qwen25_vl_class(), enable_attention_masks=attention_mask,
+        return_attention_masks=attention_mask, model_options=model_options)
+
+
 comfy.text_encoders.sd3_clip.T5XXLModel.__init__ = _reduced_t5_init
+comfy.text_encoders.qwen_image.Qwen25_7BVLIModel.__init__ = _reduced_qwen25_7b_init
 NODE_CLASS_MAPPINGS = {}
