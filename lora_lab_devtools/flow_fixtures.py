@@ -140,19 +140,26 @@ SKELETONS = {"flux_dev": lambda: flux_skeleton(True), "flux_schnell": lambda: fl
              "sd35m_full": sd35_medium_skeleton, "lumina2": lumina2_skeleton, "pixart_sigma": pixart_sigma_skeleton}
 
 
-def build_diffusion_model(name: str, dtype=None):
-    """ComfyUI's model (model_base) for a skeleton, as its detection configures it, with seeded weights."""
+def detected_model(name: str, skeleton: dict, dtype=None):
+    """(model config, ComfyUI's model_base object) for a skeleton, as its detection configures it (the
+    weights are not initialised: each builder seeds its own)."""
     _import_comfy()
     import torch
     import comfy.model_detection
 
-    skeleton = SKELETONS[name]()
     unet_config = comfy.model_detection.detect_unet_config(skeleton, "")
     config = comfy.model_detection.model_config_from_unet_config(unet_config, skeleton)
     if config is None:
         raise RuntimeError(f"ComfyUI's detection did not recognise the {name} skeleton: {unet_config}")
     config.set_inference_dtype(dtype or torch.float32, None)
-    base_model = config.get_model({})
+    return config, config.get_model({})
+
+
+def build_diffusion_model(name: str, dtype=None):
+    """ComfyUI's model (model_base) for a skeleton, as its detection configures it, with seeded weights."""
+    import torch
+
+    config, base_model = detected_model(name, SKELETONS[name](), dtype)
     generator = torch.Generator().manual_seed(SEED + len(name))
     _initialise(base_model.diffusion_model, generator)
     with torch.no_grad():   # buffers that a file holds (SD3's position table) are made with torch.empty too

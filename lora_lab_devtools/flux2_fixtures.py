@@ -56,7 +56,7 @@ import base64
 import json
 from pathlib import Path
 
-from .flow_fixtures import REDUCED_QWEN3, REDUCED_T5, SEED, _save, _zeros, fixture_path
+from .flow_fixtures import REDUCED_QWEN3, REDUCED_T5, SEED, _save, _zeros, detected_model, fixture_path
 from .tiny_checkpoint import _import_comfy, _initialise, write_atomically
 
 HEAD_DIM = 128                       # Flux.2's and Chroma's heads: their rope axes add up to 128
@@ -144,16 +144,9 @@ def _initialise_norms_as_weights(module, generator) -> None:
 
 def _build_from_skeleton(name: str, skeleton: dict, dtype):
     """ComfyUI's model (model_base) for a skeleton, as its detection configures it, with seeded weights."""
-    _import_comfy()
     import torch
-    import comfy.model_detection
 
-    unet_config = comfy.model_detection.detect_unet_config(skeleton, "")
-    config = comfy.model_detection.model_config_from_unet_config(unet_config, skeleton)
-    if config is None:
-        raise RuntimeError(f"ComfyUI's detection did not recognise the {name} skeleton: {unet_config}")
-    config.set_inference_dtype(dtype or torch.float32, None)
-    base_model = config.get_model({})
+    config, base_model = detected_model(name, skeleton, dtype)
     _initialise_norms_as_weights(base_model.diffusion_model, torch.Generator().manual_seed(SEEDS[name]))
     return config, base_model
 

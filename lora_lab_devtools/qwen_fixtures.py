@@ -40,7 +40,7 @@ import functools
 import math
 from pathlib import Path
 
-from .flow_fixtures import SEED, _save, _zeros, example_files, fixture_path
+from .flow_fixtures import SEED, _save, _zeros, detected_model, example_files, fixture_path
 from .tiny_checkpoint import _import_comfy, _initialise
 
 QWEN_IMAGE_HIDDEN = 3072        # ComfyUI fixes Qwen-Image at 24 heads of 128
@@ -71,17 +71,9 @@ def qwen_image_skeleton() -> dict:
 def build_qwen_image_model(dtype=None):
     """(model config, comfy.model_base.QwenImage) as ComfyUI's detection configures the skeleton, with
     seeded weights."""
-    _import_comfy()
     import torch
-    import comfy.model_detection
 
-    skeleton = qwen_image_skeleton()
-    unet_config = comfy.model_detection.detect_unet_config(skeleton, "")
-    config = comfy.model_detection.model_config_from_unet_config(unet_config, skeleton)
-    if config is None:
-        raise RuntimeError(f"ComfyUI's detection did not recognise the Qwen-Image skeleton: {unet_config}")
-    config.set_inference_dtype(dtype or torch.float32, None)
-    base_model = config.get_model({})
+    config, base_model = detected_model("Qwen-Image", qwen_image_skeleton(), dtype)
     _initialise(base_model.diffusion_model, torch.Generator().manual_seed(SEED + 11))
     return config, base_model
 
