@@ -113,18 +113,26 @@ def reduced_qwen25_vl_class():
     return ReducedQwen25_7BVLI
 
 
-def _reduced_qwen25_7b(device="cpu", dtype=None, model_options={}):
-    """ComfyUI's Qwen25_7BVLIModel (the SDClipModel settings Qwen-Image uses: last layer, attention
-    masks, pad 151643) around the reduced Qwen2.5-VL."""
+def reduced_qwen25_7b_init(self, device="cpu", layer="last", layer_idx=None, dtype=None, attention_mask=True,
+                           model_options={}):
+    """ComfyUI's Qwen25_7BVLIModel.__init__ (the SDClipModel settings Qwen-Image uses: last layer, attention
+    masks, pad 151643) around the reduced Qwen2.5-VL; tests/support/reduced_text_encoders installs it as
+    that class's initialiser in the e2e server."""
     import comfy.sd1_clip
+
+    comfy.sd1_clip.SDClipModel.__init__(
+        self, device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config=dict(REDUCED_QWEN25_VL),
+        dtype=dtype, special_tokens={"pad": QWEN_PAD_TOKEN}, layer_norm_hidden_state=False,
+        model_class=reduced_qwen25_vl_class(), enable_attention_masks=attention_mask,
+        return_attention_masks=attention_mask, model_options=model_options)
+
+
+def _reduced_qwen25_7b(device="cpu", dtype=None, model_options={}):
+    """ComfyUI's Qwen25_7BVLIModel around the reduced Qwen2.5-VL."""
     import comfy.text_encoders.qwen_image as qwen_image
 
     encoder = qwen_image.Qwen25_7BVLIModel.__new__(qwen_image.Qwen25_7BVLIModel)
-    comfy.sd1_clip.SDClipModel.__init__(
-        encoder, device=device, layer="last", layer_idx=None, textmodel_json_config=dict(REDUCED_QWEN25_VL),
-        dtype=dtype, special_tokens={"pad": QWEN_PAD_TOKEN}, layer_norm_hidden_state=False,
-        model_class=reduced_qwen25_vl_class(), enable_attention_masks=True, return_attention_masks=True,
-        model_options=model_options)
+    reduced_qwen25_7b_init(encoder, device=device, dtype=dtype, model_options=model_options)
     return encoder
 
 

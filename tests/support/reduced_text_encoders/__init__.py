@@ -31,15 +31,6 @@ def _reduced_t5_init(self, device="cpu", layer="last", layer_idx=None, dtype=Non
         model_options={**model_options, "model_name": "t5xxl"})
 
 
-def _reduced_qwen25_7b_init(self, device="cpu", layer="last", layer_idx=None, dtype=None, attention_mask=True,
-                            model_options={}):
-    comfy.sd1_clip.SDClipModel.__init__(
-        self, device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config=dict(qwen_fixtures.REDUCED_QWEN25_VL),
-        dtype=dtype, special_tokens={"pad": qwen_fixtures.QWEN_PAD_TOKEN}, layer_norm_hidden_state=False,
-        model_class=qwen_fixtures.reduced_qwen25_vl_class(), enable_attention_masks=attention_mask,
-        return_attention_masks=attention_mask, model_options=model_options)
-
-
 comfy.text_encoders.sd3_clip.T5XXLModel.__init__ = _reduced_t5_init
-comfy.text_encoders.qwen_image.Qwen25_7BVLIModel.__init__ = _reduced_qwen25_7b_init
+comfy.text_encoders.qwen_image.Qwen25_7BVLIModel.__init__ = qwen_fixtures.reduced_qwen25_7b_init
 NODE_CLASS_MAPPINGS = {}
