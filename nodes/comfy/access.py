@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 
 import torch
 
@@ -70,8 +71,14 @@ class ComfyModels:
         latent = self.vae.encode(pixels[:, :, :, :3])
         return self.base_model.process_latent_in(latent.clone()).to(self.device, torch.float32)
 
-    def encode_caption(self, caption: str) -> dict:
-        tokens = self.clip.tokenize(caption)
+    def encode_caption(self, caption: str, image: torch.Tensor | None = None) -> dict:
+        """A caption's conditioning; with `image` (an edit dataset's control image, IMAGE [1, H, W, 3]) the
+        text encoder sees it too, scaled to about the family's control_text_pixels (as ComfyUI's
+        TextEncodeQwenImageEdit nodes pass it to the tokenizer)."""
+        if image is None:
+            tokens = self.clip.tokenize(caption)
+        else:
+            tokens = self.clip.tokenize(caption, images=[scaled_to_area(image, self.entry.control_text_pixels)])
         if self.entry.model_conditioning:   # everything the CLIP returns, for the model's own extra_conds
             output = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
             encoded = {("c_crossattn" if key == "cond" else "pooled" if key == "pooled_output" else key):
@@ -93,8 +100,9 @@ class ComfyModels:
             encoded["exact_length"] = True
         return encoded
 
-    def encode_captions(self, captions: list[str]) -> dict:
-        return concat_conditioning([self.encode_caption(caption) for caption in captions])
+    def encode_captions(self, captions: list[str], images: list[torch.Tensor] | None = None) -> dict:
+        return concat_conditioning([self.encode_caption(caption, image)
+                                    for caption, image in zip(captions, images or [None] * len(captions))])
 
     def extra_conditioning(self, cond: dict, sizes: list[dict]) -> dict:
         """The model's keyword arguments for a batch: the text sequence, the family's extras
@@ -176,6 +184,17 @@ class ComfyModels:
             cast_per_forward=cast_per_forward,
             resolved_entry=self.entry if self.entry.structural else None,
         )
+
+
+def scaled_to_area(image: torch.Tensor, pixels: int) -> torch.Tensor:
+    """IMAGE [B, H, W, 3] resized ("area") to about `pixels` pixels, its aspect kept, sides rounded to whole
+    pixels: what ComfyUI's Qwen-Image edit nodes hand the vision encoder."""
+    import comfy.utils
+
+    samples = image.movedim(-1, 1)
+    scale = math.sqrt(pixels / (samples.shape[2] * samples.shape[3]))
+    width, height = round(samples.shape[3] * scale), round(samples.shape[2] * scale)
+    return comfy.utils.common_upscale(samples, width, height, "area", "disabled").movedim(1, -1)
 
 
 def model_access(model, clip, vae, family: str) -> ModelAccess:

@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from ...training.data.feeder import REFERENCE_LATENTS
+
 
 def size_embedding(base_model, cond: dict, sizes: list[dict], device) -> dict:
     """SDXL: the pooled text with the original size, crop and target size of each sample (ComfyUI's
@@ -62,6 +64,9 @@ class ModelInputs:
                                                      and value.shape[:1] == (batch,) else value)
                          for key, value in cond.items() if key not in _BOOKKEEPING and value is not None}
                         for index in range(batch)]
+        for sample in self.samples:   # an edit dataset's control latent: a list of VAE latents, as ReferenceLatent
+            if REFERENCE_LATENTS in sample:    # gives them (extra_conds applies process_latent_in itself)
+                sample[REFERENCE_LATENTS] = [base_model.process_latent_out(sample[REFERENCE_LATENTS])]
 
     def sample_conds(self, index: int, noise: torch.Tensor) -> dict:
         width, height = self.sizes[index]["target_size"] if index < len(self.sizes) else (None, None)

@@ -53,7 +53,7 @@ def test_registered_with_ordered_inputs_defaults_and_tooltips(comfy):
     assert list(types["required"]) == list(DEFAULTS)
     assert {name: spec[1]["default"] for name, spec in types["required"].items()} == DEFAULTS
     assert types["required"]["crop"][0] == "COMBO" and types["required"]["crop"][1]["options"] == ["center", "random"]
-    assert list(types["optional"]) == ["images", "captions"]
+    assert list(types["optional"]) == ["images", "captions", "control_folder"]   # appended: the public API
     for spec in [*types["required"].values(), *types["optional"].values()]:
         assert spec[1].get("tooltip"), spec
 

@@ -12,6 +12,8 @@ cannot place.
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -186,3 +188,81 @@ def test_flux2_klein_trains_and_its_file_loads_in_comfyui_and_diffusers(comfy, f
     assert converted and all(key.startswith("transformer.") for key in state_dict)
     assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in state_dict
     assert len(converted) >= len(stems)
+
+
+def edit_dataset(comfy, name: str, control_seeds: tuple[int, ...] = (11, 12), **inputs):
+    """(dataset, summary) from the LoRA Dataset node on a folder of two 64 px images with captions and a
+    control folder pairing each by file name (the controls in another format)."""
+    from support.images import write_image
+
+    from .test_dataset_node import SMALL, dataset_prompt, outputs_of
+
+    root = comfy.input_dir / name
+    for index, seed in enumerate(control_seeds):
+        write_image(root / "targets" / f"pair{index}.png", (64, 64), index + 1, caption=f"edit {index}, make it red")
+        write_image(root / "controls" / f"pair{index}.jpg", (64, 64), seed)
+    dataset, summary, _ = outputs_of(comfy.run(dataset_prompt(
+        folder=f"{name}/targets", control_folder=f"{name}/controls",
+        **{**SMALL, "resolution": 64, "min_bucket_resolution": 64, "bucket_step": 64}, **inputs)))
+    return dataset, summary
+
+
+@pytest.mark.compat
+def test_qwen_image_edit_trains_on_control_images(comfy, qwen_image):
+    """Qwen-Image-Edit: LoRA Dataset's control_folder pairs each image with its control image by name;
+    the control reaches the model as its reference latent (ComfyUI's reference_latents through
+    extra_conds) and the Qwen2.5-VL sees it too (the edit template's vision tokens): another control
+    image trains another LoRA, the file loads in the stock LoraLoader with no unmatched key."""
+    from .test_flow_families import no_unmatched
+    from .test_resume import assert_same_tensors
+    from .test_train import stock_lora_loader
+
+    dataset, summary = edit_dataset(comfy, "edit_a")
+    assert dataset.has_controls and "control images: 2, paired by file name" in summary
+    assert [Path(sample.control_path).name for sample in dataset.samples] == ["pair0.jpg", "pair1.jpg"]
+    other, _ = edit_dataset(comfy, "edit_b", control_seeds=(21, 22))   # the same targets, other controls
+
+    common = dict(steps=2, batch_size=2, target="attention", save_precision="fp32")
+    names = [train_outputs(comfy, qwen_image, data, rates(comfy, learning_rate=1e-3), schedule(comfy),
+                           lora_name=f"qwen_edit_{index}", **common)[2] for index, data in enumerate((dataset, other))]
+    with pytest.raises(AssertionError):   # the control images are trained on: other controls, another LoRA
+        assert_same_tensors(comfy, *names)
+    _, _, lines = stock_lora_loader(comfy, qwen_image, names[0])
+    assert no_unmatched(lines), lines
+
+    # The text encoder sees the control image: the same caption encodes longer, with its vision tokens.
+    access = comfy.pack.nodes.comfy.access.model_access(*qwen_image, "qwen_image")
+    image = torch.rand((1, 64, 64, 3), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        alone = access.encode_captions(["make it red"])["c_crossattn"]
+        seeing = access.encode_captions(["make it red"], images=[image])["c_crossattn"]
+    assert seeing.shape[1] > alone.shape[1]
+
+
+@pytest.mark.compat
+def test_control_images_are_refused_by_a_model_that_takes_no_reference(comfy, chroma):
+    """A control dataset on a family with no reference input (Chroma) is refused before any work, naming
+    the input and the families that take one; a training image without its control image is named."""
+    dataset, _ = edit_dataset(comfy, "edit_refused")
+    with pytest.raises(ValueError, match=r"control_folder.*Chroma, which takes no reference image.*Qwen-Image or "
+                                         r"Flux\.2"):
+        train_outputs(comfy, chroma, dataset, rates(comfy), schedule(comfy), steps=1, batch_size=1)
+    (comfy.input_dir / "edit_refused" / "controls" / "pair1.jpg").unlink()
+    from .test_dataset_node import SMALL, dataset_prompt
+
+    with pytest.raises(Exception, match=r"pair1\.png.*no control image of the same name in control_folder"):
+        comfy.run(dataset_prompt(folder="edit_refused/targets", control_folder="edit_refused/controls", **SMALL))
+
+
+def test_flux2_klein_trains_on_control_images_as_references(comfy, flux2_klein):
+    """Flux.2 (ComfyUI 0.33's Klein): control images reach the model as reference latents only (its text
+    encoder takes no image): another control image trains another LoRA."""
+    from .test_resume import assert_same_tensors
+
+    datasets = [edit_dataset(comfy, f"klein_edit_{index}", control_seeds=seeds)[0]
+                for index, seeds in enumerate(((11, 12), (21, 22)))]
+    names = [train_outputs(comfy, flux2_klein, data, rates(comfy, learning_rate=1e-2), schedule(comfy), steps=2,
+                           batch_size=2, target="attention", save_precision="fp32", lora_name=f"klein_edit_{index}")[2]
+             for index, data in enumerate(datasets)]
+    with pytest.raises(AssertionError):
+        assert_same_tensors(comfy, *names)

@@ -16,6 +16,10 @@ from .image_tensors import pil_to_image
 if TYPE_CHECKING:   # the run's contract with the host; the data stage only reads its encoders
     from ..run.host import ModelAccess
 
+# A sample's control latent in its conditioning, under the name ComfyUI's extra_conds reads (an edit dataset)
+REFERENCE_LATENTS = "reference_latents"
+
+
 def random_state_to_json(rng: random.Random) -> list:
     """``random.Random.getstate()`` as JSON-ready lists (a resumable feeder's state)."""
     version, internal, gauss_next = rng.getstate()
@@ -138,7 +142,7 @@ class BatchFeeder:
         self.augment_rng = random.Random(settings.training_seed + 1)
         self.batches = bucket_batches(dataset, settings.batch_size, self.order_rng)
         self.latent_cache: dict[tuple, torch.Tensor] = {}   # in memory only when not cached on disk
-        self.text_cache: dict[str, dict] = {}
+        self.text_cache: dict[Any, dict] = {}   # caption, or (caption, sample, crop, flip) with a control image
         # Shared by runs (a re-run gets a new run folder); keyed by dataset content + settings, the VAE
         # weights and the latent format, so a changed image, bucket or VAE never hits a stale entry.
         # With a disk cache, latents are read back from disk each time (the OS page cache keeps hot
@@ -148,6 +152,10 @@ class BatchFeeder:
         # Shuffled or dropped-out captions make a new string nearly every step: caching those would grow
         # without bound, so only static captions are cached.
         self.cache_text = not train_text and dataset.static_captions
+        # An edit model's dataset: each sample's control image goes to the model as a reference latent,
+        # and to the text encoder where the family's encoder sees images (Qwen-Image-Edit)
+        self.controls = bool(getattr(dataset, "has_controls", False))
+        self.text_sees_control = self.controls and access.entry.control_text_pixels > 0
 
     def _disk_path(self, key: tuple) -> Path | None:
         """Where the disk cache keeps this latent (None without a disk cache)."""
@@ -158,13 +166,21 @@ class BatchFeeder:
 
     def latent(self, index: int, offset, flipped) -> torch.Tensor:
         """The latent of sample `index` with this crop and flip (from a cache when possible), on the CPU."""
-        key = (index, tuple(offset), bool(flipped))
+        return self._latent((index, tuple(offset), bool(flipped)),
+                            lambda: self.dataset.render(index, tuple(offset), bool(flipped)))
+
+    def control_latent(self, index: int, offset, flipped) -> torch.Tensor:
+        """The latent of sample `index`'s control image, cropped and flipped as the image (cached the same way)."""
+        return self._latent(("control", index, tuple(offset), bool(flipped)),
+                            lambda: self.dataset.render_control(index, tuple(offset), bool(flipped)))
+
+    def _latent(self, key: tuple, render: Callable[[], Any]) -> torch.Tensor:
         if self.cache_latents and key in self.latent_cache:
             return self.latent_cache[key]
         disk_path = self._disk_path(key)
         if disk_path is not None and disk_path.is_file():
             return torch.load(disk_path, map_location="cpu", weights_only=True)
-        image = self.dataset.render(index, tuple(offset), bool(flipped))
+        image = render()
         with torch.no_grad():
             latent = self.access.encode_pixels(pil_to_image(image)).detach().clone().to("cpu", torch.float32)
         if disk_path is not None:
@@ -180,22 +196,30 @@ class BatchFeeder:
 
         Returns (all latents cached, all captions cached). Cancel is checked between images.
         """
+        flips = (False, True) if self.dataset.options.flip else (False,)
         if self.cache_latents:
-            flips = (False, True) if self.dataset.options.flip else (False,)
             for index in range(len(self.dataset.samples)):
                 if check_cancel is not None:
                     check_cancel()
                 offset, _ = self.dataset.augmentation(index, None)   # the centre crop: no rng draw
                 for flipped in flips:
-                    key = (index, tuple(offset), flipped)
-                    disk_path = self._disk_path(key)
-                    if key in self.latent_cache or (disk_path is not None and disk_path.is_file()):
-                        continue  # already cached: no need to read it now
-                    self.latent(index, offset, flipped)
+                    for prefix, encode in (((), self.latent),) + (((("control",), self.control_latent),)
+                                                                  if self.controls else ()):
+                        key = (*prefix, index, tuple(offset), flipped)
+                        disk_path = self._disk_path(key)
+                        if key in self.latent_cache or (disk_path is not None and disk_path.is_file()):
+                            continue  # already cached: no need to read it now
+                        encode(index, offset, flipped)
         if self.cache_text:
             fixed = random.Random(0)  # static captions never draw from it
-            self._cache_captions([self.dataset.caption_for_step(index, fixed)
-                                  for index in range(len(self.dataset.samples))])
+            if self.text_sees_control:   # one encoding per caption and control image (each crop and flip)
+                for index in range(len(self.dataset.samples)):
+                    offset, _ = self.dataset.augmentation(index, None)
+                    for flipped in flips:
+                        self.text_with_control(index, offset, flipped, self.dataset.caption_for_step(index, fixed))
+            else:
+                self._cache_captions([self.dataset.caption_for_step(index, fixed)
+                                      for index in range(len(self.dataset.samples))])
         return self.cache_latents, self.cache_text
 
     def cached_bytes(self) -> dict[str, int]:
@@ -232,9 +256,33 @@ class BatchFeeder:
             self.text_cache[caption] = {key: value.detach().clone() if torch.is_tensor(value) else value
                                         for key, value in encoded.items()}
 
+    def text_with_control(self, index: int, offset, flipped: bool, caption: str) -> dict:
+        """A caption encoded together with its sample's control image (the text encoder sees it), cached
+        per caption and image when captions are static."""
+        key = (caption, index, tuple(offset), bool(flipped))
+        if key in self.text_cache:
+            return self.text_cache[key]
+        image = pil_to_image(self.dataset.render_control(index, tuple(offset), bool(flipped)))
+        if self.train_text:
+            return self.access.encode_captions([caption], images=[image])
+        with torch.no_grad():
+            encoded = self.access.encode_captions([caption], images=[image])
+        if self.cache_text:
+            self.text_cache[key] = {name: value.detach().clone() if torch.is_tensor(value) else value
+                                    for name, value in encoded.items()}
+        return encoded
+
+    def sample_conditioning(self, index: int, offset, flipped: bool, caption: str) -> dict:
+        """One sample's text conditioning, with its control image as reference latent (an edit dataset)."""
+        if self.text_sees_control:
+            cond = self.text_with_control(index, offset, flipped, caption)
+        else:
+            cond = self._text([caption])
+        return {**cond, REFERENCE_LATENTS: self.control_latent(index, offset, flipped).to(self.access.device)}
+
     def __call__(self) -> tuple[torch.Tensor, dict]:
         indices = next(self.batches)
-        latents, captions, sizes = [], [], []
+        latents, captions, sizes, samples = [], [], [], []
         for index in indices:
             sample = self.dataset.samples[index]
             # The augmentation (crop offset, flip) is drawn first, so a cached latent is found
@@ -242,9 +290,14 @@ class BatchFeeder:
             offset, flipped = self.dataset.augmentation(index, self.augment_rng)
             latents.append(self.latent(index, offset, flipped))
             captions.append(self.dataset.caption_for_step(index, self.augment_rng))
+            samples.append((index, offset, flipped))
             sizes.append({"original_size": tuple(sample.original_size),
                           "crop_offset": conditioning_crop(offset, flipped, sample.resized_size, sample.bucket),
                           "target_size": tuple(sample.bucket)})
         x0 = torch.cat(latents).to(self.access.device)
-        cond = self._text(captions)
+        if self.controls:
+            cond = concat_conditioning([self.sample_conditioning(index, offset, flipped, caption)
+                                        for (index, offset, flipped), caption in zip(samples, captions)])
+        else:
+            cond = self._text(captions)
         return x0, self.access.extra_conditioning(cond, sizes)

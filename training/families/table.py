@@ -71,6 +71,11 @@ class Family:
     # model_sampling (`resolved`), any CLIP (its encoders stay frozen).
     structural: bool = False
     model_name: str = ""                    # resolved generic entry: ComfyUI's model class
+    # Edit models: a dataset's control images reach the model as reference latents through its extra_conds
+    # (`reference_latents`, what ComfyUI's ReferenceLatent / TextEncodeQwenImageEdit give), and where
+    # control_text_pixels > 0 the text encoder sees the control image too, scaled to about that many pixels
+    reference_images: bool = False
+    control_text_pixels: int = 0
 
     @property
     def model_conditioning(self) -> bool:
@@ -241,7 +246,10 @@ FAMILIES: dict[str, Family] = {
         base_model_version="qwen_image", modelspec_architecture="qwen-image",
         modelspec_implementation="https://github.com/QwenLM/Qwen-Image",
         # Qwen-Image has no guidance input; previews at ComfyUI's Qwen-Image example settings (20 steps, cfg 2.5)
-        preview_cfg=2.5, preview_steps=20),
+        preview_cfg=2.5, preview_steps=20,
+        # Qwen-Image-Edit: the control image as reference latent, and seen by the Qwen2.5-VL at 384 x 384 pixels
+        # (musubi-tuner's text-encoder caching and ComfyUI's TextEncodeQwenImageEditPlus: CONDITION_IMAGE_SIZE)
+        reference_images=True, control_text_pixels=384 * 384),
     "flux2": Family(
         "flux2", "Flux.2", "flow", optional_encoders=("mistral3_24b", "qwen3_4b", "qwen3_8b"),
         clip_loader="CLIPLoader, type flux2", frozen_text="the Mistral-3 / Qwen3 LLM text encoder",
@@ -258,7 +266,8 @@ FAMILIES: dict[str, Family] = {
         # dev's guidance input while training: 1.0 as musubi-tuner (flux_2_train_network.py), ai-toolkit and
         # OneTrainer pass it; Klein has no guidance input. Previews: dev at FluxGuidance 4.0 (ComfyUI's Flux.2
         # example); Klein distilled samples at cfg 1 (its base model wants --l 4 --s 50 on the prompt line)
-        training_guidance=1.0, preview_cfg=1.0, preview_guidance=4.0, preview_steps=20),
+        training_guidance=1.0, preview_cfg=1.0, preview_guidance=4.0, preview_steps=20,
+        reference_images=True),   # Flux.2's multi-reference editing: reference latents only
     "chroma": Family(
         "chroma", "Chroma", "flow", encoders=("t5xxl",), clip_loader="CLIPLoader, type chroma",
         frozen_text="T5-XXL", exact_length_text=True, conditioning=("model_conds",),

@@ -62,6 +62,11 @@ def check_run(settings: TrainSettings, dataset, rates, schedule, family: str, de
         logger.info("LoRA Lab: %s's text encoders (%s) stay frozen%s; their rates are not used.", entry.label,
                     entry.frozen_text, " (CLIP-L and CLIP-G train at the TE rates)" if entry.text_parts else "")
     check_inputs(settings, dataset, part_rates, schedule, family, device_type)
+    if getattr(dataset, "has_controls", False) and not entry.reference_images:
+        editing = " or ".join(other.label for other in FAMILIES.values() if other.reference_images)
+        raise ValueError(f"Train LoRA: dataset has control images (LoRA Dataset's control_folder) but model is "
+                         f"{entry.label}, which takes no reference image. Control images train edit models "
+                         f"({editing}): clear control_folder, or connect such a model.")
     resume_from = str(resume_from).strip()
     state = resume.resolve_state_path(resume_from, Path(output_dir) / "lora_lab") if resume_from else None
     return RunInputs(settings=settings, dataset=dataset, rates=rates, schedule=schedule, family=family,

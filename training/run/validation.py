@@ -42,6 +42,8 @@ class ValidationItem:
     caption: str
     sizes: list[dict]         # SDXL size conditioning, one per timestep
     cond: dict | None = None  # the caption's conditioning when the text encoders are frozen
+    index: int = -1           # the dataset sample, and its crop (an edit dataset's control image follows them)
+    offset: tuple[int, int] = (0, 0)
 
 
 class ValidationSet:
@@ -65,7 +67,7 @@ class ValidationSet:
             noise = torch.randn((len(sigmas), *latent.shape[1:]), generator=generator, dtype=torch.float32)
             size = {"original_size": tuple(sample.original_size), "crop_offset": tuple(int(v) for v in offset),
                     "target_size": tuple(sample.bucket)}
-            item = ValidationItem(x0=latent.repeat(len(sigmas), *([1] * (latent.ndim - 1))).to(device), noise=noise.to(device),
+            item = ValidationItem(index=index, offset=tuple(offset), x0=latent.repeat(len(sigmas), *([1] * (latent.ndim - 1))).to(device), noise=noise.to(device),
                                   sigmas=sigmas.to(device), caption=dataset.base_caption(index),
                                   sizes=[size] * len(sigmas))
             if not feeder.train_text:
@@ -79,7 +81,8 @@ class ValidationSet:
 
     def _conditioning(self, item: ValidationItem) -> dict:
         with torch.no_grad():
-            encoded = self.feeder.access.encode_captions([item.caption])
+            encoded = (self.feeder.sample_conditioning(item.index, item.offset, False, item.caption)
+                       if self.feeder.controls else self.feeder.access.encode_captions([item.caption]))
         repeated = {key: value.repeat(len(item.sizes), *([1] * (value.ndim - 1))) if torch.is_tensor(value) else value
                     for key, value in encoded.items()}
         return self.feeder.access.extra_conditioning(repeated, item.sizes)

@@ -31,9 +31,27 @@ def _settings_key(options: DatasetOptions) -> dict:
     return {name: getattr(options, name) for name in options.__dataclass_fields__}
 
 
-def build_folder_dataset(folder: str | Path, options: DatasetOptions) -> LoraDataset:
-    """Scan ``folder`` (read only) into a :class:`LoraDataset`. Raises DatasetError on bad input."""
+def control_images(folder: Path) -> dict[str, Path]:
+    """File stem -> control image under `folder` (recursive); DatasetError when two share a stem."""
+    found: dict[str, Path] = {}
+    for scanned in list_image_files(folder, 1)[0]:
+        other = found.setdefault(scanned.path.stem, scanned.path)
+        if other != scanned.path:
+            raise DatasetError(f"control_folder {str(folder)!r} holds two control images named {scanned.path.stem!r} "
+                               f"({other.name} and {scanned.path.name}): a control image pairs with the training "
+                               "image of the same file name, so keep one")
+    return found
+
+
+def build_folder_dataset(folder: str | Path, options: DatasetOptions, control_folder: str | Path | None = None
+                         ) -> LoraDataset:
+    """Scan ``folder`` (read only) into a :class:`LoraDataset`. With ``control_folder`` (an edit model's
+    dataset) every image pairs with the control image of the same file name there (any image
+    extension: musubi-tuner's control_directory, ai-toolkit's control_path). Raises DatasetError on bad
+    input."""
     root = require_folder(Path(folder).expanduser()).resolve()
+    controls = (control_images(require_folder(Path(control_folder).expanduser(), name="control_folder").resolve())
+                if control_folder else None)
     files, other_files = list_image_files(root, options.repeats)
     if not files:
         what = "is empty" if other_files == 0 else f"holds {other_files} files but no images"
@@ -63,6 +81,15 @@ def build_folder_dataset(folder: str | Path, options: DatasetOptions) -> LoraDat
             logger.warning("LoRA Dataset: skipping %s: %s", path, error.reason)
             skipped.append((str(path), error.reason))
             continue
+        control = "" if controls is None else str(controls.get(path.stem, ""))
+        if controls is not None and not control:
+            reason = f"it has no control image of the same name in control_folder {str(control_folder)!r}"
+            if not options.skip_bad_images:
+                raise DatasetError(f"image {str(path)!r}: {reason}. Add one (any image extension), or enable "
+                                   "skip_bad_images to leave the image out")
+            logger.warning("LoRA Dataset: skipping %s: %s", path, reason)
+            skipped.append((str(path), reason))
+            continue
         caption = read_caption(_caption_path(path, extension))
         if caption is None:
             missing += 1
@@ -70,12 +97,15 @@ def build_folder_dataset(folder: str | Path, options: DatasetOptions) -> LoraDat
         sample = DatasetSample(path=str(path), image_index=-1, caption=caption,
                                repeats=scanned.repeats, original_size=(width, height),
                                bucket=choice.bucket, resized_size=choice.resized_size,
-                               crop_offset=choice.crop_offset)
+                               crop_offset=choice.crop_offset, control_path=control)
         samples.append(sample)
         groups.append((scanned.group, place_trigger_word(caption, options.trigger_word)))
         stat = path.stat()
-        fingerprint_rows.append([str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns,
-                                 caption, scanned.repeats])
+        row = [str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns, caption, scanned.repeats]
+        if control:
+            control_stat = Path(control).stat()
+            row += [control, control_stat.st_size, control_stat.st_mtime_ns]
+        fingerprint_rows.append(row)
     if not samples:
         raise DatasetError(f"folder {str(root)!r}: all {len(skipped)} images are unreadable "
                            f"(first: {skipped[0][0]}: {skipped[0][1]}); nothing to train on")

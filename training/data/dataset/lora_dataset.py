@@ -26,6 +26,7 @@ class DatasetSample:
     bucket: tuple[int, int]          # (width, height) the trainer feeds the model
     resized_size: tuple[int, int]    # (width, height) after resize, before crop
     crop_offset: tuple[int, int]     # (left, top) for center crop; random crop draws its own
+    control_path: str = ""           # its paired control image (an edit model's input), "" when none
 
 
 @dataclass
@@ -89,6 +90,23 @@ class LoraDataset:
         if flipped:
             cropped = cropped.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return cropped
+
+    def render_control(self, index: int, offset: tuple[int, int], flipped: bool) -> Image.Image:
+        """The sample's control image as the model sees it beside the target: resized to the target's
+        size before cropping and cropped and flipped the same way (musubi-tuner's default: the control
+        at the target's resolution), so the pair stays aligned."""
+        sample = self.samples[index]
+        try:
+            control = open_rgb(sample.control_path)
+        except (OSError, SyntaxError, ValueError) as error:
+            raise BadImageError(sample.control_path, f"changed or unreadable since the scan ({error})") from error
+        cropped = resize_and_crop(control, sample.resized_size, sample.bucket, offset)
+        return cropped.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else cropped
+
+    @property
+    def has_controls(self) -> bool:
+        """Every sample has a control image (a dataset for an edit model)."""
+        return bool(self.samples) and all(sample.control_path for sample in self.samples)
 
     def source_image(self, index: int) -> Image.Image:
         """The full RGB image of a sample, EXIF orientation applied, before resize and crop."""

@@ -23,6 +23,8 @@ def summarize(dataset: LoraDataset) -> str:
     lines = [f"source: {dataset.source}",
              f"images: {dataset.image_count}",
              f"effective images per epoch (with repeats): {dataset.effective_count}"]
+    if dataset.has_controls:
+        lines.append(f"control images: {dataset.image_count}, paired by file name (an edit model's dataset)")
     repeat_counts = Counter(sample.repeats for sample in dataset.samples)
     if len(repeat_counts) > 1 or next(iter(repeat_counts)) != 1:
         lines.append("repeats: " + ", ".join(f"{repeats}x: {images} images"

@@ -95,14 +95,15 @@ def accepted_extensions_text() -> str:
     return ", ".join(SUPPORTED_EXTENSIONS)
 
 
-def require_folder(path: Path, typed: str | None = None) -> Path:
-    """`path` when it is an existing folder; else DatasetError naming what the user typed and the fix."""
+def require_folder(path: Path, typed: str | None = None, name: str = "folder") -> Path:
+    """`path` when it is an existing folder; else DatasetError naming the input (`name`), what the user
+    typed and the fix."""
     shown = repr(str(path)) if typed is None or typed == str(path) else f"{typed!r} (looked at {str(path)!r})"
     if not path.exists():
-        raise DatasetError(f"folder {shown} does not exist: give a folder of images "
+        raise DatasetError(f"{name} {shown} does not exist: give a folder of images "
                            f"({accepted_extensions_text()}), absolute or relative to ComfyUI's input folder")
     if not path.is_dir():
-        raise DatasetError(f"folder {shown} is a file, not a folder: give the folder that "
+        raise DatasetError(f"{name} {shown} is a file, not a folder: give the folder that "
                            f"holds the images ({accepted_extensions_text()})")
     return path
 
