@@ -151,11 +151,13 @@ class BatchFeeder:
         self.cache_latents = dataset.caching_possible
         # Shuffled or dropped-out captions make a new string nearly every step: caching those would grow
         # without bound, so only static captions are cached.
-        self.cache_text = not train_text and dataset.static_captions
         # An edit model's dataset: each sample's control image goes to the model as a reference latent,
         # and to the text encoder where the family's encoder sees images (Qwen-Image-Edit)
         self.controls = bool(getattr(dataset, "has_controls", False))
         self.text_sees_control = self.controls and access.entry.control_text_pixels > 0
+        # A text encoding that sees the control image is one per crop: with random crops, not cacheable either
+        self.cache_text = (not train_text and dataset.static_captions
+                           and (self.cache_latents or not self.text_sees_control))
 
     def _disk_path(self, key: tuple) -> Path | None:
         """Where the disk cache keeps this latent (None without a disk cache)."""
