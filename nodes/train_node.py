@@ -65,8 +65,10 @@ class TrainNode(io.ComfyNode):
         # Every check before a model loads: a bad input fails here, with the trainer's message.
         checked = check_run(settings, dataset, learning_rates, lr_schedule, family, comfy.device_type(model),
                            resume_from=options.resume_from, output_dir=comfy.output_dir())
+        entry = FAMILIES[family]
         sample_prompts = parse_sample_prompts(options.sample_prompt, dataset.options.resolution, settings.training_seed,
-                                              cfg=FAMILIES[family].preview_cfg, steps=FAMILIES[family].preview_steps)
+                                              cfg=entry.preview_cfg, steps=entry.preview_steps,
+                                              frames=entry.preview_frames if entry.video else None)
         if sample_prompts and options.sample_every_n_steps <= 0:
             logger.warning("LoRA Lab: sample_prompt is set but sample_every_n_steps is 0: no previews will be drawn.")
 

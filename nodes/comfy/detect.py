@@ -32,6 +32,10 @@ DETECTION: tuple[Detection, ...] = (
     Detection("QwenImage", {"image_model": "qwen_image"}, "qwen_image"),
     Detection("Flux2", {"image_model": "flux2"}, "flux2"),
     Detection("Chroma", {"image_model": "chroma"}, "chroma"),
+    # Wan 2.1 T2V 1.3B / 14B and each Wan 2.2 A14B T2V expert (16 latent channels in, no image input)
+    Detection("WAN21", {"image_model": "wan2.1", "model_type": "t2v", "in_dim": 16}, "wan"),
+    # Wan 2.2 TI2V 5B (its own 48-channel VAE; text-to-video without a start image)
+    Detection("WAN22", {"image_model": "wan2.1", "model_type": "t2v", "in_dim": 48}, "wan"),
 )
 # Every other model: the generic path (targets by structure, objective from model_sampling, conditioning
 # from extra_conds).
@@ -74,7 +78,8 @@ def generic_refusal(model) -> str | None:
     latent_format = base_model.latent_format
     dimensions = getattr(latent_format, "latent_dimensions", 2)
     if dimensions != 2:
-        return (f"it works on {dimensions}-D latents (video or audio); a LoRA Dataset holds images (2-D latents)")
+        return (f"it works on {dimensions}-D latents (video or audio); outside the video families (Wan 2.1 / 2.2) a "
+                "LoRA Dataset's images and clips train only image models (2-D latents)")
     concat = concat_refusal(base_model)
     if concat is not None:
         return concat
@@ -173,7 +178,8 @@ def check_compatible(model, clip, vae) -> str:
     if latent_channels != expected:
         raise ValueError(f"Train LoRA: vae makes {latent_channels}-channel latents but model takes {expected}. Connect "
                          "the VAE of the same checkpoint (Flux.1, SD3, Z-Image and Chroma use the 16-channel Flux VAE, "
-                         "Qwen-Image the Wan 2.1 VAE, Flux.2 its own).")
+                         "Qwen-Image and Wan 2.1 / Wan 2.2 A14B the Wan 2.1 VAE, Wan 2.2 TI2V 5B the Wan 2.2 VAE, "
+                         "Flux.2 its own).")
     prediction = model.model.model_type.name
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"Train LoRA: model predicts {prediction}; only epsilon, v-prediction and flow-matching "

@@ -17,6 +17,15 @@ from ...training.run.sampling import PreviewSampler, SamplePrompt
 logger = logging.getLogger("lora_lab")
 
 PREVIEW_SECONDS = 3.0
+DEFAULT_FPS = 16.0
+
+
+def save_animation(frames: list, path: Path, fps: float) -> None:
+    """Frames (PIL images) as a looping, lossless animated WebP at `fps`, written atomically."""
+    temporary = path.with_name(f".{path.name}.partial")
+    frames[0].save(temporary, format="WEBP", save_all=True, append_images=frames[1:], duration=round(1000 / fps),
+                   loop=0, lossless=True)
+    temporary.replace(path)
 
 
 def check_cancel() -> None:
@@ -65,7 +74,8 @@ def progress_reporter(total: int, node_id: str | None, chart: Callable[[list[Ste
 def sample_previewer(model, vae, access: ModelAccess, prompts: list[SamplePrompt], every_n_steps: int,
                      total_steps: int, node_id: str | None) -> Callable[[int, Path], None] | None:
     """Every `every_n_steps` steps, draw the sample prompts with the model being trained, save them as
-    `<run folder>/samples/stepNNNNN_K.png` and show them as the node's progress preview."""
+    `<run folder>/samples/stepNNNNN_K.png` and show them as the node's progress preview. A video model's
+    clip is saved beside its first frame as an animated `stepNNNNN_K.webp` (at the family's frame rate)."""
     import comfy.utils
 
     if not prompts or every_n_steps <= 0:
@@ -99,6 +109,9 @@ def sample_previewer(model, vae, access: ModelAccess, prompts: list[SamplePrompt
             picture = image_to_pil(image[0])
             path = folder / f"step{done:05d}_{index}.png"
             picture.save(path)
+            if image.shape[0] > 1:   # a clip: every frame, as an animation
+                save_animation([image_to_pil(frame) for frame in image], path.with_suffix(".webp"),
+                               access.entry.preview_fps or DEFAULT_FPS)
             comfy.utils.ProgressBar(total_steps).update_absolute(done, total_steps, ("JPEG", picture, 512))
             send_event("lora_lab.train_sample", {"node": node_id, "step": done, "index": index,
                                                  "prompt": sample.prompt, "path": str(path)})
@@ -107,14 +120,22 @@ def sample_previewer(model, vae, access: ModelAccess, prompts: list[SamplePrompt
     return on_sample
 
 
-def latent_shape_of(base_model, vae) -> Callable[[int, int], tuple[int, ...]]:
-    """(height, width) -> the latent shape of one image for this model: its latent format's channels at
-    the VAE's spatial compression (8, or 16 for Flux.2's), with a frame axis of 1 for a model on video
-    latents (latent_dimensions 3: Qwen-Image)."""
+def latent_shape_of(base_model, vae) -> Callable[[int, int, int], tuple[int, ...]]:
+    """(height, width, frames) -> the latent shape of one image or clip for this model: its latent format's
+    channels at the VAE's spatial compression (8, or 16 for Flux.2's and Wan 2.2's), with a frame axis for
+    a model on video latents (latent_dimensions 3: Wan, Qwen-Image): 1 + (frames - 1) / the VAE's temporal
+    compression (4 for Wan's VAEs: 17 frames are 5 latent frames)."""
     channels = base_model.latent_format.latent_channels
     ratio = int(vae.spacial_compression_encode())
-    frames = (1,) if getattr(base_model.latent_format, "latent_dimensions", 2) == 3 else ()
-    return lambda height, width: (1, channels, *frames, height // ratio, width // ratio)
+    video = getattr(base_model.latent_format, "latent_dimensions", 2) == 3
+
+    def shape(height: int, width: int, frames: int = 1) -> tuple[int, ...]:
+        if not video:
+            return (1, channels, height // ratio, width // ratio)
+        temporal = int(vae.temporal_compression_decode() or 1)
+        return (1, channels, 1 + (frames - 1) // temporal, height // ratio, width // ratio)
+
+    return shape
 
 
 def prompt_server():

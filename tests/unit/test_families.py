@@ -2,6 +2,8 @@
 training/families/sigmas.py, training/network/targets.py, training/run/loop.py)."""
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import pytest
@@ -175,6 +177,36 @@ def test_sigma_samplers_stay_in_range_and_are_reproducible(kind):
         assert float(((sigmas < 0.1) | (sigmas > 0.9)).float().mean()) < 0.1
 
 
+@pytest.mark.parametrize("noise_range,inside", [("high_noise", (0.875, 1.0)), ("low_noise", (families.SIGMA_FLOOR, 0.875))])
+def test_an_expert_range_keeps_the_distribution_shape_inside_it(noise_range, inside):
+    """Wan 2.2 A14B: each expert trains only its side of the boundary (0.875 = the wan entry's, noise_boundary 0),
+    by rejection sampling, so the density inside the range is the unrestricted one, renormalised."""
+    from lora_lab.training.families.sigmas import noise_range_sigmas
+
+    wan = FAMILIES["wan"]
+    sigma_range = noise_range_sigmas(wan, noise_range, 0.0)
+    assert sigma_range == (0.875, 1.0) if noise_range == "high_noise" else sigma_range == (0.0, 0.875)
+    drawn = draw_flow_sigmas("shift", 3.0, 4000, (1, 16, 3, 8, 8), torch.Generator().manual_seed(2), sigma_range)
+    assert drawn.shape == (4000,) and inside[0] <= float(drawn.min()) and float(drawn.max()) <= inside[1]
+    reference = draw_flow_sigmas("shift", 3.0, 200000, (1, 16, 3, 8, 8), torch.Generator().manual_seed(3))
+    reference = reference[(reference >= inside[0]) & (reference <= inside[1])]
+    assert abs(float(drawn.mean()) - float(reference.mean())) < 0.01   # the same shape, not rescaled
+    again = draw_flow_sigmas("shift", 3.0, 4000, (1, 16, 3, 8, 8), torch.Generator().manual_seed(2), sigma_range)
+    assert torch.equal(drawn, again)
+    assert noise_range_sigmas(wan, "high_noise", 0.9) == (0.9, 1.0)   # image-to-video's boundary, set by hand
+    assert noise_range_sigmas(FAMILIES["flux"], "all", 0.0) == (0.0, 1.0)
+
+
+def test_noise_ranges_that_cannot_apply_are_refused_with_the_fix():
+    from lora_lab.training.families.sigmas import noise_range_sigmas
+
+    with pytest.raises(ValueError, match="noise_range = high_noise needs a boundary.*Set noise_boundary"):
+        noise_range_sigmas(FAMILIES["flux"], "high_noise", 0.0)
+    assert noise_range_sigmas(FAMILIES["flux"], "low_noise", 0.5) == (0.0, 0.5)   # any flow model, by hand
+    with pytest.raises(ValueError, match="noise_range = low_noise applies to flow-matching models.*Set all"):
+        noise_range_sigmas(FAMILIES["sdxl"], "low_noise", 0.5)
+
+
 def test_flow_prediction_recovers_the_velocity_from_a_perfect_denoiser():
     x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     sigma = torch.tensor([0.3, 0.9])
@@ -186,6 +218,8 @@ def test_flow_prediction_recovers_the_velocity_from_a_perfect_denoiser():
     assert float(loop.loss_at_sigma(objective, x0, {}, noise, sigma)) < 1e-10
     assert objective.draw_sigmas(x0, torch.Generator()).tolist() == [0.5, 0.5]
     assert objective.validation_sigmas(4).tolist() == [0.125, 0.375, 0.625, 0.875]
+    expert = dataclasses.replace(objective, sigma_range=(0.5, 1.0))   # validation measures the trained range
+    assert expert.validation_sigmas(2).tolist() == [0.625, 0.875]
 
 
 def test_dit_block_weights_split_the_blocks_in_thirds_in_depth_order():

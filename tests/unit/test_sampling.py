@@ -15,6 +15,17 @@ def test_prompts_with_kohya_options():
                        SamplePrompt("a dog", "", 512, 512, 7, 7.0, 20)]
 
 
+def test_video_prompts_take_a_frame_count():
+    """musubi-tuner's --f: a video model's clip length (4n+1), the family's preview length by default."""
+    prompts = parse_sample_prompts("a wave --f 9 --w 64 --h 32\na dog", resolution=48, seed=1, frames=17)
+    assert [(prompt.frames, prompt.width, prompt.height) for prompt in prompts] == [(9, 64, 32), (17, 48, 48)]
+    with pytest.raises(ValueError, match="--f 8 must be 4n\\+1 frames.*use 5"):
+        parse_sample_prompts("a wave --f 8", resolution=48, seed=1, frames=17)
+    with pytest.raises(ValueError, match="'--f' \\(frames\\) applies to video models"):
+        parse_sample_prompts("a cat --f 9", resolution=512, seed=0)
+    assert parse_sample_prompts("a cat", resolution=512, seed=0)[0].frames == 1
+
+
 @pytest.mark.parametrize("text,fragment", [("a cat --x 1", "'--x' is not a sample option"),
                                            ("a cat --w big", "'--w big' needs a number"),
                                            ("a cat --w 100", "must be multiples of 8"),

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .image_tensors import pil_to_image
+from .image_tensors import frames_to_image, pil_to_image
 
 if TYPE_CHECKING:   # the run's contract with the host; the data stage only reads its encoders
     from ..run.host import ModelAccess
@@ -29,6 +29,12 @@ def random_state_to_json(rng: random.Random) -> list:
 def random_state_from_json(state: list) -> tuple:
     version, internal, gauss_next = state
     return version, tuple(internal), gauss_next
+
+
+def batch_key(sample) -> tuple[int, ...]:
+    """What a batch's samples share: the bucket (width, height), and the frame count of a clip (a dataset
+    sample without one, an image, keeps the bucket alone)."""
+    return tuple(getattr(sample, "batch_key", sample.bucket))
 
 
 def largest_bucket_size(dataset) -> int:
@@ -61,7 +67,7 @@ class BucketBatches:
         self.rng = rng
         self.epoch: list[int] = []                          # this epoch's shuffled sample indices
         self.position = 0                                   # next index of `epoch` to place
-        self.pending: dict[tuple[int, int], list[int]] = {}  # bucket -> indices waiting for a full batch
+        self.pending: dict[tuple[int, ...], list[int]] = {}  # batch key -> indices waiting for a full batch
 
     def __iter__(self) -> "BucketBatches":
         return self
@@ -72,7 +78,7 @@ class BucketBatches:
                 self.epoch, self.position, self.pending = self.dataset.epoch_indices(self.rng), 0, {}
             index = self.epoch[self.position]
             self.position += 1
-            bucket = self.pending.setdefault(tuple(self.dataset.samples[index].bucket), [])
+            bucket = self.pending.setdefault(batch_key(self.dataset.samples[index]), [])
             bucket.append(index)
             if len(bucket) == self.batch_size:
                 batch = list(bucket)
@@ -167,24 +173,29 @@ class BatchFeeder:
         return self.disk_dir / f"{name}.pt"
 
     def latent(self, index: int, offset, flipped) -> torch.Tensor:
-        """The latent of sample `index` with this crop and flip (from a cache when possible), on the CPU."""
+        """The latent of sample `index` with this crop and flip (from a cache when possible), on the CPU: a
+        clip's frames encode together (a video VAE's latent with a frame axis)."""
+        if getattr(self.dataset.samples[index], "frames", ()):
+            return self._latent((index, tuple(offset), bool(flipped)),
+                                lambda: frames_to_image(self.dataset.render_frames(index, tuple(offset), bool(flipped))))
         return self._latent((index, tuple(offset), bool(flipped)),
-                            lambda: self.dataset.render(index, tuple(offset), bool(flipped)))
+                            lambda: pil_to_image(self.dataset.render(index, tuple(offset), bool(flipped))))
 
     def control_latent(self, index: int, offset, flipped) -> torch.Tensor:
         """The latent of sample `index`'s control image, cropped and flipped as the image (cached the same way)."""
         return self._latent(("control", index, tuple(offset), bool(flipped)),
-                            lambda: self.dataset.render_control(index, tuple(offset), bool(flipped)))
+                            lambda: pil_to_image(self.dataset.render_control(index, tuple(offset), bool(flipped))))
 
-    def _latent(self, key: tuple, render: Callable[[], Any]) -> torch.Tensor:
+    def _latent(self, key: tuple, render: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The latent of the IMAGE batch `render` draws (an image, or a clip's frames), cached under `key`."""
         if self.cache_latents and key in self.latent_cache:
             return self.latent_cache[key]
         disk_path = self._disk_path(key)
         if disk_path is not None and disk_path.is_file():
             return torch.load(disk_path, map_location="cpu", weights_only=True)
-        image = render()
+        pixels = render()
         with torch.no_grad():
-            latent = self.access.encode_pixels(pil_to_image(image)).detach().clone().to("cpu", torch.float32)
+            latent = self.access.encode_pixels(pixels).detach().clone().to("cpu", torch.float32)
         if disk_path is not None:
             disk_path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(latent, disk_path)

@@ -27,6 +27,14 @@ def pil_to_image(image: Image.Image) -> "torch.Tensor":
     return torch.from_numpy(array).unsqueeze(0)
 
 
+def frames_to_image(frames: "list[Image.Image]") -> "torch.Tensor":
+    """A clip's frames (PIL images of one size) -> an IMAGE batch [frames, H, W, 3]: what a video VAE
+    encodes as one clip (ComfyUI's VAE takes a video's frames as the batch axis)."""
+    import torch
+
+    return torch.cat([pil_to_image(frame) for frame in frames])
+
+
 def image_to_pil(image: "torch.Tensor") -> Image.Image:
     """One image of an IMAGE batch ([H, W, C] floats) -> a PIL image: values clamped to 0..1, scaled
     to 0..255 and rounded (half to even); one channel gives an "L" image, three "RGB", four "RGBA"."""

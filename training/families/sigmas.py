@@ -65,12 +65,39 @@ SIGMA_SAMPLERS: dict[str, Callable[[int, float, tuple, torch.Generator], torch.T
 TIMESTEP_SAMPLINGS = ("auto", "uniform", "logit_normal", "shift")
 
 
+FULL_RANGE = (0.0, 1.0)
+# Rejection sampling into a noise range draws rounds of this many candidates per wanted sigma, at most
+# REJECTION_ROUNDS rounds; what is still missing then (a range the distribution hardly reaches) is drawn
+# uniformly inside the range.
+REJECTION_BATCH = 8
+REJECTION_ROUNDS = 200
+
+
 def draw_flow_sigmas(kind: str, shift: float, batch: int, latent_shape: tuple[int, ...],
-                     generator: torch.Generator) -> torch.Tensor:
-    """`batch` sigmas in [SIGMA_FLOOR, 1] (on the generator's device, fp32), drawn by SIGMA_SAMPLERS[kind]."""
+                     generator: torch.Generator, sigma_range: tuple[float, float] = FULL_RANGE) -> torch.Tensor:
+    """`batch` sigmas in [SIGMA_FLOOR, 1] (on the generator's device, fp32), drawn by SIGMA_SAMPLERS[kind].
+
+    sigma_range (low, high): only sigmas in [low, high] (a Wan 2.2 expert's noise levels), by rejection
+    sampling, which keeps the distribution's shape inside the range (musubi-tuner's recommended
+    --preserve_distribution_shape for the Wan 2.2 experts) where rescaling into the range would distort it."""
     if kind not in SIGMA_SAMPLERS:
         raise ValueError(f"unknown sigma sampling {kind!r}; known: {', '.join(SIGMA_SAMPLERS)}")
-    return SIGMA_SAMPLERS[kind](batch, shift, latent_shape, generator).float().clamp(SIGMA_FLOOR, 1.0)
+    draw = SIGMA_SAMPLERS[kind]
+    if tuple(sigma_range) == FULL_RANGE:
+        return draw(batch, shift, latent_shape, generator).float().clamp(SIGMA_FLOOR, 1.0)
+    low, high = max(float(sigma_range[0]), SIGMA_FLOOR), min(float(sigma_range[1]), 1.0)
+    kept: list[torch.Tensor] = []
+    missing = batch
+    for _ in range(REJECTION_ROUNDS):
+        candidates = draw(batch * REJECTION_BATCH, shift, latent_shape, generator).float().clamp(SIGMA_FLOOR, 1.0)
+        inside = candidates[(candidates >= low) & (candidates <= high)][:missing]
+        kept.append(inside)
+        missing -= inside.numel()
+        if missing == 0:
+            break
+    if missing:
+        kept.append(low + (high - low) * torch.rand(missing, generator=generator, device=generator.device))
+    return torch.cat(kept).float()
 
 
 def sampling_for(entry, timestep_sampling: str, timestep_shift: float) -> tuple[str, float]:
@@ -80,8 +107,33 @@ def sampling_for(entry, timestep_sampling: str, timestep_shift: float) -> tuple[
     return timestep_sampling, timestep_shift
 
 
-def sigma_sampler(kind: str, shift: float) -> Sampler:
-    """The run's sampler: (batch, latent shape, generator) -> sigmas."""
+def sigma_sampler(kind: str, shift: float, sigma_range: tuple[float, float] = FULL_RANGE) -> Sampler:
+    """The run's sampler: (batch, latent shape, generator) -> sigmas (within sigma_range)."""
     if kind not in SIGMA_SAMPLERS:
         raise ValueError(f"unknown sigma sampling {kind!r}; known: {', '.join(SIGMA_SAMPLERS)}")
-    return lambda batch, shape, generator: draw_flow_sigmas(kind, shift, batch, shape, generator)
+    return lambda batch, shape, generator: draw_flow_sigmas(kind, shift, batch, shape, generator, sigma_range)
+
+
+NOISE_RANGES = ("all", "high_noise", "low_noise")   # Train LoRA's noise_range choices (append only)
+
+
+def noise_range_sigmas(entry, noise_range: str, noise_boundary: float) -> tuple[float, float]:
+    """The sigmas a run trains: all, or one side of the boundary (noise_boundary, 0 = the family's expert
+    boundary): the high-noise expert [boundary, 1], the low-noise expert [0, boundary]. ValueError naming
+    the input, the value and the fix."""
+    if noise_range not in NOISE_RANGES:
+        raise ValueError(f"Train LoRA: noise_range = {noise_range!r} is not one of {', '.join(NOISE_RANGES)}.")
+    if noise_range == "all":
+        return FULL_RANGE
+    if not entry.flow:
+        raise ValueError(f"Train LoRA: noise_range = {noise_range} applies to flow-matching models (a Wan 2.2 "
+                         f"expert's noise levels); {entry.label} samples its 1000 timesteps uniformly. Set all.")
+    boundary = noise_boundary if noise_boundary > 0 else entry.expert_boundary
+    if boundary is None:
+        raise ValueError(f"Train LoRA: noise_range = {noise_range} needs a boundary: {entry.label} has no experts "
+                         "that split the noise levels, so noise_boundary = 0 (the model's boundary) means nothing. "
+                         "Set noise_boundary (the sigma where high noise ends, e.g. 0.875), or noise_range to all.")
+    if not 0.0 < boundary < 1.0:
+        raise ValueError(f"Train LoRA: noise_boundary = {boundary:g} must lie between 0 and 1 (a sigma; Wan 2.2 "
+                         "text-to-video's is 0.875, image-to-video's 0.9), or be 0 for the model's own.")
+    return (boundary, 1.0) if noise_range == "high_noise" else (0.0, boundary)

@@ -76,6 +76,15 @@ class Family:
     # control_text_pixels > 0 the text encoder sees the control image too, scaled to about that many pixels
     reference_images: bool = False
     control_text_pixels: int = 0
+    # Video models: the dataset may hold clips (else images only); previews draw `preview_frames` frames,
+    # saved as an animation at `preview_fps`
+    video: bool = False
+    preview_frames: int = 1
+    preview_fps: float = 0.0
+    # Mixture-of-experts models whose experts split the noise levels (Wan 2.2 A14B): the sigma where the
+    # high-noise expert hands over to the low-noise one, what Train LoRA's noise_boundary 0 means
+    expert_boundary: float | None = None
+    expert_boundary_source: str = ""
 
     @property
     def model_conditioning(self) -> bool:
@@ -168,6 +177,20 @@ CHROMA_TARGETS = dataclasses.replace(
     FLUX_TARGETS, kohya_default_source="sd-scripts networks/lora_flux.py (flux_train_network.py --model_type chroma): "
                                        "every Linear of DoubleStreamBlock and SingleStreamBlock; ai-toolkit's Chroma "
                                        "default is the same set")
+
+# Wan 2.1 / 2.2: ComfyUI's WanModel names. Every Linear of a WanAttentionBlock is musubi-tuner's default; its
+# modulation is a plain parameter and its q/k norms are RMSNorms, so "all" is attention, cross-attention (the
+# image keys/values of Wan 2.1 I2V included) and the FFN.
+WAN_TARGETS = DitTargets(
+    blocks=("blocks.",),
+    call_order=("blocks",),
+    attention=("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+               "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img"),
+    feed_forward=("ffn.0", "ffn.2"),
+    kohya_default="all",
+    kohya_default_source="musubi-tuner networks/lora_wan.py: every Linear of WanAttentionBlock (embeddings, norms "
+                         "and the head excluded by its default exclude pattern, all outside the blocks)",
+)
 
 _SD_IMPLEMENTATION = "diffusers"
 
@@ -284,6 +307,25 @@ FAMILIES: dict[str, Family] = {
         # Chroma is not guidance-distilled: its guidance input stays 0 (ComfyUI's Chroma.extra_conds), real cfg 4
         # in previews (ComfyUI's Chroma example: 30 steps, cfg 4)
         preview_cfg=4.0, preview_steps=30),
+    "wan": Family(
+        "wan", "Wan 2.1 / 2.2", "flow", encoders=("umt5xxl",), clip_loader="CLIPLoader, type wan",
+        frozen_text="the UMT5-XXL text encoder", exact_length_text=True, conditioning=("model_conds",),
+        sampling="shift", sampling_shift=3.0,
+        sampling_source="shift 3.0 over a logit-normal t: musubi-tuner's Wan training example (docs/wan.md: "
+                        "--timestep_sampling shift --discrete_flow_shift 3.0, for Wan 2.1 and the Wan 2.2 experts; "
+                        "its docs note the training shift need not match the inference shift, 12 for Wan 2.2 T2V)",
+        dit=WAN_TARGETS, key_style="kohya",
+        key_style_reason="lora_unet_<block path> names (musubi-tuner's format): ComfyUI's LoraLoader maps them to the "
+                         "model directly and diffusers' WanLoraLoaderMixin converts every one "
+                         "(_convert_musubi_wan_lora_to_diffusers)",
+        base_model_version="wan", modelspec_architecture="wan2.1",
+        modelspec_implementation="https://github.com/Wan-Video/Wan2.1",
+        # ComfyUI's Wan 2.1 text-to-video example: 30 steps, cfg 6; a 17-frame clip (5 latent frames) at 16 fps
+        preview_cfg=6.0, preview_steps=30, video=True, preview_frames=17, preview_fps=16.0,
+        expert_boundary=0.875,
+        expert_boundary_source="Wan 2.2 A14B text-to-video: the high-noise expert runs from sigma 1 down to 0.875, "
+                               "the low-noise one below (Wan 2.2's boundary 0.875 x 1000 timesteps; musubi-tuner's "
+                               "--timestep_boundary default for T2V)"),
     "generic": Family(
         "generic", "any other model (generic path)", OBJECTIVE_FROM_MODEL,
         clip_loader="the CLIP loader (and type) its model card names for ComfyUI",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager
 
 import torch
 
-from ..families.sigmas import sampling_for, sigma_sampler
+from ..families.sigmas import FULL_RANGE, sampling_for, sigma_sampler
 from ..families.table import FAMILIES, Family
 
 if TYPE_CHECKING:
@@ -71,12 +71,15 @@ class ModelAccess:
         """The family's table entry (training/families/table.py), as resolved for this model."""
         return self.resolved_entry if self.resolved_entry is not None else FAMILIES[self.family]
 
-    def with_sampling(self, timestep_sampling: str, timestep_shift: float) -> ModelAccess:
-        """This access with the run's sigma sampler (flow families; `auto` = the family's default)."""
+    def with_sampling(self, timestep_sampling: str, timestep_shift: float,
+                      sigma_range: tuple[float, float] = FULL_RANGE) -> ModelAccess:
+        """This access with the run's sigma sampler (flow families; `auto` = the family's default), drawing
+        only sigmas in `sigma_range` (a Wan 2.2 expert's noise levels: its training and validation sigmas)."""
         if not self.entry.flow:
             return self
         kind, shift = sampling_for(self.entry, timestep_sampling, timestep_shift)
-        objective = dataclasses.replace(self.objective, sigma_sampler=sigma_sampler(kind, shift))
+        objective = dataclasses.replace(self.objective, sigma_sampler=sigma_sampler(kind, shift, sigma_range),
+                                        sigma_range=tuple(sigma_range))
         return dataclasses.replace(self, sampling=(kind, shift), objective=objective)
 
 

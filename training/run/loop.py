@@ -89,6 +89,9 @@ class DiffusionObjective:
     # Flow matching: (batch, latent shape, generator) -> continuous sigmas in (0, 1]. None: a timestep drawn
     # uniformly from the discrete schedule `sigmas` (SD1.x/2.x/SDXL).
     sigma_sampler: Callable[[int, tuple, torch.Generator], torch.Tensor] | None = None
+    # The flow sigmas this run trains (all, or a Wan 2.2 expert's side of the boundary): the sampler draws
+    # only these, and the validation sigmas spread over them.
+    sigma_range: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTIONS:
@@ -109,9 +112,11 @@ class DiffusionObjective:
     def validation_sigmas(self, count: int) -> torch.Tensor:
         """`count` fixed sigmas spread over the noise levels (the stable validation loss): the discrete
         schedule's sigma at the centres of `count` equal slices of its timesteps, or, for flow
-        matching, the centres of `count` equal slices of (0, 1)."""
+        matching, the centres of `count` equal slices of the trained sigma range ((0, 1) unless an expert's)."""
         if self.sigma_sampler is not None:
-            return torch.tensor([(index + 0.5) / count for index in range(count)], dtype=torch.float32)
+            low, high = self.sigma_range
+            return torch.tensor([low + (high - low) * (index + 0.5) / count for index in range(count)],
+                                dtype=torch.float32)
         return self.sigma_at(torch.tensor(validation_timesteps(len(self.sigmas), count))).cpu()
 
 
@@ -206,9 +211,12 @@ class StepRecord:
     lr: dict[str, float]
     val_loss: float | None = None   # the stable validation loss after this step, on the steps it ran
     memory: dict | None = None      # the run's memory plan, on the first step's record only
+    sigmas: list[float] | None = None   # the noise levels this step trained (one per sample, every micro-batch)
 
     def as_json(self) -> str:
         record = {"step": self.step, "loss": self.loss, "lr": self.lr}
+        if self.sigmas is not None:
+            record["sigmas"] = [round(sigma, 5) for sigma in self.sigmas]
         if self.val_loss is not None:
             record["val_loss"] = self.val_loss
         if self.memory is not None:
@@ -258,12 +266,14 @@ def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             step_loss: torch.Tensor | None = None   # stays on the device: no host sync per micro-batch
+            step_sigmas: list[torch.Tensor] = []
             for _ in range(settings.gradient_accumulation):
                 if check_cancel is not None:
                     check_cancel()
                 x0, cond = next_batch()
                 noise = draw_noise(x0, generator, settings.noise_offset)
                 sigma = objective.draw_sigmas(x0, generator)
+                step_sigmas.append(sigma.detach())
                 with autocast_context(settings):
                     loss = loss_at_sigma(objective, x0, cond, noise, sigma, settings.min_snr_gamma)
                 scaled = loss / settings.gradient_accumulation
@@ -277,6 +287,7 @@ def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective
             norm = torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm or float("inf"))
             # One device -> host transfer per step for both checks (each sync stalls the kernel queue).
             loss_value, norm_value = torch.stack([step_loss, norm.detach().float().to(step_loss.device)]).tolist()
+            sigmas = torch.cat(step_sigmas).float().tolist()   # already computed: the sync above waited for it
             if not math.isfinite(loss_value):
                 optimizer.zero_grad(set_to_none=True)
                 raise TrainingDiverged(step, loss_value, settings.precision,
@@ -293,7 +304,7 @@ def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective
             optimizer.zero_grad(set_to_none=True)
             record = StepRecord(step=step, loss=loss_value, lr=applied_rates(optimizer),
                                 val_loss=validate(step) if validate is not None else None,
-                                memory=memory if step == 0 else None)
+                                memory=memory if step == 0 else None, sigmas=sigmas)
             records.append(record)
             if log_file is not None:
                 log_file.write(record.as_json() + "\n")

@@ -14,8 +14,9 @@ import torch
 
 from .loop import DiffusionObjective
 
-# kohya sd-scripts' sample prompt options (library/train_util.py, "--n negative --w 512 ...").
-PROMPT_OPTIONS = {"n": "negative", "w": "width", "h": "height", "d": "seed", "l": "cfg", "s": "steps"}
+# kohya sd-scripts' sample prompt options (library/train_util.py, "--n negative --w 512 ..."), and
+# musubi-tuner's --f (frames) for video models.
+PROMPT_OPTIONS = {"n": "negative", "w": "width", "h": "height", "d": "seed", "l": "cfg", "s": "steps", "f": "frames"}
 DEFAULT_STEPS = 20
 DEFAULT_CFG = 7.0
 MAX_STEPS = 150
@@ -32,15 +33,18 @@ class SamplePrompt:
     seed: int = 0
     cfg: float = DEFAULT_CFG  # classifier-free guidance scale
     steps: int = DEFAULT_STEPS
+    frames: int = 1           # a video model's clip length (1: an image)
 
 
 def parse_sample_prompts(text: str, resolution: int, seed: int, cfg: float = DEFAULT_CFG,
-                         steps: int = DEFAULT_STEPS) -> list[SamplePrompt]:
-    """One SamplePrompt per non-empty line; kohya options `--n --w --h --d --l --s` may follow the prompt.
+                         steps: int = DEFAULT_STEPS, frames: int | None = None) -> list[SamplePrompt]:
+    """One SamplePrompt per non-empty line; kohya options `--n --w --h --d --l --s` (and `--f`, frames, for
+    a video model) may follow the prompt.
 
     "a cat --n blurry --w 768 --h 512 --d 42 --l 6 --s 25". Unknown or malformed options raise
-    ValueError naming the line and the fix. Lines starting with # are comments. `cfg` and `steps` are
-    the defaults where a line gives none (the model family's usual values).
+    ValueError naming the line and the fix. Lines starting with # are comments. `cfg`, `steps` and
+    `frames` are the defaults where a line gives none (the model family's usual values); frames None:
+    an image model, which takes no --f.
     """
     prompts = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -49,12 +53,16 @@ def parse_sample_prompts(text: str, resolution: int, seed: int, cfg: float = DEF
             continue
         head, *options = line.split(" --")
         values: dict = {"prompt": head.strip(), "width": resolution, "height": resolution, "seed": seed, "cfg": cfg,
-                        "steps": steps}
+                        "steps": steps, "frames": frames or 1}
         for option in options:
             key, _, value = option.strip().partition(" ")
             if key not in PROMPT_OPTIONS:
                 raise ValueError(f"Train LoRA: sample_prompt line {number}: '--{key}' is not a sample option. "
-                                 f"Use --n (negative), --w/--h (size), --d (seed), --l (cfg), --s (steps).")
+                                 f"Use --n (negative), --w/--h (size), --d (seed), --l (cfg), --s (steps)"
+                                 f"{', --f (frames)' if frames else ''}.")
+            if key == "f" and not frames:
+                raise ValueError(f"Train LoRA: sample_prompt line {number}: '--f' (frames) applies to video models "
+                                 "(Wan); this model draws images. Remove it.")
             field_name = PROMPT_OPTIONS[key]
             try:
                 if field_name == "negative":
@@ -72,6 +80,10 @@ def parse_sample_prompts(text: str, resolution: int, seed: int, cfg: float = DEF
                              "be multiples of 8 (the VAE works in 8-pixel cells).")
         if not 1 <= sample.steps <= MAX_STEPS:
             raise ValueError(f"Train LoRA: sample_prompt line {number}: --s {sample.steps} must be 1..{MAX_STEPS}.")
+        if sample.frames < 1 or (sample.frames - 1) % 4:
+            raise ValueError(f"Train LoRA: sample_prompt line {number}: --f {sample.frames} must be 4n+1 frames "
+                             f"(1, 5, 9 ... 81: a video VAE compresses time by 4 after the first frame); use "
+                             f"{max(1, (sample.frames - 1) // 4 * 4 + 1)}.")
         prompts.append(sample)
     return prompts
 
@@ -119,9 +131,10 @@ class PreviewSampler:
     encode: Callable[[str, int, int], dict]          # (text, width, height) -> model conditioning
     decode: Callable[[torch.Tensor], torch.Tensor]   # model latent -> IMAGE [B, H, W, 3] in 0..1
     device: torch.device
-    # (height, width) in pixels -> the model's latent shape for one image: [1, C, H/r, W/r], or
-    # [1, C, 1, H/r, W/r] for a model on video latents (Qwen-Image's Wan VAE)
-    latent_shape: Callable[[int, int], tuple[int, ...]] = lambda height, width: (1, 4, height // 8, width // 8)
+    # (height, width, frames) in pixels -> the model's latent shape for one image or clip: [1, C, H/r, W/r], or
+    # [1, C, T, H/r, W/r] for a model on video latents (Wan; Qwen-Image's Wan VAE with one frame)
+    latent_shape: Callable[[int, int, int], tuple[int, ...]] = \
+        lambda height, width, frames=1: (1, 4, height // 8, width // 8)
     check_cancel: Callable[[], None] | None = None   # raises to stop (Cancel), checked every sampler step
 
     @torch.no_grad()
@@ -129,7 +142,7 @@ class PreviewSampler:
         cond = self.encode(sample.prompt, sample.width, sample.height)
         uncond = self.encode(sample.negative, sample.width, sample.height)
         generator = torch.Generator(device="cpu").manual_seed(sample.seed)
-        shape = self.latent_shape(sample.height, sample.width)
+        shape = self.latent_shape(sample.height, sample.width, sample.frames)
         latent = euler_sample(self.objective, cond, uncond, shape, sample.steps, sample.cfg, generator, self.device,
                               self.check_cancel)
         return self.decode(latent)

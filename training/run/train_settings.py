@@ -8,7 +8,7 @@ from typing import Iterable
 import torch
 
 from ..data.feeder import largest_bucket_size
-from ..families.sigmas import TIMESTEP_SAMPLINGS
+from ..families.sigmas import NOISE_RANGES, TIMESTEP_SAMPLINGS, noise_range_sigmas
 from ..families.table import FAMILIES, Family, check_family_settings, family_entry
 from ..lr.optimizers import OPTIMIZERS, check_optimizer
 from ..network import kohya
@@ -24,9 +24,10 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 PRECISIONS = ("bf16", "fp16", "fp32")
 # TrainSettings fields that came after the node's first release: they sit in its "optional" section.
 OPTIONAL_SETTINGS = ("save_precision", "validate_every_n_steps", "timestep_sampling", "timestep_shift", "memory",
-                     "vram_budget_gb", "base_weights")
+                     "vram_budget_gb", "base_weights", "noise_range", "noise_boundary")
 # Appended settings a run made before them is identical without, at their default (resume checks).
-LATER_DEFAULTS = {"timestep_sampling": "auto", "timestep_shift": 3.0, "base_weights": "as_loaded"}
+LATER_DEFAULTS = {"timestep_sampling": "auto", "timestep_shift": 3.0, "base_weights": "as_loaded",
+                  "noise_range": "all", "noise_boundary": 0.0}
 
 
 def _lora_name_problem(name: str) -> None:
@@ -115,6 +116,16 @@ class TrainSettings(NodeSettings):
         "on the GPU and auto streams less. e4m3fn keeps more precision (what fp8 checkpoints use), e5m2 more "
         "range. The LoRA trains in full precision and loads on the unquantized model; your MODEL is not "
         "changed. Weights already fp8 stay as loaded."), choices=tuple(BASE_WEIGHTS))
+    noise_range: str = setting("all", (
+        "Which noise levels this LoRA trains (flow-matching models). all = every level. high_noise / low_noise = "
+        "only sigmas above / below noise_boundary: for Wan 2.2 A14B, whose two experts (two models) each denoise "
+        "one side of the boundary, train one LoRA per expert, each Train LoRA node on its own expert with its "
+        "own range, and apply each LoRA to its expert. The sampler's distribution keeps its shape inside the "
+        "range (rejection sampling), and the validation loss measures the same range."), choices=NOISE_RANGES)
+    noise_boundary: float = setting(0.0, (
+        "The sigma where high noise ends, for noise_range high_noise / low_noise. 0 = the model's own: 0.875 "
+        "for Wan 2.2 text-to-video (the boundary Wan 2.2 switches experts at; 0.9 for its image-to-video)."),
+        min=0.0, max=0.999, step=0.005)
 
     def __post_init__(self) -> None:
         validate(self, self.TITLE)
@@ -129,7 +140,8 @@ class RunOptions(NodeSettings):
     sample_prompt: str = setting("", (
         "Preview prompts drawn with the model being trained, one per line, kohya options allowed: "
         "'a photo of sks --n blurry --w 512 --h 512 --d 42 --l 7 --s 20' (negative, size, seed, cfg, "
-        "steps; Euler sampler). Saved in output/lora_lab/<name>/samples/ and shown on this node."), multiline=True)
+        "steps; Euler sampler); video models also --f 17 (frames, 4n+1). Saved in output/lora_lab/<name>/samples/ "
+        "(a clip as an animated .webp beside its first frame) and shown on this node."), multiline=True)
     sample_every_n_steps: int = setting(0, "Draw the sample prompts every N optimizer steps; 0 = off.", min=0,
                                         max=1_000_000)
     resume_from: str = setting("", (
@@ -181,5 +193,11 @@ def check_inputs(settings: TrainSettings, dataset, part_rates: dict[str, float],
                          + (f" ({entry.label}'s text encoders, {frozen}, always stay frozen: "
                             "set unet_lr.)" if frozen and not entry.text_parts else ""))
     check_family_settings(entry, settings.noise_offset, settings.min_snr_gamma, settings.timestep_sampling)
+    if entry.objective_known:
+        noise_range_sigmas(entry, settings.noise_range, settings.noise_boundary)
+    if getattr(dataset, "has_clips", False) and not entry.video:
+        raise ValueError(f"Train LoRA: dataset holds video clips but model is {entry.label}, an image model. Clips "
+                         f"train video models ({', '.join(other.label for other in FAMILIES.values() if other.video)}): "
+                         "leave the clips out of the dataset folder, or connect a video model.")
     schedule.check_total(settings.steps)
     check_optimizer(settings.optimizer, device_type)

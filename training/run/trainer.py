@@ -18,6 +18,7 @@ from typing import Callable, TypeVar
 import torch
 
 from ..data.feeder import BatchFeeder
+from ..families.sigmas import noise_range_sigmas
 from ..families.table import FAMILIES, check_family_settings
 from ..lr.optimizers import TrainedLayer, build_optimizer, build_param_groups
 from ..network import kohya
@@ -99,7 +100,8 @@ def execute(inputs: RunInputs, access: ModelAccess, make_plan: Callable[[ModelAc
         # An entry resolved from the model (the generic path): its objective is known only now, before
         # anything loads; a first-class family's settings were checked in check_run.
         check_family_settings(access.entry, settings.noise_offset, settings.min_snr_gamma, settings.timestep_sampling)
-    access = access.with_sampling(settings.timestep_sampling, settings.timestep_shift)
+    access = access.with_sampling(settings.timestep_sampling, settings.timestep_shift,
+                                  noise_range_sigmas(access.entry, settings.noise_range, settings.noise_boundary))
     check_base_weights(settings, access)
     memory = plan_memory_of(inputs, access)
     with loaded_for(access, memory):
