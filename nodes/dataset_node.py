@@ -5,6 +5,7 @@ from pathlib import Path
 
 from comfy_api.latest import io
 
+from ..training.data.dataset.options import CLIP_OPTION_NAMES
 from ..training.data.dataset import (DatasetError, DatasetOptions, accepted_extensions_text, require_folder,
                                      build_folder_dataset, build_image_dataset, folder_fingerprint,
                                      preview_grid, summarize)
@@ -32,16 +33,18 @@ class DatasetNode(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoRALabDataset", display_name="LoRA Dataset", category="LoRA Lab",
-            description=("Images and captions to train a LoRA on: a kohya-style folder (sub-folders 'N_name' "
+            description=("Images (and, for video models, clips) and captions to train a LoRA on: a kohya-style "
+                         "folder (sub-folders 'N_name' "
                          "repeat their images N times, captions in side-car .txt files) or an IMAGE batch with one "
                          "caption per line. Aspect-ratio buckets like kohya; the folder is only read."),
             inputs=[
                 io.String.Input("folder", default="", tooltip=(
-                    "Folder of training images (" + accepted_extensions_text() + "), searched recursively: an "
+                    "Folder of training images and video clips (" + accepted_extensions_text() + "), searched "
+                    "recursively: an "
                     "absolute path or one relative to ComfyUI's input folder. kohya layout: sub-folders named "
                     "'10_name' repeat their images 10 times. Leave empty when images are connected. "
                     "The folder is only read.")),
-                *inputs(DatasetOptions),
+                *inputs(DatasetOptions, exclude=CLIP_OPTION_NAMES),
                 socket("IMAGE", "images", "Train on images made by other nodes instead of a folder (leave folder "
                                           "empty).", optional=True),
                 io.String.Input("captions", multiline=True, default="", optional=True, tooltip=(
@@ -53,6 +56,8 @@ class DatasetNode(io.ComfyNode):
                     "control_directory. The model sees the control as its reference image and learns to turn it "
                     "into the training image. Absolute or relative to ComfyUI's input folder; with a folder "
                     "dataset only. Empty = none.")),
+                # video clips (.mp4 .webm .mov .gif) for video models: appended after the inputs above
+                *inputs(DatasetOptions, names=CLIP_OPTION_NAMES, optional=True),
             ],
             outputs=[output("LORA_DATASET", "dataset", "The dataset description, for Train LoRA."),
                      output("STRING", "summary", "Images, repeats, buckets, missing captions, top tags and whether "

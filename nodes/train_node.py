@@ -95,5 +95,13 @@ class TrainNode(io.ComfyNode):
                 on_step=comfy.progress_reporter(settings.steps, unique_id, training_chart),
                 check_cancel=comfy.check_cancel, is_cancel=comfy.is_cancel,
                 on_sample=comfy.sample_previewer(train_model, vae, access, sample_prompts, sample_every_n_steps,
-                                                        settings.steps, unique_id))
+                                                 settings.steps, unique_id, start_image=start_image_of(checked)))
             return train_checked(checked, access, comfy.loras_dir(), comfy.output_dir(), callbacks)
+
+
+def start_image_of(checked):
+    """An image-to-video model's previews start from the dataset's first clip's first frame (as the user would
+    sample it with WanImageToVideo); None for other models."""
+    if not FAMILIES[checked.family].start_frame:
+        return None
+    return checked.dataset.source_image(0)

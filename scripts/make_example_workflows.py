@@ -154,6 +154,78 @@ def dit_graph(family: str, loaders: list[dict], model_link: tuple, clip_link: tu
     return {"nodes": nodes, "links": links}
 
 
+def wan_graph() -> dict:
+    """Wan 2.2 A14B text-to-video as ComfyUI's own Wan 2.2 template loads and samples it (two experts, each
+    with ModelSamplingSD3 shift 8, KSamplerAdvanced: the high-noise expert the first 10 of 20 steps at cfg
+    3.5, the low-noise one the rest): one Train LoRA per expert, each on its own noise range (high_noise /
+    low_noise: sigma above / below Wan 2.2's boundary 0.875), each LoRA applied to its own expert (the MODEL
+    its Train LoRA returns). Rank 32, alpha 32, rate 1e-4 as musubi-tuner's Wan 2.2 expert scripts train;
+    33-frame clips at 16 fps (Wan's rate), about 512 x 512 pixels."""
+    rates = {**FROZEN_TEXT_RATES, "learning_rate": 1e-4}
+    train = {"steps": 1000, "batch_size": 1, "rank": 32, "alpha": 32.0, "precision": "bf16",
+             "gradient_checkpointing": True, "training_seed": 0, "min_snr_gamma": 0.0, "noise_offset": 0.0,
+             "timestep_sampling": "auto", "memory": "auto"}
+    advanced = {"noise_seed": 42, "control_after_generate": "fixed", "steps": 20, "cfg": 3.5,
+                "sampler_name": "euler", "scheduler": "simple"}
+    nodes = [
+        {"id": 1, "type": "UNETLoader", "column": 0, "title": "Load high-noise expert", "widgets": {
+            "unet_name": "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", "weight_dtype": "default"}},
+        {"id": 17, "type": "UNETLoader", "column": 0, "title": "Load low-noise expert", "widgets": {
+            "unet_name": "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors", "weight_dtype": "default"}},
+        {"id": 15, "type": "CLIPLoader", "column": 0, "widgets": {
+            "clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan"}},
+        {"id": 16, "type": "VAELoader", "column": 0, "widgets": {"vae_name": "wan_2.1_vae.safetensors"}},
+        {"id": 2, "type": "LoRALabDataset", "column": 0, "widgets": {
+            "folder": "my_clips", "resolution": 512, "trigger_word": TRIGGER_WORD, "max_bucket_resolution": 1024,
+            "frames_per_clip": 33, "frame_extraction": "head", "target_fps": 16.0}},
+        {"id": 3, "type": "LoRALabLRSchedule", "column": 1, "widgets": {
+            "scheduler": "cosine", "warmup": 5.0, "warmup_unit": "percent", "preview_steps": train["steps"]}},
+        {"id": 4, "type": "LoRALabLearningRates", "column": 1, "widgets": rates},
+        {"id": 5, "type": "LoRALabTrain", "column": 2, "title": "Train LoRA (high-noise expert)", "widgets": {
+            **train, "lora_name": "my_wan22_lora_high_noise", "noise_range": "high_noise"}},
+        {"id": 19, "type": "LoRALabTrain", "column": 2, "title": "Train LoRA (low-noise expert)", "widgets": {
+            **train, "lora_name": "my_wan22_lora_low_noise", "noise_range": "low_noise"}},
+        {"id": 6, "type": "CLIPTextEncode", "column": 3, "title": "Prompt (with the trigger word)",
+         "widgets": {"text": f"{TRIGGER_WORD}, a blue disc moving across the frame"}},
+        {"id": 7, "type": "CLIPTextEncode", "column": 3, "title": "Negative prompt",
+         "widgets": {"text": "blurry, static, low quality"}},
+        {"id": 8, "type": "EmptyHunyuanLatentVideo", "column": 3, "widgets": {
+            "width": 832, "height": 480, "length": 81, "batch_size": 1}},
+        {"id": 20, "type": "ModelSamplingSD3", "column": 3, "title": "Shift (high-noise expert)", "widgets": {"shift": 8.0}},
+        {"id": 21, "type": "ModelSamplingSD3", "column": 3, "title": "Shift (low-noise expert)", "widgets": {"shift": 8.0}},
+        {"id": 9, "type": "KSamplerAdvanced", "column": 4, "title": "High-noise expert: steps 0-10", "widgets": {
+            "add_noise": "enable", **advanced, "start_at_step": 0, "end_at_step": 10,
+            "return_with_leftover_noise": "enable"}},
+        {"id": 22, "type": "KSamplerAdvanced", "column": 4, "title": "Low-noise expert: steps 10-20", "widgets": {
+            "add_noise": "disable", **advanced, "start_at_step": 10, "end_at_step": 10000,
+            "return_with_leftover_noise": "disable"}},
+        {"id": 10, "type": "VAEDecode", "column": 5, "widgets": {}},
+        {"id": 11, "type": "SaveAnimatedWEBP", "column": 5, "title": "Clip with both LoRAs", "size": [320, 380],
+         "widgets": {"filename_prefix": "lora_lab/wan_sample", "fps": 16.0, "lossless": False, "quality": 90,
+                     "method": "default"}},
+        {"id": 12, "type": "SaveImage", "column": 3, "title": "Training chart (high-noise expert)",
+         "size": [400, 280], "widgets": {"filename_prefix": "lora_lab/train_chart_high_noise"}},
+        {"id": 23, "type": "SaveImage", "column": 3, "title": "Training chart (low-noise expert)",
+         "size": [400, 280], "widgets": {"filename_prefix": "lora_lab/train_chart_low_noise"}},
+        {"id": 13, "type": "SaveImage", "column": 1, "title": "Learning-rate chart", "size": [270, 220],
+         "widgets": {"filename_prefix": "lora_lab/lr_chart"}},
+        {"id": 14, "type": "PreviewImage", "column": 0, "title": "Dataset preview", "size": [400, 300], "widgets": {}},
+    ]
+    links = [
+        (1, 0, 5, "model"), (17, 0, 19, "model"), (15, 0, 5, "clip"), (15, 0, 19, "clip"),
+        (16, 0, 5, "vae"), (16, 0, 19, "vae"),
+        (2, 0, 5, "dataset"), (2, 0, 19, "dataset"), (4, 0, 5, "learning_rates"), (4, 0, 19, "learning_rates"),
+        (3, 0, 5, "lr_schedule"), (3, 0, 19, "lr_schedule"), (3, 0, 4, "lr_schedule"),
+        (5, 1, 6, "clip"), (5, 1, 7, "clip"),
+        (5, 0, 20, "model"), (19, 0, 21, "model"),
+        (20, 0, 9, "model"), (6, 0, 9, "positive"), (7, 0, 9, "negative"), (8, 0, 9, "latent_image"),
+        (21, 0, 22, "model"), (6, 0, 22, "positive"), (7, 0, 22, "negative"), (9, 0, 22, "latent_image"),
+        (22, 0, 10, "samples"), (16, 0, 10, "vae"), (10, 0, 11, "images"),
+        (5, 3, 12, "images"), (19, 3, 23, "images"), (4, 2, 13, "images"), (2, 2, 14, "images"),
+    ]
+    return {"nodes": nodes, "links": links}
+
+
 # The text encoders of Flux and Z-Image stay frozen (their rates are not used): 0 says so in the graph.
 FROZEN_TEXT_RATES = {"learning_rate": 1e-4, "unet_lr": -1.0, "text_encoder_lr": 0.0, "text_encoder_2_lr": -1.0,
                      "lora_plus_ratio": 1.0, "unet_block_weights": ""}
@@ -234,6 +306,7 @@ WORKFLOWS = {
             "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"},
         "my_first_flux2_lora", guidance=4.0, empty_latent="EmptyFlux2LatentImage",
         network={"rank": 32, "alpha": 32.0}),
+    "wan_train_lora": wan_graph(),
 }
 
 BUILD_GRAPH = """async (spec) => {

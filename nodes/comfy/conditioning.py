@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from ...training.data.feeder import REFERENCE_LATENTS
+from ...training.data.feeder import REFERENCE_LATENTS, START_LATENT
 
 
 def size_embedding(base_model, cond: dict, sizes: list[dict], device) -> dict:
@@ -67,6 +67,8 @@ class ModelInputs:
         for sample in self.samples:   # an edit dataset's control latent: a list of VAE latents, as ReferenceLatent
             if REFERENCE_LATENTS in sample:    # gives them (extra_conds applies process_latent_in itself)
                 sample[REFERENCE_LATENTS] = [base_model.process_latent_out(sample[REFERENCE_LATENTS])]
+            if START_LATENT in sample:   # an image-to-video start image: the VAE's latent, as WanImageToVideo gives it
+                sample[START_LATENT] = base_model.process_latent_out(sample[START_LATENT])
 
     def sample_conds(self, index: int, noise: torch.Tensor) -> dict:
         width, height = self.sizes[index]["target_size"] if index < len(self.sizes) else (None, None)

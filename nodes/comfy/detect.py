@@ -36,6 +36,9 @@ DETECTION: tuple[Detection, ...] = (
     Detection("WAN21", {"image_model": "wan2.1", "model_type": "t2v", "in_dim": 16}, "wan"),
     # Wan 2.2 TI2V 5B (its own 48-channel VAE; text-to-video without a start image)
     Detection("WAN22", {"image_model": "wan2.1", "model_type": "t2v", "in_dim": 48}, "wan"),
+    # Wan 2.2 I2V A14B's experts: 16 noisy + 4 mask + 16 start-image channels, no CLIP-vision input (Wan 2.1
+    # I2V 14B, model_type i2v, needs CLIP vision: not a first-class family)
+    Detection("WAN21", {"image_model": "wan2.1", "model_type": "t2v", "in_dim": 36}, "wan_i2v"),
 )
 # Every other model: the generic path (targets by structure, objective from model_sampling, conditioning
 # from extra_conds).
@@ -184,7 +187,8 @@ def check_compatible(model, clip, vae) -> str:
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"Train LoRA: model predicts {prediction}; only epsilon, v-prediction and flow-matching "
                          "models can be trained.")
-    concat = concat_refusal(model.model) if entry.dit is not None else None
+    # an image-to-video family's concat input is its start image (the feeder gives it)
+    concat = concat_refusal(model.model) if entry.dit is not None and not entry.start_frame else None
     if concat is not None:   # Flux.1 Fill and the like
         raise ValueError(f"Train LoRA: model is {entry.label} ({type(model.model).__name__} with "
                          f"{model.model.model_config.unet_config.get('in_channels')} input channels), which cannot "

@@ -72,18 +72,21 @@ def progress_reporter(total: int, node_id: str | None, chart: Callable[[list[Ste
 
 
 def sample_previewer(model, vae, access: ModelAccess, prompts: list[SamplePrompt], every_n_steps: int,
-                     total_steps: int, node_id: str | None) -> Callable[[int, Path], None] | None:
+                     total_steps: int, node_id: str | None, start_image=None) -> Callable[[int, Path], None] | None:
     """Every `every_n_steps` steps, draw the sample prompts with the model being trained, save them as
     `<run folder>/samples/stepNNNNN_K.png` and show them as the node's progress preview. A video model's
-    clip is saved beside its first frame as an animated `stepNNNNN_K.webp` (at the family's frame rate)."""
+    clip is saved beside its first frame as an animated `stepNNNNN_K.webp` (at the family's frame rate).
+    An image-to-video model starts each clip from `start_image` (a PIL image, cropped to the prompt's size)."""
     import comfy.utils
 
     if not prompts or every_n_steps <= 0:
         return None
     base_model = model.model
 
-    def encode(text: str, width: int, height: int) -> dict:
+    def encode(text: str, width: int, height: int, frames: int = 1) -> dict:
         cond = access.encode_captions([text])
+        if start_image is not None:
+            cond = {**cond, **start_conditioning(access, base_model, start_image, width, height, frames)}
         size = {"original_size": (width, height), "crop_offset": (0, 0), "target_size": (width, height)}
         conditioning = access.extra_conditioning(cond, [size])
         if "guidance" in conditioning and access.entry.preview_guidance is not None:
@@ -118,6 +121,23 @@ def sample_previewer(model, vae, access: ModelAccess, prompts: list[SamplePrompt
             logger.info("LoRA Lab: sample at step %d: %s", done, path)
 
     return on_sample
+
+
+def start_conditioning(access: ModelAccess, base_model, image, width: int, height: int, frames: int) -> dict:
+    """An image-to-video preview's start image: `image` fitted to width x height, followed by grey frames,
+    as the latent and mask the feeder gives a training clip (training/data/feeder.py START_LATENT)."""
+    from PIL import ImageOps
+
+    from ...training.data.feeder import GREY, START_LATENT, START_MASK
+    from ...training.data.image_tensors import pil_to_image
+
+    first = pil_to_image(ImageOps.fit(image.convert("RGB"), (width, height)))
+    pixels = torch.full((frames, height, width, 3), GREY)
+    pixels[:1] = first
+    latent = access.encode_pixels(pixels)
+    mask = torch.ones((1, 1, *latent.shape[2:]), dtype=latent.dtype, device=latent.device)
+    mask[:, :, :1] = 0.0
+    return {START_LATENT: latent, START_MASK: mask}
 
 
 def latent_shape_of(base_model, vae) -> Callable[[int, int, int], tuple[int, ...]]:

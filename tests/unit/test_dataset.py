@@ -328,7 +328,7 @@ def test_empty_folder_and_unsupported_files(tmp_path: Path):
         build(empty)
     other = tmp_path / "other"
     other.mkdir()
-    Image.new("RGB", (8, 8)).save(other / "anim.gif")
+    Image.new("RGB", (8, 8)).save(other / "scan.tiff")
     (other / "a.txt").write_text("x")
     with pytest.raises(DatasetError) as caught:
         build(other)

@@ -18,6 +18,11 @@ if TYPE_CHECKING:   # the run's contract with the host; the data stage only read
 
 # A sample's control latent in its conditioning, under the name ComfyUI's extra_conds reads (an edit dataset)
 REFERENCE_LATENTS = "reference_latents"
+# An image-to-video model's start image: the latent of the clip's first frame followed by grey frames, and
+# the mask of the latent frames that image gives (0) and those to generate (1), under the names ComfyUI's
+# extra_conds reads (what WanImageToVideo puts on the conditioning)
+START_LATENT, START_MASK = "concat_latent_image", "concat_mask"
+GREY = 0.5   # WanImageToVideo's fill for the frames after the start image
 
 
 def random_state_to_json(rng: random.Random) -> list:
@@ -161,6 +166,8 @@ class BatchFeeder:
         # and to the text encoder where the family's encoder sees images (Qwen-Image-Edit)
         self.controls = bool(getattr(dataset, "has_controls", False))
         self.text_sees_control = self.controls and access.entry.control_text_pixels > 0
+        # An image-to-video model: each clip's first frame is its start image
+        self.start_frame = access.entry.start_frame
         # A text encoding that sees the control image is one per crop: with random crops, not cacheable either
         self.cache_text = (not train_text and dataset.static_captions
                            and (self.cache_latents or not self.text_sees_control))
@@ -185,6 +192,17 @@ class BatchFeeder:
         """The latent of sample `index`'s control image, cropped and flipped as the image (cached the same way)."""
         return self._latent(("control", index, tuple(offset), bool(flipped)),
                             lambda: pil_to_image(self.dataset.render_control(index, tuple(offset), bool(flipped))))
+
+    def start_latent(self, index: int, offset, flipped) -> torch.Tensor:
+        """An image-to-video clip's start image as the model takes it: the latent of its first frame (cropped
+        and flipped as the clip) followed by grey frames, as many as the clip has (cached like the clip's)."""
+        def render() -> torch.Tensor:
+            first = pil_to_image(self.dataset.render(index, tuple(offset), bool(flipped)))
+            pixels = torch.full((self.dataset.samples[index].frame_count, *first.shape[1:]), GREY)
+            pixels[:1] = first
+            return pixels
+
+        return self._latent(("start", index, tuple(offset), bool(flipped)), render)
 
     def _latent(self, key: tuple, render: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The latent of the IMAGE batch `render` draws (an image, or a clip's frames), cached under `key`."""
@@ -216,8 +234,12 @@ class BatchFeeder:
                     check_cancel()
                 offset, _ = self.dataset.augmentation(index, None)   # the centre crop: no rng draw
                 for flipped in flips:
-                    for prefix, encode in (((), self.latent),) + (((("control",), self.control_latent),)
-                                                                  if self.controls else ()):
+                    encoders = [((), self.latent)]
+                    if self.controls:
+                        encoders.append((("control",), self.control_latent))
+                    if self.start_frame:
+                        encoders.append((("start",), self.start_latent))
+                    for prefix, encode in encoders:
                         key = (*prefix, index, tuple(offset), flipped)
                         disk_path = self._disk_path(key)
                         if key in self.latent_cache or (disk_path is not None and disk_path.is_file()):
@@ -286,12 +308,22 @@ class BatchFeeder:
         return encoded
 
     def sample_conditioning(self, index: int, offset, flipped: bool, caption: str) -> dict:
-        """One sample's text conditioning, with its control image as reference latent (an edit dataset)."""
+        """One sample's text conditioning, with its control image as reference latent (an edit dataset) and
+        its start image with the mask of the frames it gives (an image-to-video model)."""
         if self.text_sees_control:
             cond = self.text_with_control(index, offset, flipped, caption)
         else:
             cond = self._text([caption])
-        return {**cond, REFERENCE_LATENTS: self.control_latent(index, offset, flipped).to(self.access.device)}
+        device = self.access.device
+        extras = {}
+        if self.controls:
+            extras[REFERENCE_LATENTS] = self.control_latent(index, offset, flipped).to(device)
+        if self.start_frame:
+            start = self.start_latent(index, offset, flipped)
+            mask = torch.ones((1, 1, *start.shape[2:]), dtype=start.dtype)
+            mask[:, :, :1] = 0.0   # the first latent frame holds the start image (1 frame: (1 - 1) // 4 + 1)
+            extras.update({START_LATENT: start.to(device), START_MASK: mask.to(device)})
+        return {**cond, **extras}
 
     def __call__(self) -> tuple[torch.Tensor, dict]:
         indices = next(self.batches)
@@ -308,7 +340,7 @@ class BatchFeeder:
                           "crop_offset": conditioning_crop(offset, flipped, sample.resized_size, sample.bucket),
                           "target_size": tuple(sample.bucket)})
         x0 = torch.cat(latents).to(self.access.device)
-        if self.controls:
+        if self.controls or self.start_frame:
             cond = concat_conditioning([self.sample_conditioning(index, offset, flipped, caption)
                                         for (index, offset, flipped), caption in zip(samples, captions)])
         else:

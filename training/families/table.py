@@ -85,6 +85,9 @@ class Family:
     # high-noise expert hands over to the low-noise one, what Train LoRA's noise_boundary 0 means
     expert_boundary: float | None = None
     expert_boundary_source: str = ""
+    # Image-to-video models: each clip's first frame is the model's start image (its VAE latent beside the
+    # noisy one, with a mask of the frames given: what ComfyUI's WanImageToVideo puts on the conditioning)
+    start_frame: bool = False
 
     @property
     def model_conditioning(self) -> bool:
@@ -343,6 +346,19 @@ FAMILIES: dict[str, Family] = {
         modelspec_implementation="https://github.com/comfyanonymous/ComfyUI",
         preview_cfg=4.0, preview_steps=20),
 }
+
+
+# Wan 2.2 I2V A14B (its two experts; no CLIP-vision input): Wan's entry, with each clip's first frame as the
+# start image and Wan 2.2 image-to-video's expert boundary
+FAMILIES["wan_i2v"] = dataclasses.replace(
+    FAMILIES["wan"], key="wan_i2v", label="Wan 2.2 image-to-video", start_frame=True,
+    sampling_source="shift 3.0 over a logit-normal t: musubi-tuner's Wan training example (docs/wan.md: "
+                    "--timestep_sampling shift --discrete_flow_shift 3.0; Wan 2.2 I2V samples at shift 5)",
+    modelspec_architecture="wan2.1", preview_cfg=3.5,
+    expert_boundary=0.9,
+    expert_boundary_source="Wan 2.2 A14B image-to-video: the high-noise expert runs from sigma 1 down to 0.9, the "
+                           "low-noise one below (Wan 2.2's I2V boundary 0.900 x 1000 timesteps; musubi-tuner's "
+                           "--timestep_boundary default for I2V)")
 
 
 def family_labels(flow: bool | None = None) -> str:

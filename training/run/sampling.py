@@ -128,7 +128,7 @@ class PreviewSampler:
     """Draws the sample prompts with the model being trained (host callables from the bridge)."""
 
     objective: DiffusionObjective
-    encode: Callable[[str, int, int], dict]          # (text, width, height) -> model conditioning
+    encode: Callable[[str, int, int, int], dict]     # (text, width, height, frames) -> model conditioning
     decode: Callable[[torch.Tensor], torch.Tensor]   # model latent -> IMAGE [B, H, W, 3] in 0..1
     device: torch.device
     # (height, width, frames) in pixels -> the model's latent shape for one image or clip: [1, C, H/r, W/r], or
@@ -139,8 +139,8 @@ class PreviewSampler:
 
     @torch.no_grad()
     def __call__(self, sample: SamplePrompt) -> torch.Tensor:
-        cond = self.encode(sample.prompt, sample.width, sample.height)
-        uncond = self.encode(sample.negative, sample.width, sample.height)
+        cond = self.encode(sample.prompt, sample.width, sample.height, sample.frames)
+        uncond = self.encode(sample.negative, sample.width, sample.height, sample.frames)
         generator = torch.Generator(device="cpu").manual_seed(sample.seed)
         shape = self.latent_shape(sample.height, sample.width, sample.frames)
         latent = euler_sample(self.objective, cond, uncond, shape, sample.steps, sample.cfg, generator, self.device,

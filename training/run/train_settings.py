@@ -199,5 +199,11 @@ def check_inputs(settings: TrainSettings, dataset, part_rates: dict[str, float],
         raise ValueError(f"Train LoRA: dataset holds video clips but model is {entry.label}, an image model. Clips "
                          f"train video models ({', '.join(other.label for other in FAMILIES.values() if other.video)}): "
                          "leave the clips out of the dataset folder, or connect a video model.")
+    if entry.start_frame:
+        images = sum(1 for sample in dataset.samples if not getattr(sample, "frames", ()))
+        if images:
+            raise ValueError(f"Train LoRA: dataset holds {images} still image(s) but model is {entry.label}, which "
+                             "starts every clip from its first frame: an image would be its own start image, with "
+                             "no motion to learn. Train it on clips only (move the images out of the folder).")
     schedule.check_total(settings.steps)
     check_optimizer(settings.optimizer, device_type)

@@ -1,4 +1,5 @@
-"""The dataset: one :class:`DatasetSample` per image and the :class:`LoraDataset` the trainer consumes."""
+"""The dataset: one :class:`DatasetSample` per image or clip window, and the :class:`LoraDataset` the trainer
+consumes."""
 from __future__ import annotations
 
 import random
@@ -11,6 +12,7 @@ from ..image_tensors import image_to_pil
 from .captions import caption_for_step, place_trigger_word
 from .images import open_rgb, resize_and_crop, to_rgb
 from .options import BadImageError, DatasetError, DatasetOptions
+from .video import decode_frames
 
 if TYPE_CHECKING:
     import torch
@@ -18,7 +20,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class DatasetSample:
-    path: str                        # absolute image file path ("" for an in-memory image)
+    """One image, or one window of a video clip (a clip file gives one sample per window, all with the
+    file's caption, bucket and sizes)."""
+
+    path: str                        # absolute image or clip file path ("" for an in-memory image)
     image_index: int                 # index into LoraDataset.images for in-memory images, else -1
     caption: str                     # caption text as read (no trigger word added), "" when missing
     repeats: int                     # times the sample appears per epoch
@@ -27,6 +32,19 @@ class DatasetSample:
     resized_size: tuple[int, int]    # (width, height) after resize, before crop
     crop_offset: tuple[int, int]     # (left, top) for center crop; random crop draws its own
     control_path: str = ""           # its paired control image (an edit model's input), "" when none
+    frames: tuple[int, ...] = ()     # a clip window's source-file frame indices, in decode order; () for an image
+    fps: float = 0.0                 # a clip's frame rate after the target_fps change; 0 for an image
+
+    @property
+    def frame_count(self) -> int:
+        """Frames the model sees: the window's length, 1 for an image."""
+        return len(self.frames) or 1
+
+    @property
+    def batch_key(self) -> tuple[int, ...]:
+        """What a batch must share: the bucket (width, height) for a one-frame sample (every image), so
+        image datasets keep their keys, and (width, height, frames) for a longer clip window."""
+        return self.bucket if self.frame_count == 1 else (*self.bucket, self.frame_count)
 
 
 @dataclass
@@ -36,7 +54,7 @@ class LoraDataset:
     The methods below are what the trainer uses; the options (crop, flip, captions...) are in `options`.
     """
 
-    samples: list[DatasetSample]        # one per image file (repeats are not expanded here)
+    samples: list[DatasetSample]        # one per image file or clip window (repeats are not expanded here)
     options: DatasetOptions             # what the LoRA Dataset node's widgets decided
     tag_frequency: dict                 # kohya ss_tag_frequency shape: {"<dir name>": {"tag": count}}
     images: "torch.Tensor | None" = None  # the IMAGE batch [B, H, W, 3] for in-memory datasets
@@ -53,16 +71,20 @@ class LoraDataset:
         rng.shuffle(indices)
         return indices
 
-    def buckets(self) -> dict[tuple[int, int], list[int]]:
-        """Bucket (width, height) -> sample indices, buckets sorted."""
-        grouped: dict[tuple[int, int], list[int]] = {}
+    def buckets(self) -> dict[tuple[int, ...], list[int]]:
+        """Batch key -> sample indices, keys sorted: a batch takes its samples from one key.
+
+        The key is :attr:`DatasetSample.batch_key`: the bucket (width, height) for images (and one-frame
+        clip windows), (width, height, frames) for clip windows, so a batch always has one shape and
+        one frame count."""
+        grouped: dict[tuple[int, ...], list[int]] = {}
         for index, sample in enumerate(self.samples):
-            grouped.setdefault(sample.bucket, []).append(index)
+            grouped.setdefault(sample.batch_key, []).append(index)
         return dict(sorted(grouped.items()))
 
     def load_image(self, index: int, rng: random.Random | None = None
                    ) -> tuple[Image.Image, tuple[int, int], bool]:
-        """(RGB image at bucket size, crop offset used (left, top), flipped).
+        """(RGB image at bucket size, crop offset used (left, top), flipped); a clip window's first frame.
 
         ``rng=None``: centre crop, no flip (deterministic; what latent caching encodes). With an
         rng: a random crop offset when ``crop == "random"`` (``rng.randint`` for left, then top),
@@ -84,9 +106,23 @@ class LoraDataset:
         return offset, flipped
 
     def render(self, index: int, offset: tuple[int, int], flipped: bool) -> Image.Image:
-        """The RGB image at bucket size for a given crop offset and flip."""
+        """The RGB image at bucket size for a given crop offset and flip (a clip window's first frame,
+        so the preview and anything that works on images see clips too)."""
+        return self._place(index, self.source_image(index), offset, flipped)
+
+    def render_frames(self, index: int, offset: tuple[int, int], flipped: bool) -> list[Image.Image]:
+        """Every frame of the sample at bucket size, in time order, each resized, cropped and flipped
+        exactly as :meth:`render` does an image (one crop and one flip for the whole window, so the
+        motion stays intact); an image gives ``[render(...)]``. A clip is decoded once per call."""
         sample = self.samples[index]
-        cropped = resize_and_crop(self.source_image(index), sample.resized_size, sample.bucket, offset)
+        if not sample.frames:
+            return [self.render(index, offset, flipped)]
+        return decode_frames(sample.path, sample.frames,
+                             lambda frame: self._place(index, frame, offset, flipped))
+
+    def _place(self, index: int, image: Image.Image, offset: tuple[int, int], flipped: bool) -> Image.Image:
+        sample = self.samples[index]
+        cropped = resize_and_crop(image, sample.resized_size, sample.bucket, offset)
         if flipped:
             cropped = cropped.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return cropped
@@ -104,13 +140,21 @@ class LoraDataset:
         return cropped.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else cropped
 
     @property
+    def has_clips(self) -> bool:
+        """Some samples are clip windows (a video model's dataset): the trainer uses :meth:`render_frames`."""
+        return any(sample.frames for sample in self.samples)
+
+    @property
     def has_controls(self) -> bool:
         """Every sample has a control image (a dataset for an edit model)."""
         return bool(self.samples) and all(sample.control_path for sample in self.samples)
 
     def source_image(self, index: int) -> Image.Image:
-        """The full RGB image of a sample, EXIF orientation applied, before resize and crop."""
+        """The full RGB image of a sample, EXIF orientation applied, before resize and crop (a clip
+        window's first frame)."""
         sample = self.samples[index]
+        if sample.frames:
+            return decode_frames(sample.path, sample.frames[:1])[0]
         if sample.image_index >= 0:
             if self.images is None:
                 raise DatasetError("this in-memory dataset has lost its images tensor")
@@ -142,9 +186,10 @@ class LoraDataset:
 
     @property
     def image_count(self) -> int:
+        """Samples: images, and clip windows when there are clips."""
         return len(self.samples)
 
     @property
     def effective_count(self) -> int:
-        """Images per epoch, repeats included."""
+        """Samples (images, clip windows) per epoch, repeats included."""
         return sum(sample.repeats for sample in self.samples)

@@ -7,6 +7,15 @@ from pathlib import Path
 from ...settings import NodeSettings, setting
 
 CROP_MODES = ("center", "random")
+# How a clip is cut into training windows (musubi-tuner's frame_extraction): see video.clip_windows.
+FRAME_EXTRACTION_MODES = ("head", "chunk", "slide", "uniform")
+# Wan's VAE keeps the first frame and compresses the rest by 4 in time: a clip has 4n+1 frames.
+FRAME_GROUP = 4
+MAX_FRAMES_PER_CLIP = 1025
+# The options only clips use, in field order: an image-only dataset's key leaves them out (changing
+# them must not re-encode image latents), and a node can place their widgets apart from the others.
+CLIP_OPTION_NAMES = ("frames_per_clip", "frame_buckets", "frame_extraction", "frame_stride", "clips_per_video",
+                     "target_fps")
 
 
 class DatasetError(ValueError):
@@ -14,13 +23,64 @@ class DatasetError(ValueError):
 
 
 class BadImageError(DatasetError):
-    """One image file cannot be used (corrupt, truncated, unreadable, too small)."""
+    """One image (or clip: ``kind``) file cannot be used (corrupt, truncated, unreadable, too small, too
+    short); skip_bad_images leaves such files out instead of stopping, whichever their kind."""
 
-    def __init__(self, path: Path | str, reason: str) -> None:
+    def __init__(self, path: Path | str, reason: str, kind: str = "image") -> None:
         self.path = str(path)
         self.reason = reason
-        super().__init__(f"image {self.path!r} cannot be used: {reason}. Fix or remove the file, "
+        self.kind = kind
+        super().__init__(f"{kind} {self.path!r} cannot be used: {reason}. Fix or remove the file, "
                          f"or enable skip_bad_images to leave it out")
+
+
+class BadClipError(BadImageError):
+    """One video clip cannot be used (no video stream, undecodable, too short for every clip length)."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(path, reason, kind="clip")
+
+
+def positive_int(name: str, value: int, minimum: int) -> None:
+    """DatasetError unless ``value`` is an integer (not a bool) of at least ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise DatasetError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def frame_count_problem(value: int) -> str | None:
+    """None when ``value`` is a valid clip length (4n+1, 1..MAX_FRAMES_PER_CLIP), else the fix to show."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return "must be a whole number of frames of the form 4n+1 (1, 5, 9, ..., 33, ...)"
+    if not 1 <= value <= MAX_FRAMES_PER_CLIP:
+        return f"must be between 1 and {MAX_FRAMES_PER_CLIP} frames"
+    if (value - 1) % FRAME_GROUP:
+        lower = (value - 1) // FRAME_GROUP * FRAME_GROUP + 1
+        nearest = [str(option) for option in (lower, lower + FRAME_GROUP) if 1 <= option <= MAX_FRAMES_PER_CLIP]
+        return (f"must be 4n+1 frames (Wan's VAE keeps the first frame and compresses the rest by 4 in time): "
+                f"use {' or '.join(nearest)}")
+    return None
+
+
+def parse_frame_buckets(text: str) -> tuple[int, ...]:
+    """The clip lengths listed in ``frame_buckets`` ("17, 49"), in the order given; DatasetError naming
+    the first bad entry."""
+    if not isinstance(text, str):
+        raise DatasetError(f"frame_buckets must be text such as '17, 49', got {text!r}")
+    lengths = []
+    for entry in text.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        try:
+            length = int(entry)
+        except ValueError:
+            raise DatasetError(f"frame_buckets entry {entry!r} (in {text!r}) is not a whole number: list clip "
+                               "lengths separated by commas, e.g. '17, 49'") from None
+        problem = frame_count_problem(length)
+        if problem:
+            raise DatasetError(f"frame_buckets entry {entry!r} (in {text!r}) {problem}")
+        lengths.append(length)
+    return tuple(lengths)
 
 
 @dataclass(frozen=True)
@@ -61,16 +121,36 @@ class DatasetOptions(NodeSettings):
     crop: str = setting("center", "Where to crop the resized image to its bucket. 'random' draws a new crop every "
                                   "time, so latents cannot be cached (slower training).", choices=CROP_MODES)
     skip_bad_images: bool = setting(False, "Leave corrupt or truncated images out (listed in the summary) instead "
-                                           "of stopping with an error.")
+                                           "of stopping with an error; clips too, and clips shorter than every "
+                                           "clip length.")
+    # Video clips (.mp4, .webm, .mov, .gif) for video models such as Wan; images ignore these.
+    frames_per_clip: int = setting(33, "Video clips: frames in each training clip, 4n+1 (Wan's VAE compresses time "
+                                       "by 4 after the first frame): 33 is about 2 s at 16 fps. Clips are cut "
+                                       "into windows of this length (see frame_extraction).",
+                                   min=1, max=MAX_FRAMES_PER_CLIP, step=4)
+    frame_buckets: str = setting("", "Video clips: more clip lengths besides frames_per_clip, comma-separated, "
+                                     "each 4n+1, e.g. '17, 49': every clip gives windows of each length it holds, "
+                                     "so short clips still train and long ones train at several lengths; a batch "
+                                     "always holds one length. Empty = frames_per_clip only.")
+    frame_extraction: str = setting("head", "Video clips: which windows each clip gives. head: the first frames; "
+                                            "chunk: back-to-back windows; slide: a window every frame_stride "
+                                            "frames; uniform: clips_per_video evenly spaced windows.",
+                                    choices=FRAME_EXTRACTION_MODES)
+    frame_stride: int = setting(8, "Video clips, frame_extraction 'slide': frames between the starts of "
+                                   "consecutive windows (after the frame rate change).", min=1, max=1024)
+    clips_per_video: int = setting(4, "Video clips, frame_extraction 'uniform': windows taken from each clip, "
+                                      "evenly spaced from its start to its end.", min=1, max=1024)
+    target_fps: float = setting(16.0, "Video clips: frame rate the clips are brought to first, by dropping frames "
+                                      "(a slower clip keeps all its frames). 16 for Wan 2.1 and Wan 2.2 A14B, 24 "
+                                      "for Wan 2.2 TI2V 5B. 0 = keep each file's own rate.",
+                                min=0.0, max=240.0, step=0.5)
 
     def __post_init__(self) -> None:
         # A whole-number dropout (0 from an API prompt) is stored as the float the widget gives.
-        if isinstance(self.caption_dropout, int) and not isinstance(self.caption_dropout, bool):
-            object.__setattr__(self, "caption_dropout", float(self.caption_dropout))
-        def positive_int(name: str, value: int, minimum: int) -> None:
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise DatasetError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
+        for name in ("caption_dropout", "target_fps"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
         positive_int("resolution", self.resolution, 64)
         positive_int("repeats", self.repeats, 1)
         positive_int("keep_tokens", self.keep_tokens, 0)
@@ -105,11 +185,32 @@ class DatasetOptions(NodeSettings):
                     f"resolution ({self.resolution}) must lie between min_bucket_resolution "
                     f"({self.min_bucket_resolution}) and max_bucket_resolution "
                     f"({self.max_bucket_resolution}): change the resolution or the bucket limits")
+        self._check_clip_options()
+
+    def _check_clip_options(self) -> None:
+        problem = frame_count_problem(self.frames_per_clip)
+        if problem:
+            raise DatasetError(f"frames_per_clip = {self.frames_per_clip!r} {problem}")
+        parse_frame_buckets(self.frame_buckets)
+        if self.frame_extraction not in FRAME_EXTRACTION_MODES:
+            raise DatasetError(f"frame_extraction must be one of {', '.join(FRAME_EXTRACTION_MODES)}, "
+                               f"got {self.frame_extraction!r}")
+        positive_int("frame_stride", self.frame_stride, 1)
+        positive_int("clips_per_video", self.clips_per_video, 1)
+        fps = self.target_fps
+        if isinstance(fps, bool) or not isinstance(fps, float) or not 0.0 <= fps <= 240.0:
+            raise DatasetError(f"target_fps must be a frame rate between 0 and 240 (16 for Wan 2.1 and Wan 2.2 "
+                               f"A14B, 24 for Wan 2.2 TI2V 5B; 0 keeps each clip's own rate), got {fps!r}")
 
     @property
     def trigger(self) -> str:
         """The trigger word as captions use it (surrounding spaces dropped)."""
         return self.trigger_word.strip()
+
+    @property
+    def clip_lengths(self) -> tuple[int, ...]:
+        """Every training clip length, ascending: frames_per_clip and the frame_buckets entries."""
+        return tuple(sorted({self.frames_per_clip, *parse_frame_buckets(self.frame_buckets)}))
 
     @property
     def normalized_caption_extension(self) -> str:

@@ -4,11 +4,14 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from .images import RESAMPLE
 from .lora_dataset import LoraDataset
+from .scan import is_clip_name
+from .video import fps_text
 
 
 def top_tags(dataset: LoraDataset, count: int = 10) -> list[tuple[str, int]]:
@@ -18,23 +21,75 @@ def top_tags(dataset: LoraDataset, count: int = 10) -> list[tuple[str, int]]:
     return sorted(totals.items(), key=lambda item: (-item[1], item[0]))[:count]
 
 
+def extraction_text(dataset: LoraDataset) -> str:
+    """How the clips are cut into windows, in words."""
+    options = dataset.options
+    return {"head": "head (the first frames of each clip)",
+            "chunk": "chunk (back-to-back windows)",
+            "slide": f"slide (a window every {options.frame_stride} frames)",
+            "uniform": f"uniform (up to {options.clips_per_video} evenly spaced windows per clip)",
+            }[options.frame_extraction]
+
+
+def clip_lines(dataset: LoraDataset) -> list[str]:
+    """The summary's lines about video clips: files, windows, their lengths and the frame rate."""
+    options = dataset.options
+    clips = [sample for sample in dataset.samples if sample.frames]
+    rates = {sample.path: sample.fps for sample in clips}
+    used = sorted({sample.frame_count for sample in clips})
+    unused = [length for length in options.clip_lengths if length not in used]
+    lines = [f"clips: {len(rates)} files, {len(clips)} training windows",
+             "frames per window: " + ", ".join(str(length) for length in used)
+             + (f" (no clip holds {', '.join(str(length) for length in unused)})" if unused else "")
+             + f"; frame_extraction {extraction_text(dataset)}"]
+    if options.target_fps > 0:
+        slower = {path: fps for path, fps in rates.items() if fps < options.target_fps}
+        line = f"target fps: {fps_text(options.target_fps)} (faster clips drop frames to reach it)"
+        if slower:
+            shown = ", ".join(f"{Path(path).name} ({fps_text(fps)} fps)" for path, fps in list(slower.items())[:5])
+            more = f" and {len(slower) - 5} more" if len(slower) > 5 else ""
+            line += f"; slower clips keep every frame at their own rate: {shown}{more}"
+        lines.append(line)
+    else:
+        lines.append("target fps: 0 (each clip keeps its own rate: "
+                     + ", ".join(f"{fps_text(fps)} fps" for fps in sorted(set(rates.values()))) + ")")
+    return lines
+
+
+def bucket_line(dataset: LoraDataset, key: tuple[int, ...], indices: list[int]) -> str:
+    with_repeats = sum(dataset.samples[index].repeats for index in indices)
+    if len(key) == 3:
+        return f"  {key[0]}x{key[1]} x {key[2]} frames: {len(indices)} clips ({with_repeats} with repeats)"
+    clip_windows = sum(1 for index in indices if dataset.samples[index].frames)
+    what = (f"{len(indices)} images" if not clip_windows
+            else f"{len(indices) - clip_windows} images, {clip_windows} one-frame clips")
+    return f"  {key[0]}x{key[1]}: {what} ({with_repeats} with repeats)"
+
+
 def summarize(dataset: LoraDataset) -> str:
-    """The node's STRING output: counts, buckets, captions, top tags and the caching note."""
-    lines = [f"source: {dataset.source}",
-             f"images: {dataset.image_count}",
-             f"effective images per epoch (with repeats): {dataset.effective_count}"]
+    """The node's STRING output: counts, buckets, captions, top tags and the caching note (and, with clips,
+    the clip files, their windows, the window lengths and the frame rate)."""
+    has_clips = dataset.has_clips
+    if has_clips:
+        lines = [f"source: {dataset.source}",
+                 f"images: {sum(1 for sample in dataset.samples if not sample.frames)}",
+                 *clip_lines(dataset),
+                 f"effective samples per epoch (with repeats): {dataset.effective_count}"]
+    else:
+        lines = [f"source: {dataset.source}",
+                 f"images: {dataset.image_count}",
+                 f"effective images per epoch (with repeats): {dataset.effective_count}"]
     if dataset.has_controls:
         lines.append(f"control images: {dataset.image_count}, paired by file name (an edit model's dataset)")
     repeat_counts = Counter(sample.repeats for sample in dataset.samples)
     if len(repeat_counts) > 1 or next(iter(repeat_counts)) != 1:
-        lines.append("repeats: " + ", ".join(f"{repeats}x: {images} images"
+        unit = "samples" if has_clips else "images"
+        lines.append("repeats: " + ", ".join(f"{repeats}x: {images} {unit}"
                                              for repeats, images in sorted(repeat_counts.items())))
     buckets = dataset.buckets()
     kind = "buckets" if dataset.options.bucketing else "square crop (bucketing off)"
     lines.append(f"{kind}: {len(buckets)}")
-    for bucket, indices in buckets.items():
-        with_repeats = sum(dataset.samples[index].repeats for index in indices)
-        lines.append(f"  {bucket[0]}x{bucket[1]}: {len(indices)} images ({with_repeats} with repeats)")
+    lines.extend(bucket_line(dataset, key, indices) for key, indices in buckets.items())
     lines.append(f"captions missing: {dataset.missing_captions}"
                  + (f" (trigger word '{dataset.options.trigger}' alone used)" if dataset.missing_captions
                     and dataset.options.trigger else ""))
@@ -56,7 +111,8 @@ def summarize(dataset: LoraDataset) -> str:
         lines.append("caching: not possible, crop is random (a new crop each epoch): "
                      "latents are encoded every step")
     if dataset.skipped:
-        lines.append(f"skipped bad images: {len(dataset.skipped)}")
+        what = "images and clips" if any(is_clip_name(path) for path, _ in dataset.skipped) else "images"
+        lines.append(f"skipped bad {what}: {len(dataset.skipped)}")
         lines.extend(f"  {path}: {reason}" for path, reason in dataset.skipped)
     return "\n".join(lines)
 
@@ -79,7 +135,8 @@ def preview_indices(dataset: LoraDataset, count: int) -> list[int]:
 
 
 def preview_grid(dataset: LoraDataset, count: int = 8, columns: int = 4) -> Image.Image:
-    """A grid of a few samples as they will be cropped (and flipped), each labelled with its bucket."""
+    """A grid of a few samples as they will be cropped (and flipped), each labelled with its bucket (a clip
+    window shows its first frame, labelled with its frame count too)."""
     rng = random.Random(PREVIEW_SEED)
     indices = preview_indices(dataset, count)
     columns = max(1, min(columns, len(indices)))
@@ -95,6 +152,7 @@ def preview_grid(dataset: LoraDataset, count: int = 8, columns: int = 4) -> Imag
         top = (position // columns) * cell_height
         grid.paste(image, (left + (PREVIEW_CELL - image.width) // 2,
                            top + PREVIEW_LABEL_HEIGHT + (PREVIEW_CELL - image.height) // 2))
-        label = f"{sample.bucket[0]}x{sample.bucket[1]}" + (" flipped" if flipped else "")
+        label = (f"{sample.bucket[0]}x{sample.bucket[1]}" + (f" x {sample.frame_count} frames" if sample.frames else "")
+                 + (" flipped" if flipped else ""))
         draw.text((left + 4, top + 3), label, fill=(255, 255, 255))
     return grid

@@ -12,7 +12,9 @@ from typing import Iterator
 
 from .options import DatasetError
 
-SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")   # images
+# Video clips, read through PyAV (video.py); a one-frame GIF is a still image.
+CLIP_EXTENSIONS = (".mp4", ".webm", ".mov", ".gif")
 # kohya's folder convention: "<repeats>_<name>", e.g. "10_sks dog".
 REPEATS_FOLDER_PATTERN = re.compile(r"^(\d+)_(.+)$")
 
@@ -73,13 +75,19 @@ def walk_folder(root: Path, default_repeats: int = 1) -> Iterator[ScannedFile]:
     yield from walk(root, _repeats_of(root.name) or default_repeats, root.name or str(root))
 
 
-def list_image_files(root: Path, default_repeats: int) -> tuple[list[ScannedFile], int]:
-    """Supported image files under ``root`` (recursive, in :func:`walk_folder` order), and the count of
-    other files."""
+def is_clip_name(name: str) -> bool:
+    """The file name has a video clip extension (any case)."""
+    return name.lower().endswith(CLIP_EXTENSIONS)
+
+
+def list_image_files(root: Path, default_repeats: int, clips: bool = False) -> tuple[list[ScannedFile], int]:
+    """Supported image files under ``root`` (recursive, in :func:`walk_folder` order), with the clips too
+    when ``clips`` (a training folder; a control folder holds images only), and the count of other files."""
+    accepted = SUPPORTED_EXTENSIONS + CLIP_EXTENSIONS if clips else SUPPORTED_EXTENSIONS
     found: list[ScannedFile] = []
     other_files = 0
     for scanned in walk_folder(root, default_repeats):
-        if scanned.entry.name.lower().endswith(SUPPORTED_EXTENSIONS):
+        if scanned.entry.name.lower().endswith(accepted):
             found.append(scanned)
         else:
             other_files += 1
@@ -92,19 +100,23 @@ def json_digest(payload: object) -> str:
 
 
 def accepted_extensions_text() -> str:
-    return ", ".join(SUPPORTED_EXTENSIONS)
+    """The extensions a training folder's files may have, images first, for errors and tooltips."""
+    return f"{', '.join(SUPPORTED_EXTENSIONS)} images; {', '.join(CLIP_EXTENSIONS)} clips"
 
 
 def require_folder(path: Path, typed: str | None = None, name: str = "folder") -> Path:
     """`path` when it is an existing folder; else DatasetError naming the input (`name`), what the user
     typed and the fix."""
     shown = repr(str(path)) if typed is None or typed == str(path) else f"{typed!r} (looked at {str(path)!r})"
+    # A training folder may hold clips; a control folder holds images only.
+    what, extensions = (("images or clips", accepted_extensions_text()) if name == "folder"
+                        else ("images", ", ".join(SUPPORTED_EXTENSIONS)))
     if not path.exists():
-        raise DatasetError(f"{name} {shown} does not exist: give a folder of images "
-                           f"({accepted_extensions_text()}), absolute or relative to ComfyUI's input folder")
+        raise DatasetError(f"{name} {shown} does not exist: give a folder of {what} "
+                           f"({extensions}), absolute or relative to ComfyUI's input folder")
     if not path.is_dir():
         raise DatasetError(f"{name} {shown} is a file, not a folder: give the folder that "
-                           f"holds the images ({accepted_extensions_text()})")
+                           f"holds the {what} ({extensions})")
     return path
 
 
@@ -112,7 +124,7 @@ def folder_fingerprint(folder: str | Path) -> str:
     """Hash of the relative path, size and modification time of every file the scan sees under ``folder``.
 
     Cheap (stat only): ComfyUI's IS_CHANGED uses it so that the node re-runs when any file the scan
-    sees (image, caption or other) is added, removed or modified, and only then; hidden files (a
+    sees (image, clip, caption or other) is added, removed or modified, and only then; hidden files (a
     ``.DS_Store`` the file browser writes) are left out by the scan, so they do not retrain. A missing
     or unreadable folder gives a fixed text instead of a hash; the scan reports the error when the
     node runs.
