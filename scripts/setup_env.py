@@ -50,7 +50,7 @@ NEWEST_FRONTEND = "1.58.1"
 COMFYUI_0375_PACKAGES = [
     "torchsde", "numpy>=1.25.0", "einops", "transformers>=4.50.3", "tokenizers>=0.13.3",
     "safetensors>=0.4.2", "aiohttp>=3.11.8", "yarl>=1.18.0", "pyyaml", "Pillow", "scipy", "tqdm",
-    "psutil", "av>=14.2.0", "pydantic~=2.0", "pydantic-settings~=2.0", "requests",
+    "psutil", "av>=14.2.0", "pydantic~=2.0", "pydantic-settings~=2.0", "requests", "sentencepiece",
 ]
 
 

@@ -53,7 +53,12 @@ def test_registered_with_ordered_inputs_defaults_and_tooltips(comfy):
     assert list(types["required"]) == list(DEFAULTS)
     assert {name: spec[1]["default"] for name, spec in types["required"].items()} == DEFAULTS
     assert types["required"]["crop"][0] == "COMBO" and types["required"]["crop"][1]["options"] == ["center", "random"]
-    assert list(types["optional"]) == ["images", "captions", "control_folder"]   # appended: the public API
+    assert list(types["optional"]) == ["images", "captions", "control_folder",   # appended: the public API
+                                       "frames_per_clip", "frame_buckets", "frame_extraction", "frame_stride",
+                                       "clips_per_video", "target_fps"]
+    assert {name: types["optional"][name][1]["default"] for name in list(types["optional"])[3:]} == {
+        "frames_per_clip": 33, "frame_buckets": "", "frame_extraction": "head", "frame_stride": 8,
+        "clips_per_video": 4, "target_fps": 16.0}
     for spec in [*types["required"].values(), *types["optional"].values()]:
         assert spec[1].get("tooltip"), spec
 

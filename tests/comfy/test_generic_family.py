@@ -100,16 +100,19 @@ def fixed_sigmas(model) -> list[torch.Tensor]:
     return [sampling.sigma(torch.tensor([float(timestep)])) for timestep in FIXED_TIMESTEPS]
 
 
-def fixed_loss(model, clip, vae) -> float:
+def fixed_loss(model, clip, vae, pixels: list | None = None) -> float:
     """The model's own objective at fixed noise and sigmas, through ComfyUI's model_sampling and
-    apply_model: (xt - denoised) / sigma against noise - x0 (flow velocity) or noise (epsilon)."""
+    apply_model: (xt - denoised) / sigma against noise - x0 (flow velocity) or noise (epsilon). pixels:
+    IMAGE batches, each encoded on its own (a video model's clips: one latent each); two pattern images by
+    default."""
     from comfy import model_management
 
     sampling = model.get_model_object("model_sampling")
     total, count = 0.0, 0
+    pixels = pixels if pixels is not None else [pattern_images(2, size_of(model))]
     with torch.inference_mode():
         model_management.load_models_gpu([model], force_full_load=True)
-        x0 = model.model.process_latent_in(vae.encode(pattern_images(2, size_of(model)))).float()
+        x0 = torch.cat([model.model.process_latent_in(vae.encode(batch)).float() for batch in pixels])
         generator = torch.Generator().manual_seed(11)
         for index in range(x0.shape[0]):
             sample = x0[index:index + 1]
@@ -124,39 +127,43 @@ def fixed_loss(model, clip, vae) -> float:
     return total / count
 
 
-def outputs(model, clip, vae) -> torch.Tensor:
+def outputs(model, clip, vae, pixels=None) -> torch.Tensor:
     import comfy.model_management
 
+    pixels = pixels if pixels is not None else pattern_images(1, size_of(model))
     with torch.inference_mode():
         comfy.model_management.load_models_gpu([model], force_full_load=True)
-        x0 = model.model.process_latent_in(vae.encode(pattern_images(1, size_of(model)))).float()
+        x0 = model.model.process_latent_in(vae.encode(pixels)).float()
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
         sigma = fixed_sigmas(model)[1]
         xt = model.get_model_object("model_sampling").noise_scaling(sigma, noise, x0)
         return model.model.apply_model(xt, sigma, **conditioning(model, clip, CAPTIONS[0], x0)).float().clone()
 
 
-def train_and_check(comfy, loaded, caplog, lora_name: str, learning_rate: float, **widgets) -> tuple[str, str, list]:
+def train_and_check(comfy, loaded, caplog, lora_name: str, learning_rate: float, dataset=None, pixels=None,
+                    **widgets) -> tuple[str, str, list]:
     """Train 4 steps (batch 2) and check what every trained model must give: the input MODEL/CLIP
     untouched, the loss at fixed noise fallen, and the stock LoraLoader loading the file with no
     unmatched key into what the node returned (which differs from the base). Returns the file's name,
-    the node's summary and the log messages."""
+    the node's summary and the log messages. dataset / pixels: a video model's clips (the dataset and
+    their frames as IMAGE batches, one per clip, in caption order); two pattern images by default."""
     model, clip, vae = loaded
-    dataset = make_dataset(comfy, size_of(model))
+    dataset = dataset if dataset is not None else make_dataset(comfy, size_of(model))
     base_bytes = state_bytes(model.model.diffusion_model, clip.cond_stage_model)
-    before = fixed_loss(model, clip, vae)
-    before_outputs = outputs(model, clip, vae)
+    before = fixed_loss(model, clip, vae, pixels)
+    first = pixels[0] if pixels is not None else None
+    before_outputs = outputs(model, clip, vae, first)
     with caplog.at_level(logging.INFO, logger="lora_lab"):
         trained_model, _, name, _, summary = train_outputs(
             comfy, loaded, dataset, rates(comfy, learning_rate=learning_rate), schedule(comfy), steps=4, batch_size=2,
             lora_name=lora_name, save_precision="fp32", **widgets)
     assert state_bytes(model.model.diffusion_model, clip.cond_stage_model) == base_bytes   # the input untouched
-    after = fixed_loss(trained_model, clip, vae)
+    after = fixed_loss(trained_model, clip, vae, pixels)
     assert after < 0.95 * before, (before, after)
     stock_model, _, lines = stock_lora_loader(comfy, loaded, name)
     assert no_unmatched(lines), lines
-    returned = outputs(trained_model, clip, vae)
-    torch.testing.assert_close(returned, outputs(stock_model, clip, vae), rtol=0, atol=1e-4)
+    returned = outputs(trained_model, clip, vae, first)
+    torch.testing.assert_close(returned, outputs(stock_model, clip, vae, first), rtol=0, atol=1e-4)
     assert (returned - before_outputs).abs().max() > 1e-5
     return name, summary, [record.getMessage() for record in caplog.records]
 
