@@ -84,6 +84,9 @@ WAN_VARIANTS = {
     "wan21_t2v": {"in_dim": 16, "out_dim": 16, "seed": 31},    # Wan 2.1 T2V; Wan 2.2 T2V A14B's experts
     "wan22_ti2v": {"in_dim": 48, "out_dim": 48, "seed": 32},   # Wan 2.2 TI2V 5B
     "wan22_i2v": {"in_dim": 36, "out_dim": 16, "seed": 33},    # Wan 2.2 I2V A14B's experts: 16 + 4 mask + 16 image
+    # The GPU benchmark's Wan-sized model (scripts/bench.py): Wan 2.1 T2V 14B's / one Wan 2.2 A14B expert's real
+    # layout (width 5120: 40 heads, FFN 13824, 40 blocks; 14 B parameters, 28 GB in bf16), random weights
+    "wan14b_full": {"in_dim": 16, "out_dim": 16, "seed": 36, "dim": 5120, "ffn": 13824, "layers": 40},
 }
 # Wan 2.2 A14B's two experts: the same architecture, different weights (here: different seeds).
 WAN_EXPERTS = {None: 0, "high_noise": 1, "low_noise": 2}
@@ -127,10 +130,11 @@ def wan_skeleton(variant: str) -> dict:
     head.head the output channels (x 2 x 2 patch), patch_embedding the input channels, blocks.N.ffn.0 the
     FFN width and (counted) the blocks. No img_emb: a "t2v" model type."""
     spec = _check_variant(variant)
-    skeleton = {"head.modulation": _zeros(1, 2, WAN_DIM), "head.head.weight": _zeros(spec["out_dim"] * 4, WAN_DIM),
-                "patch_embedding.weight": _zeros(WAN_DIM, spec["in_dim"], 1, 2, 2)}
-    for index in range(WAN_LAYERS):
-        skeleton[f"blocks.{index}.ffn.0.weight"] = _zeros(WAN_FFN, WAN_DIM)
+    dim, ffn, layers = spec.get("dim", WAN_DIM), spec.get("ffn", WAN_FFN), spec.get("layers", WAN_LAYERS)
+    skeleton = {"head.modulation": _zeros(1, 2, dim), "head.head.weight": _zeros(spec["out_dim"] * 4, dim),
+                "patch_embedding.weight": _zeros(dim, spec["in_dim"], 1, 2, 2)}
+    for index in range(layers):   # detection reads block 0's shape and counts the others
+        skeleton[f"blocks.{index}.ffn.0.weight"] = _zeros(ffn, dim) if index == 0 else _zeros(1)
     return skeleton
 
 
@@ -156,8 +160,9 @@ def wan_model_file(variant: str, expert: str | None = None) -> Path:
     target = fixture_path(f"tiny_{variant}{'_' + expert if expert else ''}_unet")
     if target.is_file():
         return target
-    _, base_model = build_wan_model(variant, torch.float32, expert)
-    return _save(target, base_model.diffusion_model.state_dict(), torch.float16)
+    full_size = "dim" in WAN_VARIANTS[variant]   # built and saved in bf16 (the benchmark's 14 B model)
+    _, base_model = build_wan_model(variant, torch.bfloat16 if full_size else torch.float32, expert)
+    return _save(target, base_model.diffusion_model.state_dict(), torch.bfloat16 if full_size else torch.float16)
 
 
 @functools.cache

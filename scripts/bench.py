@@ -61,7 +61,7 @@ def write_images(folder: Path, count: int, size: int) -> list[str]:
 TFLOP_PER_IMAGE = {("sd15", 512): 1.81, ("sdxl", 1024): 14.7}
 # Dense bf16 matmul rate of the cards we are lent (vendor figures; the notes measured ~790 on an H200).
 CARD_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
-SHAPES = ("tiny", "sd15", "sdxl", "flux", "sd35m", "flux_tiny", "sd3_tiny")
+SHAPES = ("tiny", "sd15", "sdxl", "flux", "sd35m", "flux_tiny", "sd3_tiny", "wan14b", "wan_tiny")
 GPU_MATRIX = [  # (shape, resolution, batch, base weight dtype) as the issues ask; each at checkpointing on and off
     ("sd15", 512, 4, "default"),
     ("sdxl", 1024, 1, "default"),
@@ -70,9 +70,12 @@ GPU_MATRIX = [  # (shape, resolution, batch, base weight dtype) as the issues as
     ("flux", 1024, 1, "fp8_e4m3fn"),
     ("sd35m", 1024, 1, "default"),
     ("sd35m", 1024, 1, "fp8_e4m3fn"),
+    # Video (issue 21): a Wan-14B-sized random model (Wan 2.1 T2V 14B, one Wan 2.2 A14B expert) on 512 px images
+    ("wan14b", 512, 1, "fp8_e4m3fn"),
 ]
 # Flow shapes: which diffusion model file (lora_lab_devtools/flow_fixtures.py) and how its CLIP/VAE load.
-FLOW_SHAPES = {"flux": "flux_full", "flux_tiny": "flux_dev", "sd35m": "sd35m_full", "sd3_tiny": "sd3"}
+FLOW_SHAPES = {"flux": "flux_full", "flux_tiny": "flux_dev", "sd35m": "sd35m_full", "sd3_tiny": "sd3",
+               "wan14b": "wan14b_full", "wan_tiny": "wan21_t2v"}
 
 
 def flow_loaders(comfy, shape: str, weight_dtype: str) -> tuple[dict, dict]:
@@ -86,14 +89,24 @@ def flow_loaders(comfy, shape: str, weight_dtype: str) -> tuple[dict, dict]:
     def link(folder: str, source: Path) -> str:
         return link_checkpoint(source, comfy.models_dir / folder)
 
-    unet = link("diffusion_models", flow_fixtures.ensure_diffusion_model(FLOW_SHAPES[shape]))
+    from lora_lab_devtools import wan_fixtures
+
+    wan = shape.startswith("wan")
+    unet = link("diffusion_models", wan_fixtures.wan_model_file(FLOW_SHAPES[shape]) if wan
+                else flow_fixtures.ensure_diffusion_model(FLOW_SHAPES[shape]))
     nodes = {"1u": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": weight_dtype}}}
-    if shape.startswith("flux"):
+    if shape.startswith(("flux", "wan")):
         import importlib.util
 
         support = Path(__file__).resolve().parents[1] / "tests" / "support" / "reduced_text_encoders" / "__init__.py"
         spec = importlib.util.spec_from_file_location("lora_lab_reduced_text_encoders", support)
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))   # T5 built with the reduced config
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))   # T5 / UMT5 built with the reduced config
+    if wan:   # CLIPLoader (type wan) on the reduced UMT5, the Wan 2.1 VAE at dim 4
+        nodes["1c"] = {"class_type": "CLIPLoader", "inputs": {
+            "clip_name": link("text_encoders", wan_fixtures.umt5_file()), "type": "wan"}}
+        nodes["1v"] = {"class_type": "VAELoader", "inputs": {"vae_name": link("vae", wan_fixtures.wan_vae_file("wan21"))}}
+        return nodes, {"model": ["1u", 0], "clip": ["1c", 0], "vae": ["1v", 0]}
+    if shape.startswith("flux"):
         clip_l, t5 = flow_fixtures.ensure_flux_text_encoder_files()
         nodes["1c"] = {"class_type": "DualCLIPLoader", "inputs": {
             "clip_name1": link("text_encoders", clip_l), "clip_name2": link("text_encoders", t5), "type": "flux"}}
@@ -301,7 +314,8 @@ def main() -> int:
 
 GIB = 1024 ** 3
 CARD_SIZES_GIB = (8, 12, 16, 24)
-MEMORY_SHAPES = (("sdxl", 1024, 1, "default"), ("flux", 1024, 1, "default"), ("flux", 1024, 1, "fp8_e4m3fn"))
+MEMORY_SHAPES = (("sdxl", 1024, 1, "default"), ("flux", 1024, 1, "default"), ("flux", 1024, 1, "fp8_e4m3fn"),
+                 ("wan14b", 512, 1, "default"), ("wan14b", 512, 1, "fp8_e4m3fn"))
 
 
 def memory_matrix(comfy, arguments) -> int:

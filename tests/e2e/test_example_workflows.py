@@ -199,6 +199,83 @@ def test_qwen_image_example_trains_then_samples_with_the_trained_model(comfyui_d
         key_prefixes=("lora_unet_transformer_blocks_",), architecture="qwen-image/lora")
 
 
+def test_wan_example_ships_real_starting_values(object_info):
+    """Wan 2.2 A14B as ComfyUI's own Wan 2.2 template loads and samples it: one Train LoRA per expert, each
+    on its own noise range and its own expert, 33-frame clips at 16 fps, each LoRA applied to its expert."""
+    workflow = json.loads((EXAMPLES[0].parent / "wan_train_lora.json").read_text())
+    prompt = to_api_prompt(workflow, object_info)
+    by_title = {entry["_meta"]["title"]: entry for entry in prompt.values()}
+    high, low = by_title["Train LoRA (high-noise expert)"], by_title["Train LoRA (low-noise expert)"]
+    assert (high["inputs"]["noise_range"], low["inputs"]["noise_range"]) == ("high_noise", "low_noise")
+    assert high["inputs"]["noise_boundary"] == low["inputs"]["noise_boundary"] == 0.0   # the model's own: 0.875
+    assert high["inputs"]["model"][0] != low["inputs"]["model"][0]   # each on its own expert's loader
+    assert "high_noise" in prompt[high["inputs"]["model"][0]]["inputs"]["unet_name"]
+    assert "low_noise" in prompt[low["inputs"]["model"][0]]["inputs"]["unet_name"]
+    for train in (high, low):
+        assert train["inputs"]["precision"] == "bf16" and train["inputs"]["steps"] >= 500
+        assert train["inputs"]["timestep_sampling"] == "auto" and train["inputs"]["memory"] == "auto"
+    dataset = by_title["LoRA Dataset"]["inputs"]
+    assert dataset["frames_per_clip"] == 33 and dataset["target_fps"] == 16.0
+    assert by_title["Load CLIP"]["inputs"]["type"] == "wan"
+    # the sampling chain: each expert's KSamplerAdvanced takes the MODEL its own Train LoRA returned
+    first, second = by_title["High-noise expert: steps 0-10"], by_title["Low-noise expert: steps 10-20"]
+    shift_of = {node_id: entry for node_id, entry in prompt.items() if entry["class_type"] == "ModelSamplingSD3"}
+    node_id = {id(entry): key for key, entry in prompt.items()}
+    assert shift_of[first["inputs"]["model"][0]]["inputs"]["model"][0] == node_id[id(high)]
+    assert shift_of[second["inputs"]["model"][0]]["inputs"]["model"][0] == node_id[id(low)]
+    assert (first["inputs"]["end_at_step"], second["inputs"]["start_at_step"]) == (10, 10)
+
+
+@pytest.mark.compat
+def test_wan_example_trains_both_experts_then_samples_a_clip_with_both_loras(comfyui_dir, tmp_path, object_info):
+    """The saved Wan 2.2 graph on tiny Wan experts that ComfyUI detects as WAN21, the reduced UMT5 read by
+    the stock CLIPLoader (type wan) and a tiny Wan 2.1 VAE, on two generated clips: both experts train 2
+    steps each on their own noise range (the sigmas in each log.jsonl), then the two KSamplerAdvanced run
+    with the returned MODELs and SaveAnimatedWEBP writes the clip."""
+    from PIL import Image
+    from safetensors import safe_open
+
+    from lora_lab_devtools.sample_dataset import make_sample_clips
+    from lora_lab_devtools.wan_fixtures import wan_example_files
+
+    support = Path(__file__).resolve().parents[1] / "support" / "reduced_text_encoders"
+    server = ComfyServer(comfyui_dir, tmp_path / "wan-server", extra_custom_nodes=[support]).start()
+    try:
+        files = wan_example_files(server.models_dir, roles=("wan22_t2v_high_noise", "wan22_t2v_low_noise", "umt5",
+                                                            "wan21_vae"))
+        clips = tmp_path / "clips"
+        make_sample_clips(clips, count=2, frames=9, size=(64, 64))
+        workflow = json.loads((EXAMPLES[0].parent / "wan_train_lora.json").read_text())
+        overrides = {
+            "Load high-noise expert": {"unet_name": files["wan22_t2v_high_noise"].name},
+            "Load low-noise expert": {"unet_name": files["wan22_t2v_low_noise"].name},
+            "CLIPLoader": {"clip_name": files["umt5"].name}, "VAELoader": {"vae_name": files["wan21_vae"].name},
+            "LoRALabDataset": {"folder": str(clips), "resolution": 64, "min_bucket_resolution": 64,
+                               "frames_per_clip": 5},
+            "EmptyHunyuanLatentVideo": {"width": 64, "height": 64, "length": 5},
+            "LoRALabTrain": {"steps": 2, "precision": "fp32"},
+            "High-noise expert: steps 0-10": {"steps": 4, "end_at_step": 2},
+            "Low-noise expert: steps 10-20": {"steps": 4, "start_at_step": 2}}
+        prompt = to_api_prompt(workflow, object_info, overrides)
+        entry = server.run(prompt, timeout=900)
+        titles = {node["_meta"]["title"]: node_id for node_id, node in prompt.items()}
+        for expert, inside in (("high", lambda sigma: sigma >= 0.875), ("low", lambda sigma: sigma <= 0.875)):
+            lora_name = entry["outputs"][titles[f"Train LoRA ({expert}-noise expert)"]]["text"][0]
+            with safe_open(str(server.models_dir / "loras" / lora_name), "pt") as handle:
+                keys, metadata = list(handle.keys()), handle.metadata()
+            assert keys and all(key.startswith("lora_unet_blocks_") for key in keys)
+            assert metadata["modelspec.architecture"] == "wan2.1/lora"
+            log = (server.output_dir / "lora_lab" / Path(lora_name).stem / "log.jsonl").read_text().splitlines()
+            sigmas = [sigma for line in log for sigma in json.loads(line)["sigmas"]]
+            assert len(sigmas) == 2 and all(inside(sigma) for sigma in sigmas), (expert, sigmas)
+        assert "lora key not loaded" not in server.log()
+        (clip,) = entry["outputs"][titles["Clip with both LoRAs"]]["images"]
+        with Image.open(server.output_file(clip)) as animation:
+            assert animation.size == (64, 64) and animation.n_frames == 5
+    finally:
+        server.stop()
+
+
 def run_dit_example(comfyui_dir, tmp_path, object_info, name: str, loaders: dict, key_prefixes: tuple[str, ...],
                     architecture: str) -> None:
     """A flow family's saved graph on its tiny files (loaders: node type -> (widget(s), models folder,

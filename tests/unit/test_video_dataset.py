@@ -576,3 +576,29 @@ def test_a_phone_clip_with_a_display_rotation_is_shown_upright(tmp_path: Path):
     assert upright[4, 44].min() > 200 and upright[4, 4].max() < 60   # the square went to the top right
     frames = data.render_frames(0, data.samples[0].crop_offset, False)
     assert all(np.array_equal(np.asarray(frame), np.asarray(frames[0])) for frame in frames)
+
+
+def test_a_run_refuses_clips_on_an_image_model_and_stills_on_an_image_to_video_model(tmp_path: Path):
+    """Train LoRA's checks before any model loads (training/run/plan.py check_run): clips train video
+    models only; an image-to-video model (each clip's first frame is its start image) trains on clips only."""
+    from lora_lab.training.lr.rates import LearningRates
+    from lora_lab.training.lr.schedules import ScheduleSettings
+    from lora_lab.training.run.plan import check_run
+    from lora_lab.training.run.train_settings import TrainSettings
+
+    make_sample_clips(tmp_path / "data", count=2, frames=9, size=(64, 64))
+    clips = build(tmp_path / "data", resolution=64, min_bucket_resolution=64, frames_per_clip=5)
+    write_image(tmp_path / "data" / "still.png", (64, 64))
+    mixed = build(tmp_path / "data", resolution=64, min_bucket_resolution=64, frames_per_clip=5)
+    settings = TrainSettings(steps=4, precision="fp32")
+
+    def check(data, family):
+        return check_run(settings, data, LearningRates(), ScheduleSettings(scheduler="constant", warmup=0.0), family, "cpu")
+
+    with pytest.raises(ValueError, match="dataset holds video clips but model is SDXL, an image model.*Wan"):
+        check(clips, "sdxl")
+    with pytest.raises(ValueError, match="dataset holds video clips but model is Qwen-Image"):
+        check(clips, "qwen_image")
+    with pytest.raises(ValueError, match="1 still image.*Wan 2.2 image-to-video.*clips only"):
+        check(mixed, "wan_i2v")
+    assert check(clips, "wan_i2v").family == "wan" + "_i2v" and check(mixed, "wan").family == "wan"
