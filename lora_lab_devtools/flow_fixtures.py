@@ -192,6 +192,25 @@ def _save(target: Path, tensors: dict, dtype) -> Path:
     return target
 
 
+def vae_model_from_skeleton(skeleton: dict):
+    """The first-stage model comfy.sd.VAE builds for a key skeleton (the keys that mark a VAE kind), in fp32 on
+    the CPU, its weights not yet initialised (the caller seeds them)."""
+    _import_comfy()
+    import logging
+
+    import torch
+    import comfy.sd
+
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)   # the skeleton leaves nearly every key "missing": expected here
+    try:
+        vae = comfy.sd.VAE(sd=skeleton)
+    finally:
+        logger.setLevel(level)
+    return vae.first_stage_model.to(device="cpu", dtype=torch.float32)
+
+
 def ensure_diffusion_model(name: str) -> Path:
     """The diffusion-model-only file (UNETLoader) of a SKELETONS entry (flux_dev, flux_schnell, zimage;
     sd3's diffusion model alone; flux_full / sd35m_full for the GPU benchmark)."""

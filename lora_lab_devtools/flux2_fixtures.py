@@ -56,7 +56,8 @@ import base64
 import json
 from pathlib import Path
 
-from .flow_fixtures import REDUCED_QWEN3, REDUCED_T5, SEED, _save, _zeros, detected_model, fixture_path
+from .flow_fixtures import (REDUCED_QWEN3, REDUCED_T5, SEED, _save, _zeros, detected_model, fixture_path,
+                            vae_model_from_skeleton)
 from .tiny_checkpoint import _import_comfy, _initialise, write_atomically
 
 HEAD_DIM = 128                       # Flux.2's and Chroma's heads: their rope axes add up to 128
@@ -372,20 +373,9 @@ def flux2_vae_skeleton() -> dict:
 def tiny_flux2_vae():
     """ComfyUI's Flux.2 VAE model (AutoencoderKL with the latent batch norm), as comfy.sd.VAE configures it
     for :func:`flux2_vae_skeleton`, with seeded weights and an identity batch norm (mean 0, variance 1)."""
-    _import_comfy()
-    import logging
-
     import torch
-    import comfy.sd
 
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)   # the skeleton leaves nearly every key "missing": expected here
-    try:
-        vae = comfy.sd.VAE(sd=flux2_vae_skeleton())
-    finally:
-        logger.setLevel(level)
-    model = vae.first_stage_model.to(device="cpu", dtype=torch.float32)
+    model = vae_model_from_skeleton(flux2_vae_skeleton())
     _initialise(model, torch.Generator().manual_seed(SEEDS["flux2_vae"]))
     with torch.no_grad():
         model.bn.running_mean.zero_()

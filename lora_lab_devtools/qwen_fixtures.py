@@ -212,15 +212,23 @@ def tiny_wan21_vae(seed: int):
     vae = wan_vae.WanVAE(dim=WAN21_VAE_DIM, **WAN21_VAE_CONFIG)
     generator = torch.Generator().manual_seed(seed)
     _initialise(vae, generator)
-    # The Wan VAE's own RMS norm (RMS_norm, a "gamma" per channel) is not one _initialise recognises:
-    # its gains get the norm treatment here, or every normalised activation would shrink 50-fold.
+    initialise_wan_norms(vae, generator)
+    return vae
+
+
+def initialise_wan_norms(model, generator) -> None:
+    """The Wan VAEs' own RMS norm (comfy.ldm.wan.vae.RMS_norm, a "gamma" per channel, also used by the Wan 2.2
+    VAE) is not one _initialise recognises: its gains get the norm treatment here (about 1, bias 0), or every
+    normalised activation would shrink 50-fold."""
+    import torch
+    import comfy.ldm.wan.vae as wan_vae
+
     with torch.no_grad():
-        for module in vae.modules():
+        for module in model.modules():
             if isinstance(module, wan_vae.RMS_norm):
                 module.gamma.copy_(1.0 + 0.02 * torch.randn(module.gamma.shape, generator=generator))
                 if module.bias is not None:
                     module.bias.zero_()
-    return vae
 
 
 def ensure_wan21_vae() -> Path:

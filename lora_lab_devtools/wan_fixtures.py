@@ -70,8 +70,8 @@ import functools
 import struct
 from pathlib import Path
 
-from .flow_fixtures import SEED, _save, _zeros, detected_model, example_files, fixture_path
-from .qwen_fixtures import ensure_wan21_vae
+from .flow_fixtures import SEED, _save, _zeros, detected_model, example_files, fixture_path, vae_model_from_skeleton
+from .qwen_fixtures import ensure_wan21_vae, initialise_wan_norms
 from .tiny_checkpoint import _import_comfy, _initialise, write_atomically
 
 WAN_DIM = 128                   # ComfyUI reads num_heads = dim // 128: one head of the real width 128
@@ -344,31 +344,13 @@ def wan22_vae_skeleton() -> dict:
 
 def tiny_wan22_vae():
     """ComfyUI's Wan 2.2 VAE model (comfy.ldm.wan.vae2_2.WanVAE) as comfy.sd.VAE configures it, with seeded
-    weights (its RMS-norm gains ~1, as qwen_fixtures.tiny_wan21_vae does for Wan 2.1's)."""
-    _import_comfy()
-    import logging
-
+    weights (its RMS-norm gains ~1, as for Wan 2.1's)."""
     import torch
-    import comfy.ldm.wan.vae as wan_vae
-    import comfy.sd
 
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)   # the skeleton leaves nearly every key "missing": expected here
-    try:
-        vae = comfy.sd.VAE(sd=wan22_vae_skeleton())
-    finally:
-        logger.setLevel(level)
-    model = vae.first_stage_model.to(device="cpu", dtype=torch.float32)
-    del vae
+    model = vae_model_from_skeleton(wan22_vae_skeleton())
     generator = torch.Generator().manual_seed(SEEDS["wan22_vae"])
     _initialise(model, generator)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, wan_vae.RMS_norm):
-                module.gamma.copy_(1.0 + 0.02 * torch.randn(module.gamma.shape, generator=generator))
-                if module.bias is not None:
-                    module.bias.zero_()
+    initialise_wan_norms(model, generator)
     return model
 
 

@@ -81,8 +81,9 @@ def generic_refusal(model) -> str | None:
     latent_format = base_model.latent_format
     dimensions = getattr(latent_format, "latent_dimensions", 2)
     if dimensions != 2:
-        return (f"it works on {dimensions}-D latents (video or audio); outside the video families (Wan 2.1 / 2.2) a "
-                "LoRA Dataset's images and clips train only image models (2-D latents)")
+        return (f"it works on {dimensions}-D latents (video or audio) and is not one of the video models Train LoRA "
+                "knows (Wan 2.1 T2V, Wan 2.2 T2V A14B / TI2V 5B / I2V A14B); video variants that take other inputs "
+                "(CLIP-vision features: Wan 2.1 I2V and FLF2V; VACE, camera, sound, pose) are not supported")
     concat = concat_refusal(base_model)
     if concat is not None:
         return concat

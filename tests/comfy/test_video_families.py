@@ -21,10 +21,11 @@ from PIL import Image, ImageSequence
 from lora_lab_devtools import wan_fixtures
 from lora_lab_devtools.sample_dataset import make_sample_clips
 
-from .test_flow_families import CAPTIONS, release_all_models
+from .test_flow_families import CAPTIONS
 from .test_generic_family import train_and_check
 from .test_image_families import check_family_training
-from .test_train import pattern_images, read_lora, stock_lora_loader
+from .test_train import pattern_images, read_lora
+from .test_wan_fixtures import release_models_after_each_test, wan_files  # noqa: F401  (the same fixtures)
 
 SIZE = 64          # pixels: the clips' side (8 latent pixels with Wan 2.1's VAE, 4 with Wan 2.2's)
 CLIP_FRAMES = 9    # frames per written clip (16 fps)
@@ -32,15 +33,6 @@ WINDOW = 5         # frames per training clip (4n+1: 2 latent frames)
 RATE = 3e-2        # the tiny random Wan moves slowly: 4 steps at this rate lower its fixed-noise loss by 5 % or more
 
 
-@pytest.fixture(autouse=True)
-def release_models_after_each_test():
-    yield
-    release_all_models()
-
-
-@pytest.fixture(scope="module")
-def wan_files(comfy):
-    return wan_fixtures.wan_example_files(comfy.models_dir)
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +157,18 @@ def test_wan22_i2v_trains_from_each_clip_first_frame(comfy, wan_files, umt5, tmp
     samples = comfy.output_dir / "lora_lab" / "wan22_i2v_lora" / "samples"
     with Image.open(samples / "step00004_0.webp") as animation:
         assert animation.n_frames == WINDOW
+
+
+def test_wan21_image_to_video_is_refused_with_the_reason(comfy):
+    """Wan 2.1 I2V 14B (and FLF2V) take CLIP-vision features beside the start image: no first-class entry,
+    and the generic path refuses it, naming the model class and what it needs, before any work."""
+    from comfy.model_patcher import ModelPatcher
+
+    from lora_lab_devtools.flow_fixtures import _zeros, detected_model
+
+    skeleton = {**wan_fixtures.wan_skeleton("wan22_i2v"), "img_emb.proj.0.bias": _zeros(1)}
+    _, base_model = detected_model("wan21_i2v", skeleton)
+    assert type(base_model).__name__ == "WAN21" and base_model.model_config.unet_config["model_type"] == "i2v"
+    model = ModelPatcher(base_model, torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="model is WAN21 \\(WAN21_I2V\\).*CLIP-vision features: Wan 2.1 I2V"):
+        comfy.pack.nodes.comfy.detect.model_family(model)

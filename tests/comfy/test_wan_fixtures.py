@@ -204,31 +204,23 @@ def test_a_bigger_tokenizer_than_the_table_is_refused():
         wan_fixtures.check_umt5_vocabulary(wan_fixtures.umt5_tokenizer_model(), vocab_size=1000)
 
 
-@pytest.mark.compat
-def test_wan21_vae_encodes_and_decodes_a_9_frame_clip(comfy, wan_files):
-    from comfy.ldm.wan import vae as wan_vae
+@pytest.mark.parametrize("role,module,channels,size,latent_side", [
+    pytest.param("wan21_vae", "vae", 16, 32, 4, marks=pytest.mark.compat),   # 1/8 in space
+    ("wan22_vae", "vae2_2", 48, 64, 4)])                                      # 1/16 in space, real size
+def test_wan_vae_encodes_and_decodes_a_9_frame_clip(comfy, wan_files, role, module, channels, size, latent_side):
+    """VAE Encode / VAE Decode on a 9-frame clip: 3 latent frames (the first, then 4 to 1)."""
+    import importlib
 
-    vae = load_vae(comfy, wan_files, "wan21_vae")
-    assert type(vae.first_stage_model) is wan_vae.WanVAE and vae.latent_channels == 16
+    vae = load_vae(comfy, wan_files, role)
+    assert type(vae.first_stage_model) is importlib.import_module(f"comfy.ldm.wan.{module}").WanVAE
+    assert vae.latent_channels == channels
     with torch.inference_mode():
-        latent = comfy.call_node("VAEEncode", vae=vae, pixels=frames(9, 32))["result"][0]["samples"]
-        assert latent.shape == (1, 16, 3, 4, 4) and torch.isfinite(latent).all() and latent.std() > 0
+        latent = comfy.call_node("VAEEncode", vae=vae, pixels=frames(9, size))["result"][0]["samples"]
+        assert latent.shape == (1, channels, 3, latent_side, latent_side)
+        assert torch.isfinite(latent).all() and latent.std() > 0
         decoded = comfy.call_node("VAEDecode", vae=vae, samples={"samples": latent})["result"][0]
-    assert decoded.shape == (9, 32, 32, 3) and torch.isfinite(decoded).all()
+    assert decoded.shape == (9, size, size, 3) and torch.isfinite(decoded).all()
     assert 0 <= decoded.min() and decoded.max() <= 1 and decoded.std() > 0
-
-
-@pytest.mark.compat
-def test_wan22_vae_encodes_and_decodes_a_9_frame_clip(comfy, wan_files):
-    from comfy.ldm.wan import vae2_2
-
-    vae = load_vae(comfy, wan_files, "wan22_vae")
-    assert type(vae.first_stage_model) is vae2_2.WanVAE and vae.latent_channels == 48
-    with torch.inference_mode():
-        latent = comfy.call_node("VAEEncode", vae=vae, pixels=frames(9, 64))["result"][0]["samples"]
-        assert latent.shape == (1, 48, 3, 4, 4) and torch.isfinite(latent).all() and latent.std() > 0
-        decoded = comfy.call_node("VAEDecode", vae=vae, samples={"samples": latent})["result"][0]
-    assert decoded.shape == (9, 64, 64, 3) and torch.isfinite(decoded).all() and decoded.std() > 0
     del vae
 
 
