@@ -42,7 +42,8 @@ class LRFinderNode(io.ComfyNode):
                 output("LORA_LEARNING_RATES", "learning_rates", (
                     "The rates for Train LoRA: the suggestion as the UNet's rate, the other parts at their given "
                     "ratios (without learning_rates: the UNet alone, text encoders frozen)."), "suggested_rates"),
-                output("FLOAT", "suggested_lr", "The suggested rate."),
+                output("FLOAT", "suggested_lr", "The suggested rate. Also the cap of an adaptive optimizer's step: "
+                                                "connect it to Train LoRA's max_effective_lr (sweep with AdamW)."),
                 output("IMAGE", "chart", "Loss vs rate (log axis): validation points, their smoothed curve, the "
                                          "suggestion."),
                 output("STRING", "summary", "The numbers and the rule."),

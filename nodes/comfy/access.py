@@ -118,16 +118,20 @@ class ComfyModels:
         return result
 
     # The file's key names --------------------------------------------------------------------------
-    def unet_kohya_names(self, paths: list[str]) -> dict:
-        if self.entry.key_style == "comfy":
+    def unet_kohya_names(self, paths: list[str], key_style: str | None = None) -> dict:
+        """key_style: the file's (kohya.network_key_style), when it is not the family's."""
+        key_style = key_style or self.entry.key_style
+        if key_style == "comfy":
             return kohya.comfy_unet_names(self.unet_key_map, paths)
-        if self.entry.key_style == "diffusers":
+        if key_style == "diffusers":
             return kohya.diffusers_unet_names(self.unet_key_map, paths)
         return kohya.kohya_unet_names(self.unet_key_map, paths, self.entry.unet_key_names)
 
-    def text_kohya_names(self, part: str, paths: list[str]) -> dict:
-        return kohya.kohya_text_names(self.clip_key_map, self.roots[part][0], paths,
-                                      self.entry.text_encoder(part).key_prefix)
+    def text_kohya_names(self, part: str, paths: list[str], key_style: str | None = None) -> dict:
+        prefix = self.entry.text_encoder(part).key_prefix
+        if key_style is not None:
+            prefix = kohya.text_key_prefix(prefix, part, key_style)
+        return kohya.kohya_text_names(self.clip_key_map, self.roots[part][0], paths, prefix)
 
     # The rest of the contract ----------------------------------------------------------------------
     def unet_blocks(self) -> list[torch.nn.Module]:
@@ -222,12 +226,21 @@ def vae_fingerprint(vae) -> str:
     return weights_fingerprint(vae.first_stage_model)
 
 
+# Tensors ComfyUI allocates without initialising when a file lacks them and never uses then: an SD1.x
+# checkpoint has no CLIP text projection (its pooled output is not projected), so
+# cond_stage_model.clip_l.transformer.text_projection holds whatever memory it got, different in every process.
+UNINITIALISED_WHEN_MISSING = ("text_projection.weight",)
+
+
 def weights_fingerprint(*modules: torch.nn.Module) -> str:
-    """A cheap content key of module weights (sum and norm of every tensor, in order)."""
+    """A cheap content key of module weights (sum and norm of every tensor, in order), the same in every
+    process that loads the same files (UNINITIALISED_WHEN_MISSING left out)."""
     digest = hashlib.sha256()
     with torch.no_grad():
         for module in modules:
             for name, tensor in module.state_dict().items():
+                if name.endswith(UNINITIALISED_WHEN_MISSING):
+                    continue
                 values = tensor.detach().float()
                 digest.update(f"{name}:{tuple(values.shape)}:{float(values.sum()):.6e}:{float(values.norm()):.6e};".encode())
     return digest.hexdigest()[:24]

@@ -64,7 +64,8 @@ def progress_reporter(total: int, node_id: str | None, chart: Callable[[list[Ste
                 logger.debug("LoRA Lab: chart preview failed: %s", error)
         bar.update_absolute(done, steps, preview)
         send_event("lora_lab.train_progress", {"node": node_id, "step": record.step, "total": steps,
-                                               "loss": record.loss, "lr": record.lr, "val_loss": record.val_loss})
+                                               "loss": record.loss, "lr": record.lr, "val_loss": record.val_loss,
+                                               "effective_lr": record.effective_lr})
         if done == steps:
             console.close()
 

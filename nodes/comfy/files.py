@@ -54,3 +54,30 @@ def dora_norm_of_loader() -> str:
     raise RuntimeError(f"LoRA Lab: this ComfyUI's DoRA loader gives a row norm of {row} on a probe "
                        "(expected 2 or 1); DoRA files could not be written to load as trained. "
                        "Please report your ComfyUI version.")
+
+
+def run_loaders(loaders: dict[str, dict], wanted: list) -> tuple:
+    """Outputs of a small API-format graph of loader nodes ({id: {"class_type", "inputs"}}, links as [id, slot]),
+    each node called as ComfyUI's executor calls it (its own function, in inference mode), in dependency order:
+    the outputs `wanted` ([id, slot] each). KeyError naming a node class this ComfyUI lacks."""
+    import nodes as comfy_nodes   # ComfyUI's nodes.py
+
+    made: dict[str, tuple] = {}
+
+    def output(link) -> Any:
+        source = str(link[0])
+        if source not in made:
+            entry = loaders[source]
+            node_class = comfy_nodes.NODE_CLASS_MAPPINGS.get(entry["class_type"])
+            if node_class is None:
+                raise KeyError(entry["class_type"])
+            arguments = {name: (output(value) if isinstance(value, list) else value)
+                         for name, value in entry["inputs"].items()}
+            if hasattr(node_class, "define_schema"):   # a V3 node
+                made[source] = tuple(node_class.execute(**arguments).result)
+            else:
+                made[source] = tuple(getattr(node_class(), node_class.FUNCTION)(**arguments))
+        return made[source][int(link[1])]
+
+    with torch.inference_mode():
+        return tuple(output(link) for link in wanted)

@@ -144,3 +144,17 @@ def test_resume_with_another_memory_mode_equals_the_uninterrupted_run(comfy, loa
                           lora_name="resume_streamed", resume_from="resume_full", memory="stream", **WIDGETS)
     assert_same_tensors(comfy, uninterrupted, name)
     assert log_lines(comfy, "resume_streamed") == log_lines(comfy, "resume_full")
+
+
+def test_a_lycoris_run_resumes_to_the_uninterrupted_one(comfy, loaded, varied, network="lokr"):  # noqa: F811
+    """LoKr / LoHa checkpoints hold their factors (every tensor LoraModule.tensors() names, LoHa's alike) and
+    their optimizer state: resumed from step 3, the run ends on the uninterrupted run's file, bit for bit
+    (UNet and text encoder)."""
+    widgets = {**WIDGETS, "network": network, "lokr_factor": 4}
+    _, _, reference, _ = train(comfy, loaded, varied, learning_rates(comfy, 1e-3), warm_linear(comfy),
+                               lora_name=f"{network}_full", **widgets)
+    _, _, name, _ = train(comfy, loaded, varied, learning_rates(comfy, 1e-3), warm_linear(comfy),
+                          lora_name=f"{network}_continued", resume_from=f"{network}_full", **widgets)
+    assert_same_tensors(comfy, reference, name)
+    tensors, _ = read_lora(comfy, name)
+    assert any((".lokr_w" if network == "lokr" else ".hada_w") in key for key in tensors)

@@ -288,12 +288,18 @@ def fixed_pair_loss(model, latents: torch.Tensor, context: torch.Tensor) -> floa
     return total
 
 
-def test_loss_at_fixed_noise_and_timesteps_drops_by_a_fifth(comfy, loaded, dataset):
-    model, clip, vae = loaded
+def fixed_pair_inputs(loaded, dataset) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """(latents, text context, the dataset cut to them) of the dataset's first two images, for fixed_pair_loss."""
+    _, clip, vae = loaded
     with torch.inference_mode():
         latents = vae.encode(dataset.images[:2])
         context = torch.cat([clip.encode_from_tokens(clip.tokenize(caption)) for caption in CAPTIONS[:2]])
-    small = dataclasses.replace(dataset, samples=dataset.samples[:2])
+    return latents, context, dataclasses.replace(dataset, samples=dataset.samples[:2])
+
+
+def test_loss_at_fixed_noise_and_timesteps_drops_by_a_fifth(comfy, loaded, dataset):
+    model = loaded[0]
+    latents, context, small = fixed_pair_inputs(loaded, dataset)
     before = fixed_pair_loss(model, latents, context)
     trained_model, _, _, _ = train(comfy, loaded, small, rates(comfy, learning_rate=2e-3, text_encoder_lr=0.0),
                                    schedule(comfy), steps=30, rank=8, alpha=8.0, lora_name="learning")

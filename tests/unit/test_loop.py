@@ -2,6 +2,7 @@
 (feeder.py), without ComfyUI."""
 from __future__ import annotations
 
+import math
 import random
 from types import SimpleNamespace
 
@@ -102,3 +103,47 @@ def test_bucket_batches_never_mix_buckets():
         assert len(batch) == 2 and len({samples[index].bucket for index in batch}) == 1
     with pytest.raises(ValueError):
         next(feeder.bucket_batches(Dataset(), 6, random.Random(0)))
+
+
+def reference_loss(prediction, target, loss_type, huber_c):
+    """sd-scripts' conditional_loss (library/train_util.py), written out: the formulas the loss follows."""
+    c = huber_c.view(-1, *([1] * (prediction.ndim - 1)))
+    if loss_type == "l1":
+        return (prediction - target).abs()
+    if loss_type == "huber":
+        return 2 * c * (torch.sqrt((prediction - target) ** 2 + c ** 2) - c)
+    return 2 * (torch.sqrt((prediction - target) ** 2 + c ** 2) - c)
+
+
+@pytest.mark.parametrize("kind", ["huber", "smooth_l1", "l1"])
+@pytest.mark.parametrize("schedule", ["constant", "exponential", "snr"])
+def test_robust_losses_follow_sd_scripts(kind, schedule):
+    """Each loss and huber schedule against sd-scripts' formulas, on a discrete (VP) schedule whose sigma is
+    sqrt((1 - alphas_cumprod) / alphas_cumprod) and on flow matching (sigma / (1 - sigma) its noise ratio)."""
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)
+    guess = torch.randn(3, 4, 8, 8, generator=generator)
+    settings = loop.LossSettings(kind, 0.2, schedule)
+    alphas_cumprod = torch.linspace(0.9991, 0.0047, 1000)
+    discrete_sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    for prediction_type, sigmas, chosen in (("epsilon", discrete_sigmas, discrete_sigmas[[10, 500, 990]]),
+                                            ("flow", torch.linspace(0.001, 1, 1000), torch.tensor([0.05, 0.5, 0.95]))):
+        objective = loop.DiffusionObjective(
+            sigmas=sigmas, prediction_type=prediction_type, denoise=lambda xt, s, cond: guess,
+            noise_scaling=(lambda s, n, x: x + s.view(-1, 1, 1, 1) * n) if prediction_type == "epsilon" else
+            (lambda s, n, x: (1 - s.view(-1, 1, 1, 1)) * x + s.view(-1, 1, 1, 1) * n))
+        xt = objective.noise_scaling(chosen, noise, x0)
+        prediction, target = loop.PREDICTIONS[prediction_type](xt, guess, x0, noise, chosen)
+        if schedule == "constant":
+            c = torch.full((3,), 0.2)
+        elif schedule == "exponential":   # exp(-alpha t), alpha = -ln(c) / 1000, t the timestep
+            timesteps = torch.tensor([10.0, 500.0, 990.0]) if prediction_type == "epsilon" else chosen * 1000
+            c = torch.exp(math.log(0.2) / 1000 * timesteps)
+        else:
+            ratio = chosen if prediction_type == "epsilon" else chosen / (1 - chosen)
+            c = (1 - 0.2) / (1 + ratio) ** 2 + 0.2
+        expected = reference_loss(prediction, target, kind, c).mean()
+        got = loop.loss_at_sigma(objective, x0, {}, noise, chosen, loss=settings)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    mse = loop.loss_at_sigma(objective, x0, {}, noise, chosen)
+    assert float(mse) == pytest.approx(float(((prediction - target) ** 2).mean()), rel=1e-5)

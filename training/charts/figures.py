@@ -13,6 +13,7 @@ CHART_DPI = 100
 WARMUP_COLOR = "#ffb347"
 VAL_LOSS_COLOR = "#e377c2"   # the stable validation loss, wherever it is drawn
 DASHES = (0, (6, 4))
+EFFECTIVE_DASHES = (0, (4, 1.5, 1, 1.5))   # an adaptive optimizer's step (d x lr): dash-dot, beside the set rate
 
 
 def new_figure():

@@ -5,7 +5,8 @@ from typing import Sequence
 
 from PIL import Image
 
-from .figures import VAL_LOSS_COLOR, figure_to_image, new_figure, part_color, part_label, part_linestyle
+from .figures import (EFFECTIVE_DASHES, VAL_LOSS_COLOR, figure_to_image, new_figure, part_color, part_label,
+                      part_linestyle)
 
 SMOOTHING = 0.9  # exponential moving average factor, as TensorBoard's default-ish smoothing
 
@@ -22,7 +23,9 @@ def smoothed(values: Sequence[float], factor: float = SMOOTHING) -> list[float]:
 def training_chart(records: Sequence, title: str = "Train LoRA") -> Image.Image:
     """Loss (raw + smoothed) on the left axis, applied rate per part  on the right.
 
-    `records` are loop.StepRecord-like objects with step, loss and lr ({part: rate}).
+    `records` are loop.StepRecord-like objects with step, loss and lr ({part: rate}), and, from an
+    adaptive optimizer, effective_lr ({part: d x lr}): drawn dash-dot beside the set rate, on a log rate
+    axis (Prodigy's set rate is near 1, the step it takes orders of magnitude below).
     """
     figure, loss_axes = new_figure()
     steps = [record.step for record in records]
@@ -37,12 +40,24 @@ def training_chart(records: Sequence, title: str = "Train LoRA") -> Image.Image:
     loss_axes.set_ylabel("loss")
     rate_axes = loss_axes.twinx()
     parts = sorted({part for record in records for part in record.lr})
+    taken = [getattr(record, "effective_lr", None) or {} for record in records]
+    effective = sorted({part for rates in taken for part in rates})
     for part in parts:
         rates = [record.lr.get(part, float("nan")) for record in records]
         rate_axes.plot(steps, rates, color=part_color(part), linestyle=part_linestyle(part),
-                       label=f"lr {part_label(part)}")
-    rate_axes.set_ylabel("learning rate (applied)")
-    rate_axes.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+                       label=f"lr {part_label(part)}" + (" (set)" if effective else ""))
+    for part in effective:
+        rates = [step_rates.get(part, float("nan")) for step_rates in taken]
+        rate_axes.plot(steps, rates, color=part_color(part), linestyle=EFFECTIVE_DASHES, linewidth=1.8,
+                       label=f"lr {part_label(part)} effective (d x lr)")
+    if effective:
+        rate_axes.set_ylabel("learning rate: set, and effective (d x lr)")
+        if any(rate > 0 for record, step_rates in zip(records, taken)
+               for rate in [*record.lr.values(), *step_rates.values()]):
+            rate_axes.set_yscale("log", nonpositive="mask")   # warmup's 0 is left out
+    else:
+        rate_axes.set_ylabel("learning rate (applied)")
+        rate_axes.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     handles, labels = loss_axes.get_legend_handles_labels()
     more_handles, more_labels = rate_axes.get_legend_handles_labels()
     loss_axes.legend(handles + more_handles, labels + more_labels, loc="upper right", fontsize=8)

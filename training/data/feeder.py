@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from ..run.distributed import current as current_shard
 from .image_tensors import frames_to_image, pil_to_image
 
 if TYPE_CHECKING:   # the run's contract with the host; the data stage only reads its encoders
@@ -327,14 +328,20 @@ class BatchFeeder:
 
     def __call__(self) -> tuple[torch.Tensor, dict]:
         indices = next(self.batches)
+        # Data parallel (training/run/distributed.py): every rank draws the whole global batch's augmentation
+        # and captions, so all ranks' random streams stay equal, and loads only its own slice.
+        mine = range(len(indices))[current_shard().part(len(indices))]
         latents, captions, sizes, samples = [], [], [], []
-        for index in indices:
+        for position, index in enumerate(indices):
             sample = self.dataset.samples[index]
             # The augmentation (crop offset, flip) is drawn first, so a cached latent is found
             # without decoding the image.
             offset, flipped = self.dataset.augmentation(index, self.augment_rng)
+            caption = self.dataset.caption_for_step(index, self.augment_rng)
+            if position not in mine:
+                continue
             latents.append(self.latent(index, offset, flipped))
-            captions.append(self.dataset.caption_for_step(index, self.augment_rng))
+            captions.append(caption)
             samples.append((index, offset, flipped))
             sizes.append({"original_size": tuple(sample.original_size),
                           "crop_offset": conditioning_crop(offset, flipped, sample.resized_size, sample.bucket),

@@ -73,6 +73,11 @@ def rates_chart(rates: LearningRates, settings: ScheduleSettings, total_steps: i
     return figure_to_image(figure)
 
 
+def swept_part_rate(rates: dict[str, float]) -> float:
+    """The rate of the part a sweep moves (the UNet's, or the first trained part's) from {part: rate}."""
+    return rates.get("unet", next(iter(rates.values())))
+
+
 def sweep_chart(records: list, rate: Callable[[int], float], curve: list[tuple[float, float]] | None = None,
                 suggested_lr: float | None = None, min_loss_lr: float | None = None, steepest_lr: float | None = None,
                 title: str = "LR Finder") -> Image.Image:
@@ -87,6 +92,12 @@ def sweep_chart(records: list, rate: Callable[[int], float], curve: list[tuple[f
     if validated:
         axes.plot([rate for rate, _ in validated], [loss for _, loss in validated], "o", color=VAL_LOSS_COLOR,
                   markersize=4, label="validation loss (fixed noise)")
+    # An adaptive optimizer (Prodigy) steps by d x the swept rate: the same points at the step really taken.
+    stepped = [(swept_part_rate(record.effective_lr), record.val_loss) for record in records
+               if record.val_loss is not None and getattr(record, "effective_lr", None)]
+    if stepped:
+        axes.plot([rate for rate, _ in stepped], [loss for _, loss in stepped], "o", markerfacecolor="none",
+                  color=VAL_LOSS_COLOR, markersize=5, label="the same at the effective rate (d x lr)")
     if curve:
         axes.plot([rate for rate, _ in curve], [loss for _, loss in curve], color="black", linewidth=1.8,
                   label="validation loss, smoothed")

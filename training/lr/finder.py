@@ -29,6 +29,7 @@ from ..run.plan import RunInputs, check_run, plan_sweep
 from ..run.train_settings import TrainSettings
 from ..run.trainer import Run, execute
 from ..settings import NodeSettings, SettingError, setting, setting_like, validate
+from .optimizers import OPTIMIZERS
 from .rates import INHERIT, LearningRates
 from .schedules import ScheduleSettings
 
@@ -262,6 +263,9 @@ def summary(result: FinderResult, settings: FinderSettings) -> str:
         lines.append(f"Steepest descent at {result.steepest_lr:.3g}")
     if len(result.curve) < 2:
         lines.append("Too few validation points to read a curve: lower min_lr or raise steps.")
+    if OPTIMIZERS[settings.optimizer].adaptive:
+        lines.append(f"{settings.optimizer} steps by d x the swept rate, so this suggests a multiplier of its own d. "
+                     "To bound its step, sweep with AdamW and connect suggested_lr to Train LoRA's max_effective_lr.")
     lines += [f"Sweep: {settings.min_lr:g} -> {settings.max_lr:g} over {settings.steps} steps; {result.stopped}.",
               f"Validation loss (fixed images, noise, timesteps) every {result.validate_every} steps; "
               f"{result.baseline_val_loss:.4f} before training."]

@@ -12,6 +12,13 @@ alpha / rank) and, with DoRA, ``.dora_scale``. SD3 files use diffusers/peft name
 the generic path gets ComfyUI's native names (key style "comfy", ``comfy_unet_names``):
 ``diffusion_model.<ComfyUI path>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, which
 comfy.lora's key map holds for every weight of every model ComfyUI loads.
+
+LyCORIS LoKr / LoHa files (``network``) carry LyCORIS's tensor names under the same stems:
+``<stem>.lokr_w1`` (or ``.lokr_w1_a`` / ``.lokr_w1_b``), ``.lokr_w2`` (or ``.lokr_w2_a`` / ``.lokr_w2_b``),
+``<stem>.hada_w1_a`` / ``.hada_w1_b`` / ``.hada_w2_a`` / ``.hada_w2_b``, and ``.alpha``. SD3's diffusers
+names cannot carry them (they split the fused qkv into row slices, and a slice of a Kronecker or
+Hadamard product is not one): its LoKr / LoHa files use sd-scripts' SD3 names, ``lora_unet_<ComfyUI
+path>`` and ``lora_te1_`` / ``lora_te2_`` (``network_key_style``), which ComfyUI maps to the whole layer.
 """
 from __future__ import annotations
 
@@ -28,6 +35,8 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
+
+from . import lycoris
 
 logger = logging.getLogger("lora_lab")
 
@@ -125,12 +134,34 @@ def diffusers_unet_names(weight_key_map: Mapping[str, object], module_paths: lis
     return names
 
 
+# The text encoders' kohya prefixes (sd-scripts' SD3 / SDXL names) for a family whose own are diffusers-style.
+KOHYA_TEXT_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+def network_key_style(key_style: str, network: str) -> str:
+    """The key style a file of `network` is written in: the family's, except LoKr / LoHa on a
+    "diffusers" family (SD3), whose files take kohya names (module docstring)."""
+    return "kohya" if key_style == "diffusers" and network != "lora" else key_style
+
+
+def text_key_prefix(prefix: str, part: str, key_style: str) -> str:
+    """The text encoder's stem prefix in `key_style`: the family's (`prefix`), or sd-scripts' lora_te1_ /
+    lora_te2_ where the family's is diffusers-style and the file is written with kohya names."""
+    if key_style == "kohya" and not prefix.startswith("lora_"):
+        return KOHYA_TEXT_PREFIXES[part]
+    return prefix
+
+
 def file_entries(name, weights: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.Tensor]]]:
     """[(key stem, weights)] for one trained layer. `name` is a stem, or [(stem, rows, transform)] where
     the file splits a fused layer into row slices (every slice keeps A; B and the DoRA scale are cut) or
-    orders its rows differently (the transform reorders B and the DoRA scale)."""
+    orders its rows differently (the transform reorders B and the DoRA scale). A LoKr / LoHa layer takes
+    a stem only."""
     if isinstance(name, str):
         return [(name, weights)]
+    if lycoris.is_lycoris_entry(weights):
+        raise ValueError("a LoKr / LoHa layer cannot be split into row slices; write it with kohya names "
+                         "(network_key_style)")
     entries = []
     for stem, rows, transform in name:
         part = dict(weights)
@@ -155,6 +186,8 @@ def lora_state_dict(entries: list[tuple[str, dict[str, torch.Tensor]]], alpha: f
     such as .alpha, and ComfyUI then applies scale 1)."""
     if key_style in ("kohya", "comfy"):
         return kohya_state_dict(entries, alpha, dtype)
+    if any(lycoris.is_lycoris_entry(weights) for _, weights in entries):
+        raise ValueError("LoKr / LoHa tensors have no diffusers names; write them with kohya names (network_key_style)")
     dtype = file_dtype(entries, dtype)
     tensors: dict[str, torch.Tensor] = {}
     for stem, weights in entries:
@@ -174,10 +207,17 @@ def kohya_state_dict(entries: list[tuple[str, dict[str, torch.Tensor]]], alpha: 
 
     DoRA: peft's magnitude vector (one value per output feature) is written as ``dora_scale``
     shaped [out, 1] (ComfyUI's `weight_decompose` normalises per output row in that layout).
+
+    A LoKr / LoHa entry ({"lokr_w1": ..., "alpha": ...}, lycoris.file_tensors) is written under its own
+    names, with its own alpha (`alpha` is LoRA's).
     """
     dtype = file_dtype(entries, dtype)
     tensors: dict[str, torch.Tensor] = {}
     for stem, weights in entries:
+        if lycoris.is_lycoris_entry(weights):
+            for name, tensor in weights.items():
+                tensors[f"{stem}.{name}"] = tensor.to(dtype).contiguous()
+            continue
         tensors[f"{stem}.lora_down.weight"] = weights["down"].to(dtype).contiguous()
         tensors[f"{stem}.lora_up.weight"] = weights["up"].to(dtype).contiguous()
         tensors[f"{stem}.alpha"] = torch.tensor(float(alpha), dtype=dtype)

@@ -1,5 +1,6 @@
 """peft LoRA layers injected into plain torch modules (ComfyUI's own UNet / CLIP text model),
 trained in place, extracted as A/B matrices, and removed again so the module tree is exactly as before.
+LyCORIS LoKr / LoHa (`network`) go in the same way as peft's LoKr / LoHa layers (training/network/lycoris.py).
 
 Why not a PeftModel: ``ModelPatcher.clone()`` shares the torch module with every clone and with
 ComfyUI's cache, and a PeftModel wrapper would change module paths. peft's
@@ -17,6 +18,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import lycoris
+
 logger = logging.getLogger("lora_lab")
 
 ADAPTER_NAME = "default"
@@ -29,15 +32,16 @@ class LoraModule:
 
     part: str                   # "unet" | "text_encoder" | "text_encoder_2"
     path: str                   # module path inside the part's root module
-    layer: torch.nn.Module      # the peft LoRA layer now sitting at `path`
+    layer: torch.nn.Module      # the peft LoRA (LoKr, LoHa) layer now sitting at `path`
+    network: str = "lora"       # "lora" | "lokr" | "loha"
 
     @property
-    def down(self) -> torch.nn.Parameter:   # A
-        return self.layer.lora_A[ADAPTER_NAME].weight
+    def down(self) -> torch.nn.Parameter | None:   # A (LoRA only)
+        return self.layer.lora_A[ADAPTER_NAME].weight if self.network == "lora" else None
 
     @property
-    def up(self) -> torch.nn.Parameter:     # B
-        return self.layer.lora_B[ADAPTER_NAME].weight
+    def up(self) -> torch.nn.Parameter | None:     # B (LoRA only)
+        return self.layer.lora_B[ADAPTER_NAME].weight if self.network == "lora" else None
 
     @property
     def magnitude(self) -> torch.nn.Parameter | None:
@@ -45,6 +49,18 @@ class LoraModule:
         if vectors is None or ADAPTER_NAME not in vectors:
             return None
         return vectors[ADAPTER_NAME].weight
+
+    @property
+    def factors(self) -> dict[str, torch.nn.Parameter]:
+        """LoKr / LoHa: the trainable tensors by their file names (lokr_w1, hada_w1_a, ...); {} for LoRA."""
+        return lycoris.factors(self.layer, self.network, ADAPTER_NAME) if lycoris.is_lycoris(self.network) else {}
+
+    def tensors(self) -> dict[str, torch.nn.Parameter]:
+        """Every trainable tensor by name: down / up (/ magnitude) for LoRA, the factors for LoKr / LoHa."""
+        if self.network != "lora":
+            return self.factors
+        named = {"down": self.down, "up": self.up, "magnitude": self.magnitude}
+        return {name: tensor for name, tensor in named.items() if tensor is not None}
 
 
 @dataclass
@@ -61,10 +77,7 @@ class InjectedLora:
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         for module in self.modules:
-            yield module.down
-            yield module.up
-            if module.magnitude is not None:
-                yield module.magnitude
+            yield from module.tensors().values()
 
     def remove(self) -> None:
         """Put every original layer back and undo peft's side effects (idempotent)."""
@@ -89,17 +102,22 @@ def _parent_of(root: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
 
 
 def inject_lora(root: torch.nn.Module, part: str, paths: list[str], rank: int, alpha: float,
-                use_dora: bool = False, init_seed: int = 0) -> InjectedLora:
+                use_dora: bool = False, init_seed: int = 0, network: str = "lora", lokr_factor: int = -1,
+                lokr_decompose_both: bool = False) -> InjectedLora:
     """Inject peft LoRA layers at `paths` of `root` (in place). LoRA weights (A, B and the DoRA
     magnitude) are fp32.
 
     A is kaiming-uniform, B is zero (peft's default, as in the LoRA paper), drawn from `init_seed`
     without touching the global RNG.
+
+    network "lokr" / "loha": peft's LoKr / LoHa layers instead (rank and alpha are the network's own:
+    LoHa's loha_rank / loha_alpha), initialised and scaled as LyCORIS does (training/network/lycoris.py).
     """
     from peft import LoraConfig, inject_adapter_in_model
 
     if not paths:
         raise ValueError(f"no layers to train were found in the {part}")
+    lycoris.check_network(network, use_dora)
     originals = []
     for path in paths:
         parent, name = _parent_of(root, path)
@@ -108,25 +126,32 @@ def inject_lora(root: torch.nn.Module, part: str, paths: list[str], rank: int, a
     root_attributes = set(vars(root))
     injected = InjectedLora(part=part, root=root, modules=[], _originals=originals,
                             _requires_grad=requires_grad, _root_attributes=root_attributes)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(paths), lora_dropout=0.0,
-                        use_dora=use_dora, init_lora_weights=True, bias="none")
+    if lycoris.is_lycoris(network):
+        config = lycoris.peft_config(network, paths, rank, alpha, lokr_factor, lokr_decompose_both)
+    else:
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(paths), lora_dropout=0.0,
+                            use_dora=use_dora, init_lora_weights=True, bias="none")
     try:
-        with torch.random.fork_rng(devices=[]), _float8_bases_read_as_float32():
+        with torch.random.fork_rng(devices=[]), _float8_bases_read_as_float32(), lycoris.lycoris_shapes(network):
             torch.manual_seed(init_seed)
             inject_adapter_in_model(config, root, adapter_name=ADAPTER_NAME)
             for path in paths:
                 layer = root.get_submodule(path)
-                if not hasattr(layer, "lora_A"):
-                    raise RuntimeError(f"peft did not inject a LoRA layer at {part}.{path}")
-                injected.modules.append(LoraModule(part=part, path=path, layer=layer))
-        # Every trainable tensor lives in fp32, whatever the base dtype: peft makes them in the base
-        # layer's dtype. An fp16 DoRA magnitude breaks AdamW (its eps of 1e-8 and the squared
-        # gradients underflow to 0 in fp16: 0/0 = NaN after the first update, at any rate) and the fp16
-        # GradScaler ("Attempting to unscale FP16 gradients"); in bf16 typical updates (~1e-4) are
-        # below its resolution near the magnitude's values (~0.004 at 0.5), so it never moves.
-        for parameter in injected.parameters():
-            parameter.data = parameter.data.float()
-            parameter.requires_grad_(True)
+                module = LoraModule(part=part, path=path, layer=layer, network=network)
+                if not (hasattr(layer, "lora_A") if network == "lora" else module.factors):
+                    raise RuntimeError(f"peft did not inject a {network} layer at {part}.{path}")
+                injected.modules.append(module)
+            # Every trainable tensor lives in fp32, whatever the base dtype: peft makes them in the base
+            # layer's dtype. An fp16 DoRA magnitude breaks AdamW (its eps of 1e-8 and the squared
+            # gradients underflow to 0 in fp16: 0/0 = NaN after the first update, at any rate) and the fp16
+            # GradScaler ("Attempting to unscale FP16 gradients"); in bf16 typical updates (~1e-4) are
+            # below its resolution near the magnitude's values (~0.004 at 0.5), so it never moves.
+            for parameter in injected.parameters():
+                parameter.data = parameter.data.float()
+                parameter.requires_grad_(True)
+            if lycoris.is_lycoris(network):   # LyCORIS's initial values, drawn in fp32 (from the same seed)
+                for module in injected.modules:
+                    lycoris.prepare_layer(module.layer, network, ADAPTER_NAME)
     except BaseException:
         injected.remove()
         raise
@@ -312,7 +337,8 @@ def checkpointed_forward(module: torch.nn.Module, forward: Callable | None = Non
 
 
 def lora_weights(module: LoraModule, dtype: torch.dtype, dora_norm: str = "updated") -> dict[str, torch.Tensor]:
-    """{"down": A, "up": B[, "magnitude": dora_scale]} detached, on CPU, in `dtype`.
+    """{"down": A, "up": B[, "magnitude": dora_scale]} detached, on CPU, in `dtype`. A LoKr / LoHa layer:
+    its factors by file name plus "alpha" (fp32), as lycoris.file_tensors writes them.
 
     DoRA: peft trains W' = m * (W + dW) / |W + dW| per output row. A loader that divides by the
     updated norm (`dora_norm` "updated": the DoRA paper, peft, LyCORIS, diffusers) needs m itself.
@@ -323,6 +349,8 @@ def lora_weights(module: LoraModule, dtype: torch.dtype, dora_norm: str = "updat
     """
     if dora_norm not in ("original", "updated"):
         raise ValueError(f"dora_norm must be 'original' or 'updated', not {dora_norm!r}")
+    if lycoris.is_lycoris(module.network):
+        return lycoris.file_tensors(module.layer, module.network, ADAPTER_NAME, dtype)
     down = module.down.detach().float()
     up = module.up.detach().float()
     weights = {"down": down.to("cpu", dtype).contiguous(), "up": up.to("cpu", dtype).contiguous()}

@@ -64,13 +64,13 @@ def previous_log_lines(state: resume.ResumeState) -> list[str]:
 
 
 def resume_weights(injected: list[InjectedLora]) -> dict[str, torch.Tensor]:
-    """"<part>/<module path>/<down|up|magnitude>" -> the trainable tensor (fp32, as trained)."""
+    """"<part>/<module path>/<tensor name>" -> the trainable tensor (fp32, as trained): LoRA's down / up /
+    magnitude, LoKr's and LoHa's factors."""
     weights = {}
     for lora in injected:
         for module in lora.modules:
-            for name, tensor in (("down", module.down), ("up", module.up), ("magnitude", module.magnitude)):
-                if tensor is not None:
-                    weights[f"{lora.part}/{module.path}/{name}"] = tensor
+            for name, tensor in module.tensors().items():
+                weights[f"{lora.part}/{module.path}/{name}"] = tensor
     return weights
 
 

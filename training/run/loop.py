@@ -16,7 +16,8 @@ from typing import Callable
 
 import torch
 
-from ..lr.optimizers import applied_rates
+from ..lr.optimizers import applied_rates, effective_rates
+from .distributed import current as current_shard
 
 logger = logging.getLogger("lora_lab")
 
@@ -135,14 +136,72 @@ def diffusion_loss(objective: DiffusionObjective, x0: torch.Tensor, cond: dict, 
     return loss_at_sigma(objective, x0, cond, noise, objective.sigma_at(timesteps).to(x0.device), min_snr_gamma)
 
 
+@dataclass(frozen=True)
+class LossSettings:
+    """The training loss (Train LoRA's loss, huber_c, huber_schedule), as sd-scripts' --loss_type,
+    --huber_c and --huber_schedule define them (library/train_util.py conditional_loss and
+    get_huber_threshold_if_needed, huber_scale 1): per element e = prediction - target,
+    mse e^2; l1 |e|; huber 2c(sqrt(e^2 + c^2) - c); smooth_l1 2(sqrt(e^2 + c^2) - c); c per sample from
+    the schedule (huber_threshold)."""
+
+    kind: str = "mse"
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"
+
+    def elementwise(self, error: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        if self.kind == "l1":
+            return error.abs()
+        c = threshold.reshape(threshold.shape[:1] + (1,) * (error.ndim - 1))
+        soft = torch.sqrt(error ** 2 + c ** 2) - c
+        if self.kind == "huber":
+            return 2 * c * soft
+        if self.kind == "smooth_l1":
+            return 2 * soft
+        raise ValueError(f"Train LoRA: loss = {self.kind!r} is unknown; use mse, huber, smooth_l1 or l1.")
+
+
+def noise_fraction(objective: DiffusionObjective, sigma: torch.Tensor) -> torch.Tensor:
+    """Each sigma's place among the model's noise levels, 0 (clean) to 1 (pure noise): a flow model's sigma
+    itself (its timestep / 1000), a discrete model's timestep index / its count."""
+    if objective.prediction_type == "flow":
+        return sigma.float()
+    table = objective.sigmas.to(sigma.device, torch.float32)
+    return torch.searchsorted(table, sigma.float().contiguous()).clamp(max=len(table) - 1).float() / len(table)
+
+
+def huber_threshold(objective: DiffusionObjective, sigma: torch.Tensor, loss: LossSettings) -> torch.Tensor:
+    """c per sample: constant c; exponential c^(t) (t = noise_fraction: 1 at clean, c at pure noise, sd-scripts'
+    exp(-alpha timestep) with alpha = -ln c / 1000); snr (1 - c) / (1 + s)^2 + c, where s = sqrt(1 / SNR):
+    the discrete schedule's sigma itself (sd-scripts' ((1 - alphas_cumprod) / alphas_cumprod)^0.5), and for
+    flow matching (x_t = (1 - sigma) x0 + sigma noise) sigma / (1 - sigma), the same signal-to-noise ratio
+    (sd-scripts has no snr schedule for flow models)."""
+    sigma = sigma.float()
+    c = loss.huber_c
+    if loss.huber_schedule == "constant":
+        return torch.full_like(sigma, c)
+    if loss.huber_schedule == "exponential":
+        return torch.exp(math.log(c) * noise_fraction(objective, sigma))
+    if loss.huber_schedule == "snr":
+        noise_ratio = sigma / (1.0 - sigma).clamp(min=1e-6) if objective.prediction_type == "flow" else sigma
+        return (1.0 - c) / (1.0 + noise_ratio) ** 2 + c
+    raise ValueError(f"Train LoRA: huber_schedule = {loss.huber_schedule!r} is unknown; use constant, exponential "
+                     "or snr.")
+
+
 def loss_at_sigma(objective: DiffusionObjective, x0: torch.Tensor, cond: dict, noise: torch.Tensor,
-                  sigma: torch.Tensor, min_snr_gamma: float = 0.0) -> torch.Tensor:
-    """Mean squared error of the model's epsilon / v / flow prediction at the given noise and sigmas."""
+                  sigma: torch.Tensor, min_snr_gamma: float = 0.0, loss: LossSettings | None = None) -> torch.Tensor:
+    """The loss of the model's epsilon / v / flow prediction at the given noise and sigmas: mean squared error,
+    or `loss` (LossSettings: huber, smooth_l1, l1) where the run sets one."""
     sigma = sigma.to(x0.device, torch.float32)
     xt = objective.noise_scaling(sigma, noise, x0)
     denoised = objective.denoise(xt, sigma, cond).float()
     prediction, target = PREDICTIONS[objective.prediction_type](xt, denoised, x0, noise, sigma)
-    per_sample = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+    error = prediction.float() - target.float()
+    if loss is None or loss.kind == "mse":
+        elementwise = error ** 2
+    else:
+        elementwise = loss.elementwise(error, huber_threshold(objective, sigma, loss))
+    per_sample = elementwise.mean(dim=tuple(range(1, x0.ndim)))
     if min_snr_gamma > 0:
         per_sample = per_sample * min_snr_weight(sigma, min_snr_gamma, objective.prediction_type)
     return per_sample.mean()
@@ -193,6 +252,7 @@ class LoopSettings:
     precision: str = "fp32"          # "bf16" | "fp16" | "fp32": autocast dtype for the forward pass
     device_type: str = "cpu"         # "cpu" | "cuda" | ...
     start_step: int = 0              # first step to run (> 0 when resuming a saved run)
+    loss: LossSettings = LossSettings()   # the training loss (the validation loss stays MSE)
 
     def __post_init__(self) -> None:
         # The values come from TrainSettings, which validated them; this is the loop's own invariant.
@@ -212,9 +272,13 @@ class StepRecord:
     val_loss: float | None = None   # the stable validation loss after this step, on the steps it ran
     memory: dict | None = None      # the run's memory plan, on the first step's record only
     sigmas: list[float] | None = None   # the noise levels this step trained (one per sample, every micro-batch)
+    # An adaptive optimizer's step size really applied per part (d x lr; lr is the rate set): None for others
+    effective_lr: dict[str, float] | None = None
 
     def as_json(self) -> str:
         record = {"step": self.step, "loss": self.loss, "lr": self.lr}
+        if self.effective_lr is not None:
+            record["effective_lr"] = self.effective_lr
         if self.sigmas is not None:
             record["sigmas"] = [round(sigma, 5) for sigma in self.sigmas]
         if self.val_loss is not None:
@@ -256,6 +320,7 @@ def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective
     ``optimizer.param_groups`` and logged with the step's mean loss.
     """
     parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    shard = current_shard()
     if settings.precision == "fp16" and scaler is None:
         scaler = make_grad_scaler(settings)
     records: list[StepRecord] = []
@@ -271,15 +336,21 @@ def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective
                 if check_cancel is not None:
                     check_cancel()
                 x0, cond = next_batch()
-                noise = draw_noise(x0, generator, settings.noise_offset)
-                sigma = objective.draw_sigmas(x0, generator)
-                step_sigmas.append(sigma.detach())
+                # Data parallel: noise and sigmas drawn for the whole global batch on every rank (the same
+                # draws as one process), each rank keeping its slice (training/run/distributed.py)
+                whole = x0.new_empty((x0.shape[0] * shard.world, *x0.shape[1:])) if shard.parallel else x0
+                noise = draw_noise(whole, generator, settings.noise_offset)[shard.part(whole.shape[0])]
+                all_sigmas = objective.draw_sigmas(whole, generator)
+                sigma = all_sigmas[shard.part(whole.shape[0])]
+                step_sigmas.append(all_sigmas.detach())
                 with autocast_context(settings):
-                    loss = loss_at_sigma(objective, x0, cond, noise, sigma, settings.min_snr_gamma)
+                    loss = loss_at_sigma(objective, x0, cond, noise, sigma, settings.min_snr_gamma, settings.loss)
                 scaled = loss / settings.gradient_accumulation
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 share = scaled.detach().float()
                 step_loss = share if step_loss is None else step_loss + share
+            shard.average_gradients(parameters)   # data parallel: the global batch's gradient on every rank
+            step_loss = shard.mean(step_loss)
             if scaler is not None:
                 scaler.unscale_(optimizer)
             # The norm is computed even without clipping: a non-finite gradient must never reach the
@@ -303,6 +374,7 @@ def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             record = StepRecord(step=step, loss=loss_value, lr=applied_rates(optimizer),
+                                effective_lr=effective_rates(optimizer),
                                 val_loss=validate(step) if validate is not None else None,
                                 memory=memory if step == 0 else None, sigmas=sigmas)
             records.append(record)

@@ -10,7 +10,7 @@ import torch
 
 from ..data.feeder import batches_per_epoch_of
 from ..families.table import family_labels
-from ..network import kohya
+from ..network import kohya, lycoris
 from .host import ModelAccess
 from .train_settings import TrainSettings
 
@@ -38,13 +38,18 @@ def kohya_fields(settings: TrainSettings, rates, schedule, dataset, access: Mode
         network_args.update({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})
     batches_per_epoch = max(1, batches_per_epoch_of(dataset, settings.batch_size))
     micro_batches = steps_done * settings.gradient_accumulation
+    network = {"ss_network_module": "lycoris.kohya" if settings.use_dora else "networks.lora",
+               "ss_network_dim": settings.rank, "ss_network_alpha": settings.alpha,
+               "ss_network_args": network_args or None}
+    if lycoris.is_lycoris(settings.network):   # LoKr / LoHa: what sd-scripts records for a LyCORIS run
+        network = lycoris.network_fields(settings, conv_trained)
     return {
         "ss_output_name": name,
-        "ss_network_module": "lycoris.kohya" if settings.use_dora else "networks.lora",
+        "ss_network_module": network["ss_network_module"],
         "lora_lab_dora_scale": DORA_SCALE_RULES[access.dora_norm] if settings.use_dora else None,
-        "ss_network_dim": settings.rank,
-        "ss_network_alpha": settings.alpha,
-        "ss_network_args": network_args or None,
+        "ss_network_dim": network["ss_network_dim"],
+        "ss_network_alpha": network["ss_network_alpha"],
+        "ss_network_args": network["ss_network_args"],
         "ss_learning_rate": rates.learning_rate,
         "ss_unet_lr": part_rates["unet"],
         "ss_text_encoder_lr": part_rates["text_encoder"],

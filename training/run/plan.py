@@ -18,6 +18,7 @@ from typing import Any, ContextManager, Iterable
 
 from ..families.table import FAMILIES
 from ..network import kohya
+from ..network.lycoris import check_network
 from . import resume
 from .checkpoints import load_resume_state, previous_log_lines, run_identity
 from .host import ModelAccess
@@ -62,6 +63,7 @@ def check_run(settings: TrainSettings, dataset, rates, schedule, family: str, de
         logger.info("LoRA Lab: %s's text encoders (%s) stay frozen%s; their rates are not used.", entry.label,
                     entry.frozen_text, " (CLIP-L and CLIP-G train at the TE rates)" if entry.text_parts else "")
     check_inputs(settings, dataset, part_rates, schedule, family, device_type)
+    check_network(settings.network, settings.use_dora, rates.lora_plus_ratio)   # before anything loads
     if getattr(dataset, "has_controls", False) and not entry.reference_images:
         editing = " or ".join(other.label for other in FAMILIES.values() if other.reference_images)
         raise ValueError(f"Train LoRA: dataset has control images (LoRA Dataset's control_folder) but model is "
@@ -131,6 +133,13 @@ def loaded_for(access: ModelAccess, memory: MemoryPlan) -> ContextManager:
     return access.load(memory.host_loaded) if access.load is not None else contextlib.nullcontext()
 
 
+def run_folder(loras_dir: Path, output_dir: Path, lora_name: str) -> Path:
+    """The folder a run of `lora_name` writes into: it mirrors the file's free name inside models/loras
+    ("styles/alice_2" -> output/lora_lab/styles/alice_2)."""
+    planned = kohya.free_lora_path(loras_dir, lora_name)
+    return Path(output_dir) / "lora_lab" / Path(kohya.lora_name_for(planned, loras_dir)).with_suffix("")
+
+
 def plan_run(inputs: RunInputs, access: ModelAccess, loras_dir: Path, output_dir: Path,
              memory: MemoryPlan | None = None) -> RunPlan:
     """Train LoRA's plan, with the models loaded: a resumed state checked against them, the run folder
@@ -140,9 +149,8 @@ def plan_run(inputs: RunInputs, access: ModelAccess, loras_dir: Path, output_dir
     identity = run_identity(settings, rates, schedule, dataset, access)
     resumed = (load_resume_state(inputs.resume_from, inputs.resume_state, identity, settings)
                if inputs.resume_state is not None else None)
-    # The run folder mirrors the file's name inside models/loras ("styles/alice_2" -> lora_lab/styles/alice_2).
     planned = kohya.free_lora_path(loras_dir, settings.lora_name)
-    run_dir = output_dir / "lora_lab" / Path(kohya.lora_name_for(planned, loras_dir)).with_suffix("")
+    run_dir = run_folder(loras_dir, output_dir, settings.lora_name)
     kohya.check_writable(planned.parent)
     kohya.check_writable(run_dir)
     log_path = run_dir / "log.jsonl"

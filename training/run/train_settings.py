@@ -24,10 +24,17 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 PRECISIONS = ("bf16", "fp16", "fp32")
 # TrainSettings fields that came after the node's first release: they sit in its "optional" section.
 OPTIONAL_SETTINGS = ("save_precision", "validate_every_n_steps", "timestep_sampling", "timestep_shift", "memory",
-                     "vram_budget_gb", "base_weights", "noise_range", "noise_boundary")
+                     "vram_budget_gb", "base_weights", "noise_range", "noise_boundary", "network", "lokr_factor",
+                     "lokr_decompose_both", "loha_rank", "loha_alpha", "loss", "huber_c", "huber_schedule",
+                     "max_effective_lr")
 # Appended settings a run made before them is identical without, at their default (resume checks).
 LATER_DEFAULTS = {"timestep_sampling": "auto", "timestep_shift": 3.0, "base_weights": "as_loaded",
-                  "noise_range": "all", "noise_boundary": 0.0}
+                  "noise_range": "all", "noise_boundary": 0.0, "network": "lora", "lokr_factor": -1,
+                  "lokr_decompose_both": False, "loha_rank": 8, "loha_alpha": 4.0, "loss": "mse", "huber_c": 0.1,
+                  "huber_schedule": "snr", "max_effective_lr": 0.0}
+NETWORKS = ("lora", "lokr", "loha")         # the network input's choices (append only)
+LOSSES = ("mse", "huber", "smooth_l1", "l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
 
 
 def _lora_name_problem(name: str) -> None:
@@ -56,7 +63,10 @@ class TrainSettings(NodeSettings):
                           choices=tuple(TARGETS))
     use_dora: bool = setting(False, "Weight-decomposed LoRA (DoRA).")
     optimizer: str = setting("AdamW", "AdamW is the safe choice. 8-bit ones need bitsandbytes and an NVIDIA "
-                                      "GPU; Prodigy needs prodigyopt (use rates near 1.0).", choices=tuple(OPTIMIZERS))
+                                      "GPU; the others their pip package (the error names it). Prodigy and "
+                                      "ProdigyPlusScheduleFree set their own step (rates near 1.0; max_effective_lr "
+                                      "caps it); the schedule-free ones want a constant LR Schedule.",
+                             choices=tuple(OPTIMIZERS))
     weight_decay: float = setting(0.01, "Decoupled weight decay of the LoRA matrices. The DoRA magnitude gets "
                                         "none: it is a per-row norm, and decay would shrink every layer.",
                                   min=0.0, max=10.0, step=0.001)
@@ -126,6 +136,39 @@ class TrainSettings(NodeSettings):
         "The sigma where high noise ends, for noise_range high_noise / low_noise. 0 = the model's own: 0.875 "
         "for Wan 2.2 text-to-video (the boundary Wan 2.2 switches experts at; 0.9 for its image-to-video)."),
         min=0.0, max=0.999, step=0.005)
+    network: str = setting("lora", (
+        "The adapter trained. lora = low-rank A x B (use_dora adds DoRA's magnitude). lokr = LyCORIS LoKr: the "
+        "Kronecker product of a small factor (lokr_factor) and a larger one, the larger low-rank at rank (full "
+        "when rank is at least half its size; alpha / rank scales it, no scale when both are full): far fewer "
+        "parameters than LoRA. loha = LyCORIS LoHa: the Hadamard product of two low-rank products (loha_rank, "
+        "loha_alpha); it builds each layer's full update every step, so it trains slower. lokr and loha take "
+        "neither use_dora nor lora_plus_ratio; their files carry LyCORIS's key names (lokr_*, hada_*), which "
+        "ComfyUI's LoraLoader and LyCORIS read."), choices=NETWORKS)
+    lokr_factor: int = setting(-1, "LoKr: the size of the Kronecker product's small factor (LyCORIS --factor); -1 = as "
+                                   "square as the layer allows. 8-16 is common (smaller = more parameters).",
+                               min=-1, max=1024)
+    lokr_decompose_both: bool = setting(False, "LoKr: also make the small factor low-rank at rank, where rank is below "
+                                               "half its size (LyCORIS decompose_both).")
+    loha_rank: int = setting(8, "LoHa: the rank of each of its two low-rank products (LyCORIS: 32 or less; the "
+                                "product reaches rank^2).", min=1, max=1024)
+    loha_alpha: float = setting(4.0, "LoHa: the update is scaled by loha_alpha / loha_rank.", min=0.01, max=1024.0,
+                                step=0.5)
+    loss: str = setting("mse", (
+        "The training loss. mse = mean squared error (the objective the models were trained with). huber / "
+        "smooth_l1 = quadratic near 0 and linear beyond huber_c, so outlier images and noisy captions pull "
+        "less (sd-scripts --loss_type); l1 = absolute error. The stable validation loss stays MSE, so runs "
+        "compare."), choices=LOSSES)
+    huber_c: float = setting(0.1, "huber / smooth_l1: the error where the loss turns linear (sd-scripts --huber_c).",
+                             min=0.0001, max=10.0, step=0.01)
+    huber_schedule: str = setting("snr", (
+        "How huber_c varies with the noise level (sd-scripts --huber_schedule): constant = huber_c everywhere; "
+        "exponential = from 1 at the cleanest level down to huber_c at pure noise; snr = (1 - c) / (1 + s)^2 + c with "
+        "s the level's noise-to-signal ratio (sd-scripts' default; for flow models s = sigma / (1 - sigma))."),
+        choices=HUBER_SCHEDULES)
+    max_effective_lr: float = setting(0.0, (
+        "Prodigy / ProdigyPlusScheduleFree: the most their adaptive step d x learning rate may reach (d is "
+        "clamped); 0 = uncapped. Connect the LR Finder's suggested_lr (swept with AdamW) here. Other optimizers "
+        "step at the rate set and ignore it."), min=0.0, max=10.0, step=1e-6, round=False)
 
     def __post_init__(self) -> None:
         validate(self, self.TITLE)
@@ -206,4 +249,4 @@ def check_inputs(settings: TrainSettings, dataset, part_rates: dict[str, float],
                              "starts every clip from its first frame: an image would be its own start image, with "
                              "no motion to learn. Train it on clips only (move the images out of the folder).")
     schedule.check_total(settings.steps)
-    check_optimizer(settings.optimizer, device_type)
+    check_optimizer(settings.optimizer, device_type, schedule, settings.steps)

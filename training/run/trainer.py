@@ -20,8 +20,8 @@ import torch
 from ..data.feeder import BatchFeeder
 from ..families.sigmas import noise_range_sigmas
 from ..families.table import FAMILIES, check_family_settings
-from ..lr.optimizers import TrainedLayer, build_optimizer, build_param_groups
-from ..network import kohya
+from ..lr.optimizers import TrainedLayer, build_optimizer, build_param_groups, eval_weights
+from ..network import kohya, lycoris
 from ..network.lora import (InjectedLora, checkpointed_forward, inject_lora, lora_weights,
                             out_of_place_clip_layer_forward, out_of_place_forward, patched_forwards,
                             trainable_copies)
@@ -30,7 +30,7 @@ from . import resume
 from .base_weights import BASE_WEIGHTS, check_base_weights, float8_layers, quantized_weights
 from .checkpoints import capture_progress, restore_run, resume_weights, seeded_global_rng
 from .host import ModelAccess, TrainCallbacks, TrainingResult
-from .loop import LoopSettings, StepRecord, TrainingDiverged, TrainingOutOfMemory, make_grad_scaler, run_loop
+from .loop import LossSettings, LoopSettings, StepRecord, TrainingDiverged, TrainingOutOfMemory, make_grad_scaler, run_loop
 from .memory import out_of_memory_message, release_device_memory
 from .memory_plan import MemoryPlan
 from .metadata import file_metadata, generic_path_note, kohya_fields
@@ -181,13 +181,17 @@ class Run:
             stack.enter_context(trainable_copies(*roots, offload_device=access.offload_device))
         stack.enter_context(patched_forwards(forward_patches))
         unet_paths = unet_target_paths(access.unet, settings.target, access.entry)
+        lycoris.check_network(settings.network, settings.use_dora, plan.rates.lora_plus_ratio)
+        rank, alpha = lycoris.rank_and_alpha(settings)
+        network = dict(network=settings.network, lokr_factor=settings.lokr_factor,
+                       lokr_decompose_both=settings.lokr_decompose_both)
         if plan.part_rates["unet"] > 0:
-            self.injected.append(inject_lora(access.unet, "unet", unet_paths, settings.rank, settings.alpha,
-                                             settings.use_dora, settings.training_seed))
+            self.injected.append(inject_lora(access.unet, "unet", unet_paths, rank, alpha,
+                                             settings.use_dora, settings.training_seed, **network))
         for offset, part in enumerate(plan.trained_text, start=1):
             paths = text_target_paths(access.text_encoders[part], settings.target)
-            self.injected.append(inject_lora(access.text_encoders[part], part, paths, settings.rank, settings.alpha,
-                                             settings.use_dora, settings.training_seed + offset))
+            self.injected.append(inject_lora(access.text_encoders[part], part, paths, rank, alpha,
+                                             settings.use_dora, settings.training_seed + offset, **network))
         for lora in self.injected:
             for parameter in lora.parameters():
                 parameter.data = parameter.data.to(access.device)
@@ -207,10 +211,11 @@ class Run:
         blocks = unet_blocks([module.path for lora in self.injected if lora.part == "unet" for module in lora.modules],
                              access.entry)
         layers = [TrainedLayer(part=module.part, block=blocks[module.path] if module.part == "unet" else "",
-                               down=module.down, up=module.up, magnitude=module.magnitude)
+                               down=module.down, up=module.up, magnitude=module.magnitude,
+                               factors=tuple(module.factors.values()))
                   for lora in self.injected for module in lora.modules]
         groups = build_param_groups(layers, plan.part_rates, plan.rates.lora_plus_ratio, plan.rates.block_weight)
-        self.optimizer = build_optimizer(settings.optimizer, groups, settings.weight_decay)
+        self.optimizer = build_optimizer(settings.optimizer, groups, settings.weight_decay, settings.max_effective_lr)
         self.feeder = BatchFeeder(plan.dataset, access, bool(plan.trained_text), settings,
                                   plan.output_dir / "lora_lab" / LATENT_CACHE_FOLDER)
         latents_ready, captions_ready = self.feeder.prepare(self.callbacks.check_cancel)
@@ -218,6 +223,7 @@ class Run:
             images, timesteps = self.validation_shape
             self.validation = ValidationSet(self.feeder, access.objective, settings.precision, access.device,
                                             images=images, timesteps=timesteps)
+            self.validation.weights = lambda: eval_weights(self.optimizer)   # schedule-free: measured at x
         if access.release_encoders is not None:
             access.release_encoders(latents_ready, captions_ready)
         self.generator = torch.Generator(device=access.device).manual_seed(settings.training_seed)
@@ -225,7 +231,8 @@ class Run:
             total_steps=settings.steps, gradient_accumulation=settings.gradient_accumulation,
             max_grad_norm=settings.max_grad_norm, noise_offset=settings.noise_offset,
             min_snr_gamma=settings.min_snr_gamma, precision=settings.precision, device_type=access.device.type,
-            start_step=plan.resumed.step if plan.resumed else 0)
+            start_step=plan.resumed.step if plan.resumed else 0,
+            loss=LossSettings(settings.loss, settings.huber_c, settings.huber_schedule))
         self.scaler = make_grad_scaler(self.loop_settings)
         stack.enter_context(seeded_global_rng(settings.training_seed, access.device))
         if plan.resumed is not None:
@@ -258,7 +265,8 @@ class Run:
         if self.callbacks.on_step is not None:
             self.callbacks.on_step(record, total)
         if self.callbacks.on_sample is not None:
-            self.callbacks.on_sample(done, self.plan.run_dir)
+            with eval_weights(self.optimizer):   # previews of the weights that are saved
+                self.callbacks.on_sample(done, self.plan.run_dir)
 
     def _capture(self, step: int) -> resume.Progress:
         return capture_progress(step, self.feeder, self.generator, self.scaler, self.plan.access.device)
@@ -294,18 +302,28 @@ class Run:
 
     # Saving -------------------------------------------------------------------------------------
     def export(self, name: str, steps_done: int) -> Path:
-        """Write the LoRA as it is now into models/loras under `name` (kohya keys and metadata)."""
+        """Write the LoRA as it is now into models/loras under `name` (kohya keys and metadata): a
+        schedule-free optimizer's evaluation weights x (its averaged iterate), the training point y kept
+        for the run and its resume checkpoints."""
+        with eval_weights(self.optimizer):
+            return self._export(name, steps_done)
+
+    def _export(self, name: str, steps_done: int) -> Path:
         plan, settings, access = self.plan, self.plan.settings, self.plan.access
         entries = []
+        key_style = kohya.network_key_style(access.entry.key_style, settings.network)
         for lora in self.injected:
             paths = [module.path for module in lora.modules]
-            names = (access.unet_kohya_names(paths) if lora.part == "unet"
-                     else access.text_kohya_names(lora.part, paths))
+            if key_style != access.entry.key_style:   # LoKr / LoHa on a diffusers-style family: kohya names
+                names = (access.unet_kohya_names(paths, key_style) if lora.part == "unet"
+                         else access.text_kohya_names(lora.part, paths, key_style))
+            else:
+                names = (access.unet_kohya_names(paths) if lora.part == "unet"
+                         else access.text_kohya_names(lora.part, paths))
             for module in lora.modules:
                 entries += kohya.file_entries(names[module.path],
                                               lora_weights(module, torch.float32, access.dora_norm))
-        tensors = kohya.lora_state_dict(entries, settings.alpha, SAVE_DTYPES[settings.save_precision],
-                                        access.entry.key_style)
+        tensors = kohya.lora_state_dict(entries, settings.alpha, SAVE_DTYPES[settings.save_precision], key_style)
         conv_trained = any(isinstance(module.layer.get_base_layer(), torch.nn.Conv2d)
                            and tuple(module.layer.get_base_layer().kernel_size) != (1, 1)
                            for lora in self.injected for module in lora.modules)

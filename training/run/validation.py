@@ -16,9 +16,10 @@ a run with validation trains the same LoRA as one without (tested).
 """
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
@@ -55,6 +56,9 @@ class ValidationSet:
         the device: latents (and, with frozen text encoders, captions) are encoded here, once."""
         self.feeder = feeder
         self.objective = objective
+        # Entered around each evaluation: the weights to measure in place (the run sets it for a schedule-free
+        # optimizer, whose evaluation weights are its average x)
+        self.weights: Callable[[], ContextManager] = contextlib.nullcontext
         self.settings = LoopSettings(total_steps=1, precision=precision, device_type=device.type)
         dataset = feeder.dataset
         sigmas = objective.validation_sigmas(timesteps)
@@ -94,7 +98,7 @@ class ValidationSet:
     def loss(self) -> float:
         """Mean of the (unweighted) diffusion loss over every image and timestep, with no gradient."""
         total = 0.0
-        with torch.no_grad():
+        with self.weights(), torch.no_grad():
             for item in self.items:
                 cond = item.cond if item.cond is not None else self._conditioning(item)
                 with autocast_context(self.settings):
