@@ -39,12 +39,18 @@ def _number(value, kind: str) -> str:
     return str(int(value)) if kind == "INT" else f"{value:g}"
 
 
+# Choice inputs whose choices are the user's files (the list depends on the machine)
+FILE_CHOICES = {"initial_lora": "`[None]` or a file in models/loras"}
+
+
 def _row(name: str, spec: tuple, optional: bool) -> str:
     kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
     label = f"`{name}`" + (" (optional)" if optional else "")
     if kind == "COMBO":   # the V3 schema's choice widget: its choices in options
         kind = options["options"]
-    if isinstance(kind, (list, tuple)):
+    if name in FILE_CHOICES:
+        shown_type, default = "choice: " + FILE_CHOICES[name], f"`{options['default']}`"
+    elif isinstance(kind, (list, tuple)):
         shown_type = "choice: " + ", ".join(f"`{choice}`" for choice in kind)
         default = f"`{options['default']}`"
     elif kind in ("INT", "FLOAT"):

@@ -17,7 +17,8 @@ from ..training.run.host import TrainCallbacks, TrainingResult
 from ..training.run.memory import give_back_host_memory
 from ..training.run.plan import RunInputs, check_run, run_folder
 from ..training.run.sampling import parse_sample_prompts
-from ..training.run.train_settings import OPTIONAL_SETTINGS, RunOptions, TrainSettings
+from ..training.run.train_settings import (INITIAL_LORA_NONE, NODE_RENDERED_SETTINGS, OPTIONAL_SETTINGS,
+                                           RunOptions, TrainSettings)
 from ..training.run.trainer import train_checked
 from ..training.settings import specs
 from . import comfy
@@ -42,7 +43,7 @@ class TrainNode(io.ComfyNode):
                 socket("LORA_LEARNING_RATES", "learning_rates", "Rates per part, from UNet/TE Learning Rates. A part "
                                                                 "at rate 0 is frozen and gets no keys."),
                 socket("LR_SCHEDULE", "lr_schedule", "How the rates change over the steps (LR Schedule)."),
-                *inputs(TrainSettings, exclude=OPTIONAL_SETTINGS),
+                *inputs(TrainSettings, exclude=OPTIONAL_SETTINGS + NODE_RENDERED_SETTINGS),
                 # Appended over time (saved workflows fill widgets by position): run options, then settings.
                 *inputs(RunOptions, optional=True),
                 *inputs(TrainSettings, OPTIONAL_SETTINGS, optional=True),
@@ -51,6 +52,9 @@ class TrainNode(io.ComfyNode):
                     "folder, the model files as the loaders named them) and stop, without training: run it "
                     "headless with `python -m lora_lab_job run job.json`, or on several GPUs with torchrun (README, "
                     "Scale out). Every run writes its job there too. The MODEL/CLIP pass through unchanged.")),
+                io.Combo.Input("initial_lora", options=[INITIAL_LORA_NONE, *comfy.lora_names()],
+                               default=INITIAL_LORA_NONE, optional=True,
+                               tooltip=specs(TrainSettings)["initial_lora"][1].help),
             ],
             outputs=[
                 # V3 ids are unique across a node's inputs and outputs: the MODEL/CLIP outputs keep their
@@ -73,6 +77,8 @@ class TrainNode(io.ComfyNode):
                 **values) -> io.NodeOutput:
         hidden = cls.hidden
         unique_id = hidden.unique_id if hidden is not None else None
+        if values.get("initial_lora") == INITIAL_LORA_NONE:
+            values = {**values, "initial_lora": ""}
         settings = TrainSettings.from_values(values, others=specs(RunOptions))
         options = RunOptions.from_values(values, others=specs(TrainSettings))
         job = job_of(hidden.prompt if hidden is not None else None, unique_id, dataset, learning_rates, lr_schedule,
@@ -103,7 +109,8 @@ def train_from_inputs(model, clip, vae, dataset, learning_rates, lr_schedule, se
     family = comfy.check_compatible(model, clip, vae)
     # Every check before a model loads: a bad input fails here, with the trainer's message.
     checked = check_run(settings, dataset, learning_rates, lr_schedule, family, comfy.device_type(model),
-                        resume_from=options.resume_from, output_dir=output_dir)
+                        resume_from=options.resume_from, output_dir=output_dir,
+                        initial_lora=comfy.lora_path(settings.initial_lora) if settings.initial_lora else None)
     entry = FAMILIES[family]
     sample_prompts = parse_sample_prompts(options.sample_prompt, dataset.options.resolution, settings.training_seed,
                                           cfg=entry.preview_cfg, steps=entry.preview_steps,

@@ -11,9 +11,10 @@ that only inspect the pack. The names below are what the nodes use.
 from .access import model_access
 from .detect import check_compatible, model_family
 from .feedback import check_cancel, is_cancel, progress_reporter, prompt_server, sample_previewer, send_event
-from .files import apply_lora_file, device_type, dora_norm_of_loader, input_dir, loras_dir, output_dir, run_loaders
+from .files import (apply_lora_file, device_type, dora_norm_of_loader, input_dir, loras_dir,
+                    lora_names, lora_path, output_dir, run_loaders)
 from .vram import is_dynamic, release_models, training_models
 
 __all__ = ["apply_lora_file", "check_cancel", "check_compatible", "device_type", "dora_norm_of_loader", "input_dir",
-           "is_cancel", "is_dynamic", "loras_dir", "model_access", "model_family", "output_dir", "progress_reporter",
+           "is_cancel", "is_dynamic", "lora_names", "lora_path", "loras_dir", "model_access", "model_family", "output_dir", "progress_reporter",
            "prompt_server", "release_models", "run_loaders", "sample_previewer", "send_event", "training_models"]

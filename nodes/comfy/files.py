@@ -16,6 +16,20 @@ def loras_dir() -> Path:
     return Path(folder_paths.get_folder_paths("loras")[0])
 
 
+def lora_names() -> list[str]:
+    """The files LoraLoader lists (models/loras and the extra LoRA folders)."""
+    import folder_paths
+    return list(folder_paths.get_filename_list("loras"))
+
+
+def lora_path(name: str) -> Path:
+    """A LoraLoader name's file; a name no LoRA folder holds gives a path that does not exist (refused by the
+    run's checks, naming it)."""
+    import folder_paths
+    found = folder_paths.get_full_path("loras", name)
+    return Path(found) if found else loras_dir() / name
+
+
 def output_dir() -> Path:
     import folder_paths
     return Path(folder_paths.get_output_directory())

@@ -41,6 +41,7 @@ class RunInputs:
     part_rates: dict[str, float]
     resume_state: Path | None = None     # the checkpoint file resume_from names (what it holds: plan_run)
     resume_from: str = ""                # as the user typed it (for messages)
+    initial_lora: Path | None = None     # the file initial_lora names: the weights the run starts from
 
     @property
     def trained_text(self) -> list[str]:
@@ -50,7 +51,7 @@ class RunInputs:
 
 def check_run(settings: TrainSettings, dataset, rates, schedule, family: str, device_type: str,
               text_parts: Iterable[str] | None = None, resume_from: str | Path = "",
-              output_dir: Path | None = None) -> RunInputs:
+              output_dir: Path | None = None, initial_lora: Path | None = None) -> RunInputs:
     """Every check of a run that needs no model loaded; raises ValueError naming input, value and fix.
 
     text_parts: the text encoders the model has (None: all of its family's). resume_from: a run folder
@@ -71,8 +72,12 @@ def check_run(settings: TrainSettings, dataset, rates, schedule, family: str, de
                          f"({editing}): clear control_folder, or connect such a model.")
     resume_from = str(resume_from).strip()
     state = resume.resolve_state_path(resume_from, Path(output_dir) / "lora_lab") if resume_from else None
+    if initial_lora is not None and not Path(initial_lora).is_file():
+        raise ValueError(f"Train LoRA: initial_lora = {settings.initial_lora!r} is not a file in models/loras. Pick one "
+                         "LoraLoader lists, or [None].")
     return RunInputs(settings=settings, dataset=dataset, rates=rates, schedule=schedule, family=family,
-                     part_rates=part_rates, resume_state=state, resume_from=resume_from)
+                     part_rates=part_rates, resume_state=state, resume_from=resume_from,
+                     initial_lora=Path(initial_lora) if initial_lora is not None else None)
 
 
 @dataclass

@@ -27,11 +27,14 @@ OPTIONAL_SETTINGS = ("save_precision", "validate_every_n_steps", "timestep_sampl
                      "vram_budget_gb", "base_weights", "noise_range", "noise_boundary", "network", "lokr_factor",
                      "lokr_decompose_both", "loha_rank", "loha_alpha", "loss", "huber_c", "huber_schedule",
                      "max_effective_lr")
+# Rendered by the node itself (a list of files), as the last input
+NODE_RENDERED_SETTINGS = ("initial_lora",)
+INITIAL_LORA_NONE = "[None]"
 # Appended settings a run made before them is identical without, at their default (resume checks).
 LATER_DEFAULTS = {"timestep_sampling": "auto", "timestep_shift": 3.0, "base_weights": "as_loaded",
                   "noise_range": "all", "noise_boundary": 0.0, "network": "lora", "lokr_factor": -1,
                   "lokr_decompose_both": False, "loha_rank": 8, "loha_alpha": 4.0, "loss": "mse", "huber_c": 0.1,
-                  "huber_schedule": "snr", "max_effective_lr": 0.0}
+                  "huber_schedule": "snr", "max_effective_lr": 0.0, "initial_lora": ""}
 NETWORKS = ("lora", "lokr", "loha")         # the network input's choices (append only)
 LOSSES = ("mse", "huber", "smooth_l1", "l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
@@ -169,6 +172,14 @@ class TrainSettings(NodeSettings):
         "Prodigy / ProdigyPlusScheduleFree: the most their adaptive step d x learning rate may reach (d is "
         "clamped); 0 = uncapped. Connect the LR Finder's suggested_lr (swept with AdamW) here. Other optimizers "
         "step at the rate set and ignore it."), min=0.0, max=10.0, step=1e-6, round=False)
+    # Rendered by the node as a list of the files in models/loras (INITIAL_LORA_NONE first), after export_only
+    initial_lora: str = setting("", (
+        "Start the training from this LoRA's weights (sd-scripts' --network_weights). It must be one this node "
+        "could have written for this model: the same network (and DoRA or not), the same layers (target and "
+        "trained parts), rank and alpha; a mismatch is an error naming the file, what it has and what the node "
+        "has. Its keys the model lacks are listed in the log. The new file records the parent's name and "
+        "sha256. Not a resume: the optimizer, schedule and data order start afresh (resume_from continues a "
+        "stopped run)."))
 
     def __post_init__(self) -> None:
         validate(self, self.TITLE)

@@ -22,6 +22,7 @@ from ..families.sigmas import noise_range_sigmas
 from ..families.table import FAMILIES, check_family_settings
 from ..lr.optimizers import TrainedLayer, build_optimizer, build_param_groups, eval_weights
 from ..network import kohya, lycoris
+from ..network.initial import file_digest, load_initial_lora, read_lora_file
 from ..network.lora import (InjectedLora, checkpointed_forward, inject_lora, lora_weights,
                             out_of_place_clip_layer_forward, out_of_place_forward, patched_forwards,
                             trainable_copies)
@@ -192,6 +193,8 @@ class Run:
             paths = text_target_paths(access.text_encoders[part], settings.target)
             self.injected.append(inject_lora(access.text_encoders[part], part, paths, rank, alpha,
                                              settings.use_dora, settings.training_seed + offset, **network))
+        if plan.inputs.initial_lora is not None and plan.resumed is None:   # a resumed run has its own weights
+            self.start_from(plan.inputs.initial_lora)
         for lora in self.injected:
             for parameter in lora.parameters():
                 parameter.data = parameter.data.to(access.device)
@@ -313,13 +316,7 @@ class Run:
         entries = []
         key_style = kohya.network_key_style(access.entry.key_style, settings.network)
         for lora in self.injected:
-            paths = [module.path for module in lora.modules]
-            if key_style != access.entry.key_style:   # LoKr / LoHa on a diffusers-style family: kohya names
-                names = (access.unet_kohya_names(paths, key_style) if lora.part == "unet"
-                         else access.text_kohya_names(lora.part, paths, key_style))
-            else:
-                names = (access.unet_kohya_names(paths) if lora.part == "unet"
-                         else access.text_kohya_names(lora.part, paths))
+            names = self.file_names(lora.part, [module.path for module in lora.modules])
             for module in lora.modules:
                 entries += kohya.file_entries(names[module.path],
                                               lora_weights(module, torch.float32, access.dora_norm))
@@ -332,6 +329,31 @@ class Run:
         metadata = file_metadata(fields, plan.lora_settings, tensors, access, name, plan.dataset.options.resolution,
                                  plan.started)
         return kohya.save_lora(tensors, metadata, plan.loras_dir, name)
+
+    def file_names(self, part: str, paths: list[str]) -> dict:
+        """The key stems the file gives these layers of `part` (a fused layer split by rows: [(stem, rows,
+        transform)]), in the run's key style."""
+        access, settings = self.plan.access, self.plan.settings
+        key_style = kohya.network_key_style(access.entry.key_style, settings.network)
+        if key_style != access.entry.key_style:   # LoKr / LoHa on a diffusers-style family: kohya names
+            return (access.unet_kohya_names(paths, key_style) if part == "unet"
+                    else access.text_kohya_names(part, paths, key_style))
+        return access.unet_kohya_names(paths) if part == "unet" else access.text_kohya_names(part, paths)
+
+    def start_from(self, path: Path) -> None:
+        """initial_lora: the injected layers start from the file's weights (training/network/initial.py); the
+        file's keys no trained layer takes are logged and listed in the run's settings, with the file's hash."""
+        settings = self.plan.settings
+        tensors = read_lora_file(path)
+        rank, alpha = lycoris.rank_and_alpha(settings)
+        extra = load_initial_lora(self.injected, self.file_names, tensors, path.name, settings.network,
+                                  settings.use_dora, alpha, self.plan.access.dora_norm)
+        if extra:
+            logger.warning("LoRA Lab: initial_lora %s has %d key(s) no trained layer takes (layers this model lacks, "
+                           "or parts that do not train now), left out: %s", path.name, len(extra),
+                           ", ".join(extra[:8]) + (" ..." if len(extra) > 8 else ""))
+        self.plan.lora_settings["initial_lora"] = {"file": path.name, "sha256": file_digest(path),
+                                                   "keys_left_out": extra}
 
     def checkpoint(self) -> None:
         """A resume checkpoint of the last finished step (output/lora_lab/<run>/)."""
