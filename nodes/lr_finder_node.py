@@ -16,7 +16,7 @@ from .widgets import inputs, output, socket, training_sockets
 
 logger = logging.getLogger("lora_lab")
 
-FINDER_OPTIONAL = ("memory", "vram_budget_gb", "base_weights")
+FINDER_OPTIONAL = ("memory", "vram_budget_gb", "base_weights", "refine_runs", "refine_steps")
 
 
 class LRFinderNode(io.ComfyNode):
@@ -42,10 +42,11 @@ class LRFinderNode(io.ComfyNode):
                 output("LORA_LEARNING_RATES", "learning_rates", (
                     "The rates for Train LoRA: the suggestion as the UNet's rate, the other parts at their given "
                     "ratios (without learning_rates: the UNet alone, text encoders frozen)."), "suggested_rates"),
-                output("FLOAT", "suggested_lr", "The suggested rate. Also the cap of an adaptive optimizer's step: "
-                                                "connect it to Train LoRA's max_effective_lr (sweep with AdamW)."),
+                output("FLOAT", "suggested_lr", "The suggested rate (with refine_runs: the confirmation runs' "
+                                                "choice). Also the cap of an adaptive optimizer's step: connect it "
+                                                "to Train LoRA's max_effective_lr (sweep with AdamW)."),
                 output("IMAGE", "chart", "Loss vs rate (log axis): validation points, their smoothed curve, the "
-                                         "suggestion."),
+                                         "suggestion (and the confirmation runs' final losses, with refine_runs)."),
                 output("STRING", "summary", "The numbers and the rule."),
             ],
             hidden=[io.Hidden.unique_id], is_output_node=True)
@@ -61,14 +62,33 @@ class LRFinderNode(io.ComfyNode):
         try:
             with comfy.training_models(model, clip, train_text, settings.memory) as (train_model, train_clip):
                 access = comfy.model_access(train_model, train_clip, vae, family)
+                swept = []
                 report = comfy.progress_reporter(settings.steps, unique_id,
                                                  lambda records: sweep_chart(records, settings.rate), label="LR Finder")
+                refine_report = []   # made at the first confirmation step: its own progress bar
+
+                def on_record(record, total):
+                    swept.append(record)
+                    report(record, total)
+
+                def on_refine(record, total):
+                    if not refine_report:
+                        refine_report.append(comfy.progress_reporter(
+                            total, unique_id, lambda _: sweep_chart(swept, settings.rate, title="LR Finder: "
+                                                                    "confirmation runs"),
+                            label="LR Finder: confirmation runs"))
+                    refine_report[0](record, total)
+
                 result = sweep(settings, checked, access, comfy.output_dir(),
-                               TrainCallbacks(check_cancel=comfy.check_cancel), on_record=report)
+                               TrainCallbacks(check_cancel=comfy.check_cancel), on_record=on_record,
+                               on_refine=on_refine)
         finally:   # after success, error and Cancel: what the sweep freed goes back to the system
             give_back_host_memory()
+        title = f"LR Finder: suggested {result.suggested_lr:.3g}"
+        if result.refine:
+            title += f" (refined from {result.sweep_lr:.3g} by {len(result.refine)} confirmation runs)"
         chart = sweep_chart(result.records, settings.rate, result.curve, result.suggested_lr, result.min_loss_lr,
-                            result.steepest_lr, title=f"LR Finder: suggested {result.suggested_lr:.3g}")
+                            result.steepest_lr, title=title, refine=result.refine)
         text = summary(result, settings)
         logger.info("LoRA Lab: %s", text.replace("\n", "; "))
         return io.NodeOutput(result.learning_rates, float(result.suggested_lr), pil_to_image(chart), text,

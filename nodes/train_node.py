@@ -83,7 +83,10 @@ class TrainNode(io.ComfyNode):
         options = RunOptions.from_values(values, others=specs(TrainSettings))
         job = job_of(hidden.prompt if hidden is not None else None, unique_id, dataset, learning_rates, lr_schedule,
                      settings, options, required=bool(export_only))
-        if export_only:
+        if export_only:   # the run's checks first: a job that would be refused is not written
+            check_run(settings, dataset, learning_rates, lr_schedule, comfy.check_compatible(model, clip, vae),
+                      comfy.device_type(model), resume_from=options.resume_from, output_dir=comfy.output_dir(),
+                      initial_lora=comfy.lora_path(settings.initial_lora) if settings.initial_lora else None)
             return export_outputs(model, clip, job, settings, learning_rates, lr_schedule)
         result, _ = train_from_inputs(model, clip, vae, dataset, learning_rates, lr_schedule, settings, options,
                                       unique_id=unique_id, job=job)

@@ -204,3 +204,11 @@ def test_a_bad_job_file_is_refused_naming_the_problem(comfy, graph_run, tmp_path
     bad.write_text(json.dumps(job))
     process = run_headless(comfy, bad)
     assert process.returncode == 2 and "rank = 0" in process.output
+
+
+def test_export_only_runs_the_checks_first(comfy, checkpoint, image_folder):  # noqa: F811
+    """A job Train LoRA would refuse is not written: batch 8 on a dataset of 4 images."""
+    graph = job_graph(comfy, checkpoint, image_folder, lora_name="job_unchecked", export_only=True, batch_size=8)
+    with pytest.raises(Exception, match="batch_size = 8 is larger than the dataset's largest bucket"):
+        comfy.run(graph)
+    assert not (comfy.output_dir / "lora_lab" / "job_unchecked" / "job.json").exists()

@@ -4,12 +4,13 @@ SD1.5 checkpoint through the stock loader: the mechanics the issue asks for. Whe
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from .test_train import (checkpoint, dataset, loaded, probe, rates, read_lora, schedule, train,  # noqa: F401
-                         unet_outputs)
+from .test_train import (checkpoint, clip_outputs, dataset, loaded, probe, rates, read_lora, schedule,  # noqa: F401
+                         train, unet_outputs)
 
 
 def find(comfy, loaded, dataset, learning_rates=None, **widgets):
@@ -127,3 +128,54 @@ def test_finder_live_records_are_the_loops_with_the_rate_applied_to_each_part(co
     for record in seen:   # the sweep moves every part by the same factor: the UNet's rate is the swept one
         assert record.lr["unet"] == pytest.approx(settings.rate(record.step))
         assert record.lr["text_encoder"] / record.lr["unet"] == pytest.approx(5e-5 / 2e-4)
+
+
+def refine_lines(summary: str) -> list[dict]:
+    path = summary.split("Confirmation runs: ", 1)[1].splitlines()[0].strip()
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_refine_picks_the_confirmation_run_with_the_lowest_validation_loss_within_its_budget(
+        comfy, loaded, dataset, probe, monkeypatch):
+    finder = comfy.pack.training.lr.finder
+    latent, context = probe
+    model, clip, _ = loaded
+    before = unet_outputs(model, latent, context)
+    clip_before = clip_outputs(clip)
+    loras_before = sorted((comfy.models_dir / "loras").rglob("*.safetensors"))
+    given_back = []
+    monkeypatch.setattr(finder, "give_back_host_memory", lambda: given_back.append("host"))
+    plain = find(comfy, loaded, dataset)                                    # refine off: today's finder
+    assert "Refine" not in plain[3] and "Confirmation runs" not in plain[3] and not given_back
+    learning_rates, suggested, chart, summary = find(comfy, loaded, dataset, refine_runs=3, refine_steps=5)
+    runs = refine_lines(summary)
+    # The sweep is the same as without refine; the candidates start at its suggestion and end at its minimum.
+    assert [line["val_loss"] for line in sweep_lines(comfy, summary)] == \
+           [line["val_loss"] for line in sweep_lines(comfy, plain[3])]
+    settings = finder.FinderSettings(min_lr=1e-5, max_lr=1e-1, steps=12, refine_runs=3, refine_steps=5)
+    minimum = float(summary.split("Minimum of the smoothed validation loss at ", 1)[1].split()[0])
+    candidates = finder.refine_candidates(plain[1], minimum, 3, settings)
+    assert [line["lr"] for line in runs] == pytest.approx(candidates, rel=1e-2)   # the minimum: 3 digits
+    assert runs[0]["lr"] == plain[1] or candidates[0] < plain[1]   # the suggestion, unless widened below it
+    # The choice: the lowest recorded final validation loss, flagged, and the node's outputs follow it.
+    finite = [line for line in runs if line["val_loss"] is not None]
+    best = min(finite, key=lambda line: (line["val_loss"], line["lr"]))
+    assert [line["chosen"] for line in runs] == [line is best for line in runs]
+    assert suggested == best["lr"] and learning_rates.resolved()["unet"] == pytest.approx(best["lr"])
+    assert f"the sweep's suggestion was {plain[1]:.3g}" in summary and "<- chosen" in summary
+    # The cost as stated: refine_runs runs of refine_steps steps each, one validation after the last step.
+    assert [line["steps"] for line in runs] == [5, 5, 5] and "Refine cost: 3 x 5 = 15 training steps" in summary
+    run_dir = Path(summary.split("Confirmation runs: ", 1)[1].splitlines()[0].strip()).parent
+    for index, line in enumerate(runs, start=1):   # each run's own log: refine_steps steps at its rate (cosine)
+        logged = [json.loads(text) for text in open(run_dir / f"refine_{index:02d}" / "log.jsonl", encoding="utf-8")]
+        assert [record["step"] for record in logged] == list(range(5))
+        assert logged[0]["lr"]["unet"] == pytest.approx(line["lr"]) and logged[-1]["lr"]["unet"] < line["lr"]
+    assert len(given_back) >= 3   # host memory given back before each confirmation run
+    assert chart.shape[0] == 1 and chart.shape[-1] == 3
+    # The inputs are untouched and nothing is written to models/loras; the same inputs give the same choice.
+    assert torch.equal(unet_outputs(model, latent, context), before)
+    assert torch.equal(clip_outputs(clip), clip_before)
+    assert sorted((comfy.models_dir / "loras").rglob("*.safetensors")) == loras_before
+    again = find(comfy, loaded, dataset, refine_runs=3, refine_steps=5)
+    assert again[1] == suggested and refine_lines(again[3]) == [{**line, "seconds": again_line["seconds"]}
+                                                                for line, again_line in zip(runs, refine_lines(again[3]))]

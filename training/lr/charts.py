@@ -2,6 +2,7 @@
 curve and the UNet/TE Learning Rates node's rate per part."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from PIL import Image
@@ -9,6 +10,8 @@ from PIL import Image
 from ..charts.figures import VAL_LOSS_COLOR, WARMUP_COLOR, figure_to_image, new_figure, part_color, part_label, part_linestyle
 from .rates import LearningRates
 from .schedules import ScheduleSettings
+
+REFINE_COLOR = "#9467bd"   # the LR Finder's confirmation runs
 
 
 def mark_warmup(axes, warmup_steps: int) -> None:
@@ -80,10 +83,11 @@ def swept_part_rate(rates: dict[str, float]) -> float:
 
 def sweep_chart(records: list, rate: Callable[[int], float], curve: list[tuple[float, float]] | None = None,
                 suggested_lr: float | None = None, min_loss_lr: float | None = None, steepest_lr: float | None = None,
-                title: str = "LR Finder") -> Image.Image:
+                title: str = "LR Finder", refine: list | None = None) -> Image.Image:
     """The LR Finder's chart: loss vs rate (log axis). `records` are the loop's StepRecords (step, loss,
     val_loss), `rate(step)` the rate swept at a step; the smoothed validation curve and the marked
-    rates are drawn when given."""
+    rates are drawn when given. `refine`: the confirmation runs (objects with rate, val_loss, steps,
+    chosen), their final validation losses drawn as diamonds at their rates, the chosen one filled."""
     figure, axes = new_figure()
     rates = [rate(record.step) for record in records]
     axes.plot(rates, [record.loss for record in records], color="#bbbbbb", linewidth=0.8,
@@ -98,12 +102,23 @@ def sweep_chart(records: list, rate: Callable[[int], float], curve: list[tuple[f
     if stepped:
         axes.plot([rate for rate, _ in stepped], [loss for _, loss in stepped], "o", markerfacecolor="none",
                   color=VAL_LOSS_COLOR, markersize=5, label="the same at the effective rate (d x lr)")
+    confirmed = [run for run in refine or [] if math.isfinite(run.val_loss)]
+    if confirmed:
+        steps = max(run.steps for run in confirmed)
+        axes.plot([run.rate for run in confirmed], [run.val_loss for run in confirmed], "D--", color=REFINE_COLOR,
+                  markerfacecolor="white", markersize=6, linewidth=1,
+                  label=f"confirmation runs: validation loss after {steps} steps")
+        for run in confirmed:
+            if run.chosen:
+                axes.plot([run.rate], [run.val_loss], "D", color=REFINE_COLOR, markersize=9,
+                          label=f"chosen {run.rate:.3g}")
     if curve:
         axes.plot([rate for rate, _ in curve], [loss for _, loss in curve], color="black", linewidth=1.8,
                   label="validation loss, smoothed")
         low = min(loss for _, loss in curve)
-        axes.set_ylim(min(low, *(loss for _, loss in validated)) * 0.95 if validated else low * 0.95,
-                      max(loss for _, loss in curve) * 1.3)
+        shown = [loss for _, loss in validated] + [run.val_loss for run in confirmed]
+        axes.set_ylim(min(low, *shown) * 0.95 if shown else low * 0.95,
+                      max([loss for _, loss in curve] + [run.val_loss for run in confirmed]) * 1.3)
     if min_loss_lr is not None:
         axes.axvline(min_loss_lr, color="#555555", linestyle=":", label=f"minimum {min_loss_lr:.3g}")
     if steepest_lr is not None:

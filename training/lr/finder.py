@@ -11,6 +11,12 @@ over the model without the LoRA (see `gave_back`), or turns non-finite (or the t
 The suggestion (README, "LR Finder", with the benchmark that chose it): the rate where the smoothed
 validation curve falls fastest per decade, before its minimum. The minimum (and the classic
 minimum / 10) are computed and drawn too.
+
+With refine_runs > 0 the sweep is followed by that many short confirmation runs (refine_steps each,
+the LR Schedule node's default schedule, the sweep's seed and so the same fresh LoRA init and the same
+noise), at rates spread from the suggestion up to the curve's minimum (:func:`refine_candidates`); the
+rate whose run ends with the lowest stable validation loss (Train LoRA's validation set) becomes the
+suggestion. Each run goes through the same trainer sequence as the sweep; `refine.jsonl` holds them.
 Nothing is written to models/loras; the input models are restored exactly (the sweep goes through the
 trainer's own sequence, training/run/trainer.py `execute`), and
 `output/lora_lab/lr_finder/<run>/sweep.jsonl` holds every step.
@@ -19,15 +25,18 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from ..run.host import ModelAccess, TrainCallbacks
 from ..run.loop import StepRecord, TrainingDiverged
+from ..run.memory import give_back_host_memory, release_device_memory
 from ..run.plan import RunInputs, check_run, plan_sweep
 from ..run.train_settings import TrainSettings
 from ..run.trainer import Run, execute
+from ..run.validation import VALIDATION_IMAGES, VALIDATION_TIMESTEPS
 from ..settings import NodeSettings, SettingError, setting, setting_like, validate
 from .optimizers import OPTIMIZERS
 from .rates import INHERIT, LearningRates
@@ -41,6 +50,14 @@ FORWARDS_PER_TRAINING_IMAGE = 3  # forward + backward ~ 3 forward passes
 FINDER_IMAGES = 2                # the finder's validation set: fewer images and timesteps than
 FINDER_TIMESTEPS = 4             # Train LoRA's, so it can be measured often within the budget
 SMOOTHING_WINDOW = 3             # points in the centred moving average of the validation curve
+REFINE_MIN_SPAN = 0.5            # decades: the confirmation rates span at least this much (up to the minimum)
+REFINE_SCHEDULE = ScheduleSettings()   # the LR Schedule node's defaults (cosine, 5 % warmup): Train LoRA's peak rate
+
+
+def _refine_runs_rule(value: int) -> str | None:
+    if value == 1:
+        return "compares nothing. Use 0 (off) or 2 or more (3: the suggestion, the curve's minimum and one between)."
+    return None
 
 
 @dataclass(frozen=True)
@@ -66,6 +83,16 @@ class FinderSettings(NodeSettings):
     memory: str = setting_like(TrainSettings, "memory")                  # appended (the node's optional inputs)
     vram_budget_gb: float = setting_like(TrainSettings, "vram_budget_gb")
     base_weights: str = setting_like(TrainSettings, "base_weights")
+    refine_runs: int = setting(0, (
+        "After the sweep, train this many short confirmation runs at rates from the suggestion up to the "
+        "smoothed curve's minimum (log-evenly spaced over at least half a decade), each from the "
+        "same fresh LoRA with the same seed, and suggest the rate whose run ends with the lowest stable "
+        "validation loss. Costs refine_runs x refine_steps training steps more (the summary says how much "
+        "next to the sweep)."), min=0, max=9, hint="(0 = off: the sweep's suggestion; 3 is a good choice)",
+        check=_refine_runs_rule)
+    refine_steps: int = setting(30, (
+        "Optimizer steps of each confirmation run (refine_runs > 0), with the LR Schedule node's default "
+        "schedule (cosine, 5% warmup), so each is a short Train LoRA run."), min=5, max=100_000)
 
     def __post_init__(self) -> None:
         validate(self, self.TITLE)
@@ -77,8 +104,9 @@ class FinderSettings(NodeSettings):
         """The sweep's rate at optimizer step `step` (0-based): exponential from min_lr to max_lr."""
         return self.min_lr * (self.max_lr / self.min_lr) ** (step / max(1, self.steps - 1))
 
-    def train_settings(self, lora_name: str) -> TrainSettings:
-        return TrainSettings(steps=self.steps, batch_size=self.batch_size, rank=self.rank, alpha=self.alpha,
+    def train_settings(self, lora_name: str, steps: int | None = None) -> TrainSettings:
+        """Train LoRA's settings of the sweep (or, with `steps`, of a confirmation run that long)."""
+        return TrainSettings(steps=self.steps if steps is None else steps, batch_size=self.batch_size, rank=self.rank, alpha=self.alpha,
                              target=self.target, optimizer=self.optimizer, precision=self.precision,
                              training_seed=self.training_seed, lora_name=lora_name, memory=self.memory,
                              vram_budget_gb=self.vram_budget_gb, base_weights=self.base_weights)
@@ -87,6 +115,25 @@ class FinderSettings(NodeSettings):
 def sweep_line(record: StepRecord, rate: float) -> str:
     """A line of sweep.jsonl: the step, the swept rate, the training and the validation loss."""
     return json.dumps({"step": record.step, "lr": rate, "loss": record.loss, "val_loss": record.val_loss})
+
+
+@dataclass
+class RefineRun:
+    """One confirmation run: its rate (the swept part's base rate), its final stable validation loss
+    (inf when it diverged), the steps it trained and how long it took."""
+
+    rate: float
+    val_loss: float
+    steps: int
+    seconds: float
+    stopped: str = ""                  # why it ended early (diverged), else ""
+    chosen: bool = False
+
+    def line(self) -> str:
+        """A line of refine.jsonl."""
+        return json.dumps({"lr": self.rate, "val_loss": self.val_loss if math.isfinite(self.val_loss) else None,
+                           "steps": self.steps, "seconds": round(self.seconds, 3), "stopped": self.stopped,
+                           "chosen": self.chosen})
 
 
 @dataclass
@@ -102,6 +149,10 @@ class FinderResult:
     learning_rates: LearningRates      # ready for Train LoRA: the suggestion as the base, ratios kept
     curve: list[tuple[float, float]] = field(default_factory=list)   # (lr, smoothed val loss)
     memory: str = ""                   # the memory plan, in words
+    sweep_lr: float | None = None      # the sweep's own suggestion (suggested_lr before refine)
+    refine: list[RefineRun] = field(default_factory=list)   # the confirmation runs, in rate order
+    sweep_seconds: float = 0.0
+    refine_seconds: float = 0.0
 
 
 class SweepStop(Exception):
@@ -166,6 +217,34 @@ def suggest(curve: list[tuple[float, float]], settings: FinderSettings) -> tuple
     return min(settings.max_lr, max(settings.min_lr, suggestion)), min_rate, steepest
 
 
+def refine_candidates(suggestion: float, min_loss_lr: float | None, runs: int, settings: FinderSettings
+                      ) -> list[float]:
+    """The confirmation runs' rates: `runs` rates log-evenly spaced from the suggestion up to the smoothed
+    curve's minimum, both included. The steepest descent lies below the best rate of a short run and the
+    minimum at its edge (README, "LR Finder": half a decade below where training broke), so the best
+    lies between them. When the two are closer than REFINE_MIN_SPAN decades (or there is no minimum),
+    the span is widened downward to REFINE_MIN_SPAN below its top. Clamped to [min_lr, max_lr]; ascending,
+    no duplicates; [] for runs < 2."""
+    if runs < 2:
+        return []
+    top = max(suggestion, min_loss_lr) if min_loss_lr is not None else suggestion
+    high = math.log10(top)
+    low = min(math.log10(suggestion), high - REFINE_MIN_SPAN)
+    rates = [10 ** (low + (high - low) * index / (runs - 1)) for index in range(runs)]
+    rates[-1] = top                            # the ends exactly, not through log10 and back
+    if low == math.log10(suggestion):
+        rates[0] = suggestion
+    clamped = [min(settings.max_lr, max(settings.min_lr, rate)) for rate in rates]
+    return sorted(dict.fromkeys(clamped))
+
+
+def pick_refined(runs: list[RefineRun]) -> RefineRun | None:
+    """The run with the lowest final validation loss (a tie goes to the lower rate); None when every run
+    diverged."""
+    finite = [run for run in runs if math.isfinite(run.val_loss)]
+    return min(finite, key=lambda run: (run.val_loss, run.rate)) if finite else None
+
+
 def free_run_dir(root: Path) -> Path:
     """output/lora_lab/lr_finder/sweep_NNNN: the first free number (never an existing folder)."""
     number = 1
@@ -186,18 +265,23 @@ def check_sweep(settings: FinderSettings, dataset, rates: LearningRates | None, 
 
 def find_lr(settings: FinderSettings, access: ModelAccess, dataset, rates: LearningRates | None, output_dir: Path,
             callbacks: TrainCallbacks | None = None,
-            on_record: Callable[[StepRecord, int], None] | None = None) -> FinderResult:
+            on_record: Callable[[StepRecord, int], None] | None = None,
+            on_refine: Callable[[StepRecord, int], None] | None = None) -> FinderResult:
     """Check (:func:`check_sweep`) against the models in `access`, then :func:`sweep`."""
     inputs = check_sweep(settings, dataset, rates, access.family, access.device.type, access.text_encoders)
-    return sweep(settings, inputs, access, output_dir, callbacks, on_record)
+    return sweep(settings, inputs, access, output_dir, callbacks, on_record, on_refine)
 
 
 def sweep(settings: FinderSettings, inputs: RunInputs, access: ModelAccess, output_dir: Path,
           callbacks: TrainCallbacks | None = None,
-          on_record: Callable[[StepRecord, int], None] | None = None) -> FinderResult:
-    """Run the sweep on a throwaway LoRA; the models in `access` are restored exactly whatever happens.
-    `on_record(record, total steps)` sees every step's record as the loop made it."""
+          on_record: Callable[[StepRecord, int], None] | None = None,
+          on_refine: Callable[[StepRecord, int], None] | None = None) -> FinderResult:
+    """Run the sweep on a throwaway LoRA (then, with refine_runs, the confirmation runs: :func:`refine`);
+    the models in `access` are restored exactly whatever happens. `on_record(record, total steps)` sees
+    every step's record of the sweep as the loop made it; `on_refine` those of the confirmation runs,
+    numbered on across them (total: refine_runs x refine_steps)."""
     callbacks = callbacks or TrainCallbacks()
+    started = time.monotonic()
     base = sweep_base(inputs.part_rates)
     run_dir = free_run_dir(output_dir / "lora_lab" / "lr_finder")
     records: list[StepRecord] = []
@@ -247,16 +331,87 @@ def sweep(settings: FinderSettings, inputs: RunInputs, access: ModelAccess, outp
                   if loss <= STOP_FACTOR * lowest and not gave_back(loss, lowest, baseline)]
     curve = smoothed_curve(points)
     suggestion, min_rate, steepest = suggest(curve, settings)
-    return FinderResult(memory=run.plan.memory.summary(), records=records, suggested_lr=suggestion,
-                        min_loss_lr=min_rate, steepest_lr=steepest, baseline_val_loss=baseline, stopped=stopped,
-                        validate_every=every, run_dir=run_dir,
-                        learning_rates=scaled_rates(inputs.rates, suggestion / base), curve=curve)
+    result = FinderResult(memory=run.plan.memory.summary(), records=records, suggested_lr=suggestion,
+                          min_loss_lr=min_rate, steepest_lr=steepest, baseline_val_loss=baseline, stopped=stopped,
+                          validate_every=every, run_dir=run_dir,
+                          learning_rates=scaled_rates(inputs.rates, suggestion / base), curve=curve,
+                          sweep_lr=suggestion, sweep_seconds=time.monotonic() - started)
+    del run   # the sweep's LoRA, optimizer and feeder: nothing of it is held past here
+    candidates = refine_candidates(suggestion, min_rate, settings.refine_runs, settings)
+    if candidates:
+        started = time.monotonic()
+        result.refine = refine(settings, inputs, access, output_dir, run_dir, candidates, callbacks, on_refine)
+        result.refine_seconds = time.monotonic() - started
+        chosen = pick_refined(result.refine)
+        if chosen is not None:
+            chosen.chosen = True
+            result.suggested_lr = chosen.rate
+            result.learning_rates = scaled_rates(inputs.rates, chosen.rate / base)
+        with open(run_dir / "refine.jsonl", "w", encoding="utf-8") as handle:
+            handle.writelines(item.line() + "\n" for item in result.refine)
+    return result
+
+
+def refine(settings: FinderSettings, inputs: RunInputs, access: ModelAccess, output_dir: Path, run_dir: Path,
+           candidates: list[float], callbacks: TrainCallbacks,
+           on_refine: Callable[[StepRecord, int], None] | None = None) -> list[RefineRun]:
+    """One confirmation run per candidate rate: a short normal run (the trainer's :func:`execute` and
+    :class:`Run`, REFINE_SCHEDULE, refine_steps steps, the sweep's seed: the same LoRA init and noise),
+    its stable validation loss (Train LoRA's set) measured after the last step. Device and host memory
+    are given back before each run; the models in `access` are restored after each."""
+    steps = settings.refine_steps
+    total = steps * len(candidates)
+    base = sweep_base(inputs.part_rates)
+    runs: list[RefineRun] = []
+    for index, rate in enumerate(candidates):
+        release_device_memory(access.device)
+        give_back_host_memory()
+        run_inputs = check_run(settings.train_settings("lr_finder", steps=steps), inputs.dataset,
+                               scaled_rates(inputs.rates, rate / base), REFINE_SCHEDULE, inputs.family,
+                               access.device.type, access.text_encoders)
+        folder = run_dir / f"refine_{index + 1:02d}"
+        offset = index * steps
+
+        def on_step(record: StepRecord, _: int, offset: int = offset) -> None:
+            if on_refine is not None:
+                on_refine(replace(record, step=offset + record.step), total)
+
+        def train(run: Run) -> tuple[float, int, str]:
+            """(final validation loss, steps trained, why it ended early or "")."""
+            validation = run.validation
+            try:
+                records = run.run(validate=lambda step: validation.loss() if step + 1 == steps else None)
+            except TrainingDiverged as error:
+                return math.inf, error.step, f"diverged: the training {error.what} became {error.loss} at step {error.step}"
+            loss = records[-1].val_loss if records and records[-1].val_loss is not None else math.nan
+            if not math.isfinite(loss):
+                return math.inf, len(records), f"the validation loss became {loss}"
+            return loss, len(records), ""
+
+        started = time.monotonic()
+        _, (loss, trained, stopped) = execute(
+            run_inputs, access,
+            lambda access, memory, folder=folder, run_inputs=run_inputs: replace(
+                plan_sweep(run_inputs, access, output_dir, folder, memory), log_path=folder / "log.jsonl"),
+            TrainCallbacks(on_step=on_step, check_cancel=callbacks.check_cancel), train,
+            validation_shape=(VALIDATION_IMAGES, VALIDATION_TIMESTEPS))
+        runs.append(RefineRun(rate=rate, val_loss=loss, steps=trained, seconds=time.monotonic() - started,
+                              stopped=stopped))
+    release_device_memory(access.device)
+    give_back_host_memory()
+    return runs
 
 
 def summary(result: FinderResult, settings: FinderSettings) -> str:
     rule = ("where the smoothed validation loss falls fastest" if result.steepest_lr is not None
             else "the curve never fell: its minimum / 10")
-    lines = [f"Suggested rate: {result.suggested_lr:.3g} ({rule})"]
+    chosen = next((run for run in result.refine if run.chosen), None)
+    if chosen is not None:
+        lines = [f"Suggested rate: {result.suggested_lr:.3g} (refined: the lowest validation loss of "
+                 f"{len(result.refine)} confirmation runs; the sweep's suggestion was {result.sweep_lr:.3g}, "
+                 f"{rule})"]
+    else:
+        lines = [f"Suggested rate: {result.suggested_lr:.3g} ({rule})"]
     if result.min_loss_lr is not None:
         lines.append(f"Minimum of the smoothed validation loss at {result.min_loss_lr:.3g}")
     if result.steepest_lr is not None:
@@ -269,8 +424,33 @@ def summary(result: FinderResult, settings: FinderSettings) -> str:
     lines += [f"Sweep: {settings.min_lr:g} -> {settings.max_lr:g} over {settings.steps} steps; {result.stopped}.",
               f"Validation loss (fixed images, noise, timesteps) every {result.validate_every} steps; "
               f"{result.baseline_val_loss:.4f} before training."]
+    if result.refine:
+        lines += refine_lines(result, settings)
     if result.memory:
         lines.append(f"Memory: {result.memory}")
+    if result.refine:
+        lines.append(f"Confirmation runs: {result.run_dir / 'refine.jsonl'}")
     # The path stays the last line: it is what a reader of the summary opens.
     lines.append(f"Steps: {result.run_dir / 'sweep.jsonl'}")
     return "\n".join(lines)
+
+
+def refine_lines(result: FinderResult, settings: FinderSettings) -> list[str]:
+    """The summary's lines on the confirmation runs: each rate and its final validation loss, the cost."""
+    runs = result.refine
+    steps = settings.refine_steps * len(runs)
+    swept = max(1, len(result.records))
+    cost = steps / swept
+    timing = (f", {result.refine_seconds:.0f} s against the sweep's {result.sweep_seconds:.0f} s"
+              if result.sweep_seconds > 0 else "")
+    lines = [f"Refine: {len(runs)} confirmation runs of {settings.refine_steps} steps ({REFINE_SCHEDULE.describe()}, "
+             f"seed {settings.training_seed}, the same fresh LoRA), final validation loss ({VALIDATION_IMAGES} images x "
+             f"{VALIDATION_TIMESTEPS} timesteps):"]
+    for run in runs:
+        outcome = f"{run.val_loss:.4f}" if math.isfinite(run.val_loss) else run.stopped
+        lines.append(f"  {run.rate:.3g}: {outcome}{'  <- chosen' if run.chosen else ''}")
+    if not any(run.chosen for run in runs):
+        lines.append("  every confirmation run diverged: the sweep's suggestion is kept (lower max_lr).")
+    lines.append(f"Refine cost: {len(runs)} x {settings.refine_steps} = {steps} training steps, {cost:.2g}x the "
+                 f"sweep's {swept}{timing}.")
+    return lines
