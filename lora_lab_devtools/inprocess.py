@@ -71,6 +71,13 @@ class ComfyInProcess(BaseDirectoryFolders):
         returned = getattr(node(), node.FUNCTION)(**inputs)
         return returned if isinstance(returned, dict) else {"result": returned, "ui": None}
 
+    def outputs(self, class_type: str, **inputs) -> tuple:
+        """call_node's outputs tuple, run under inference mode as the executor runs nodes."""
+        import torch
+
+        with torch.inference_mode():
+            return self.call_node(class_type, **inputs)["result"]
+
     def validate(self, prompt: dict) -> tuple[bool, Any, list, dict]:
         import execution
         return _call_outside_event_loop(

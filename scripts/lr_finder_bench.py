@@ -103,13 +103,6 @@ def kept(loss: float, untrained: float, best: float) -> float:
     return 100.0 * (untrained - loss) / (untrained - best) if math.isfinite(loss) else -math.inf
 
 
-def call(comfy, node_id: str, **inputs):
-    import torch
-
-    with torch.inference_mode():
-        return comfy.call_node(node_id, **inputs)["result"]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=40, help="training steps per grid rate")
@@ -131,20 +124,20 @@ def main() -> int:
     out = arguments.out or (base / "output" / "lr_finder_bench")
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = link_checkpoint(ensure_tiny_sd15(), comfy.models_dir / "checkpoints")
-    model, clip, vae = call(comfy, "CheckpointLoaderSimple", ckpt_name=checkpoint)[:3]
+    model, clip, vae = comfy.outputs("CheckpointLoaderSimple", ckpt_name=checkpoint)[:3]
     makers = {"sample": ("sample (8 checkers + discs)", ensure_sample_dataset),
               "flat": ("flat colours (4, easy)", lambda: write_flat(base / "input" / "flat")),
               "blobs": ("random blobs (6, hard)", lambda: write_blobs(base / "input" / "blobs")),
               "line": ("line art (6, held out)", lambda: write_line_art(base / "input" / "line"))}
     folders = {makers[key][0]: makers[key][1]() for key in arguments.datasets.split(",")}
-    schedule = call(comfy, "LoRALabLRSchedule", **comfy.widget_defaults("LoRALabLRSchedule"))[0]   # cosine, 5 %
+    schedule = comfy.outputs("LoRALabLRSchedule", **comfy.widget_defaults("LoRALabLRSchedule"))[0]   # cosine, 5 %
     train_defaults = {key: value for key, value in comfy.widget_defaults("LoRALabTrain").items()}
     results = {}
     for label, folder in folders.items():
-        dataset = call(comfy, "LoRALabDataset", **{**comfy.widget_defaults("LoRALabDataset"), "folder": str(folder),
+        dataset = comfy.outputs("LoRALabDataset", **{**comfy.widget_defaults("LoRALabDataset"), "folder": str(folder),
                                                     "resolution": 64, "bucketing": False})[0]
         started = time.monotonic()
-        finder = call(comfy, "LoRALabLRFinder", model=model, clip=clip, vae=vae, dataset=dataset,
+        finder = comfy.outputs("LoRALabLRFinder", model=model, clip=clip, vae=vae, dataset=dataset,
                       **{**comfy.widget_defaults("LoRALabLRFinder"), "steps": arguments.finder_steps,
                          "min_lr": 1e-6, "max_lr": 1e-1, "rank": 4, "alpha": 4.0,
                          "batch_size": arguments.batch, "precision": "fp32",
@@ -169,9 +162,9 @@ def main() -> int:
         losses = {}
         started = time.monotonic()
         for rate in dict.fromkeys(GRID + [suggestion, refined] + list(rules.values())):
-            rates = call(comfy, "LoRALabLearningRates", **{**comfy.widget_defaults("LoRALabLearningRates"),
+            rates = comfy.outputs("LoRALabLearningRates", **{**comfy.widget_defaults("LoRALabLearningRates"),
                                                           "learning_rate": rate, "text_encoder_lr": 0.0})[0]
-            outcome = call(comfy, "LoRALabTrain", model=model, clip=clip, vae=vae, dataset=dataset,
+            outcome = comfy.outputs("LoRALabTrain", model=model, clip=clip, vae=vae, dataset=dataset,
                            learning_rates=rates, lr_schedule=schedule,
                            **{**train_defaults, "steps": arguments.steps, "batch_size": arguments.batch, "rank": 4,
                               "alpha": 4.0, "precision": "fp32", "gradient_checkpointing": False,

@@ -29,13 +29,6 @@ from lora_lab_devtools.tiny_checkpoint import ensure_tiny_sd15, link_checkpoint
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
-def call(comfy, node_id: str, **inputs):
-    import torch
-
-    with torch.inference_mode():
-        return comfy.call_node(node_id, **inputs)["result"]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=80, help="training steps per run")
@@ -56,20 +49,20 @@ def main() -> int:
     out = arguments.out or (base / "output" / "prodigy_cap_bench")
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = link_checkpoint(ensure_tiny_sd15(), comfy.models_dir / "checkpoints")
-    model, clip, vae = call(comfy, "CheckpointLoaderSimple", ckpt_name=checkpoint)[:3]
-    dataset = call(comfy, "LoRALabDataset", **{**comfy.widget_defaults("LoRALabDataset"),
+    model, clip, vae = comfy.outputs("CheckpointLoaderSimple", ckpt_name=checkpoint)[:3]
+    dataset = comfy.outputs("LoRALabDataset", **{**comfy.widget_defaults("LoRALabDataset"),
                                                "folder": str(ensure_sample_dataset()), "resolution": 64,
                                                "bucketing": False})[0]
     schedule_values = comfy.widget_defaults("LoRALabLRSchedule")   # cosine, 5 % warmup
     if arguments.scheduler:
         schedule_values["scheduler"] = arguments.scheduler
-    schedule = call(comfy, "LoRALabLRSchedule", **schedule_values)[0]
+    schedule = comfy.outputs("LoRALabLRSchedule", **schedule_values)[0]
     shape = {"rank": 4, "alpha": 4.0, "batch_size": arguments.batch, "precision": "fp32"}
 
     cap, finder_summary = arguments.cap, ""
     if cap <= 0:
         started = time.monotonic()
-        finder = call(comfy, "LoRALabLRFinder", model=model, clip=clip, vae=vae, dataset=dataset,
+        finder = comfy.outputs("LoRALabLRFinder", model=model, clip=clip, vae=vae, dataset=dataset,
                       **{**comfy.widget_defaults("LoRALabLRFinder"), **shape, "optimizer": "AdamW",
                          "steps": arguments.finder_steps, "min_lr": 1e-6, "max_lr": 1e-1})
         cap, finder_summary = float(finder[1]), finder[3]
@@ -77,7 +70,7 @@ def main() -> int:
               f"suggested {cap:.3g}", flush=True)
 
     def rates(rate: float):
-        return call(comfy, "LoRALabLearningRates", **{**comfy.widget_defaults("LoRALabLearningRates"),
+        return comfy.outputs("LoRALabLearningRates", **{**comfy.widget_defaults("LoRALabLearningRates"),
                                                      "learning_rate": rate, "text_encoder_lr": 0.0})[0]
 
     prodigy = arguments.prodigy_lr
@@ -89,7 +82,7 @@ def main() -> int:
         for label, (optimizer, rate, run_cap) in runs.items():
             started = time.monotonic()
             name = f"cap_bench_{len(results[label])}_{seed}_{optimizer}_{run_cap:.2e}"
-            outcome = call(comfy, "LoRALabTrain", model=model, clip=clip, vae=vae, dataset=dataset,
+            outcome = comfy.outputs("LoRALabTrain", model=model, clip=clip, vae=vae, dataset=dataset,
                            learning_rates=rates(rate), lr_schedule=schedule,
                            **{**train_defaults, **shape, "steps": arguments.steps, "optimizer": optimizer,
                               "gradient_checkpointing": False, "training_seed": seed, "lora_name": name,

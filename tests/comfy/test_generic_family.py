@@ -271,8 +271,6 @@ def test_a_unet_model_with_no_entry_trains_through_the_generic_path(comfy, refin
     block lists (each TimestepEmbedSequential's layers are the checkpointed units) and the middle block's
     transformer blocks, `y` comes from its own encode_adm through extra_conds, and the file loads in the
     stock LoraLoader with no unmatched key."""
-    from comfy import model_management
-
     model, clip, vae = refiner
     base_bytes = state_bytes(model.model.diffusion_model, clip.cond_stage_model)
     with caplog.at_level(logging.INFO, logger="lora_lab"):
@@ -291,6 +289,14 @@ def test_a_unet_model_with_no_entry_trains_through_the_generic_path(comfy, refin
     assert metadata["ss_base_model_version"] == "comfyui_sdxlrefiner"
     stock_model, _, lines = stock_lora_loader(comfy, refiner, name)
     assert no_unmatched(lines), lines
+    assert_refiner_output_is_the_stock_loaders(refiner, trained_model, stock_model)
+
+
+def assert_refiner_output_is_the_stock_loaders(refiner, trained_model, stock_model) -> None:
+    """The trained MODEL's output equals the stock LoraLoader's on the file, and differs from the base's."""
+    from comfy import model_management
+
+    model, clip, _ = refiner
     with torch.inference_mode():
         latent = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(5))
         sigma = model.get_model_object("model_sampling").sigma(torch.tensor([500.0]))

@@ -123,14 +123,20 @@ def test_a_job_runs_headless_to_the_identical_lora(comfy, graph_run):
     assert (run_dir / "training_chart.png").is_file() and len((run_dir / "log.jsonl").read_text().splitlines()) == 4
 
 
+def job_variant(job_path, lora_name: str, **train):
+    """A copy of the exported job with other Train LoRA settings, next to it as <lora_name>.json."""
+    job = json.loads(job_path.read_text())
+    job["train"].update(lora_name=lora_name, **train)
+    path = job_path.with_name(f"{lora_name}.json")
+    path.write_text(json.dumps(job))
+    return path
+
+
 @pytest.fixture(scope="module")
 def two_ranks(comfy, graph_run):
     """The job on 2 processes (gloo), each with 2 of the global batch of 4; checkpoint at step 2."""
     name, job_path = graph_run
-    job = json.loads(job_path.read_text())
-    job["train"].update(lora_name="job_ddp", save_every_n_steps=2)
-    path = job_path.with_name("job_ddp.json")
-    path.write_text(json.dumps(job))
+    path = job_variant(job_path, lora_name="job_ddp", save_every_n_steps=2)
     return path, lora_of(run_headless(comfy, path, processes=2))
 
 
@@ -154,10 +160,7 @@ def test_a_rank_that_dies_stops_the_job_with_a_checkpoint(comfy, graph_run):
     import psutil
 
     _, job_path = graph_run
-    job = json.loads(job_path.read_text())
-    job["train"].update(lora_name="job_killed", steps=100000)
-    path = job_path.with_name("job_killed.json")
-    path.write_text(json.dumps(job))
+    path = job_variant(job_path, lora_name="job_killed", steps=100000)
     process = run_headless(comfy, path, processes=2, wait=False)
     log = comfy.output_dir / "lora_lab" / "job_killed" / "log.jsonl"
     deadline = time.monotonic() + 300

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from .test_flow_families import conditioning, load_sd3, no_unmatched, release_all_models, state_bytes
-from .test_generic_family import make_dataset, refiner  # noqa: F401
+from .test_generic_family import assert_refiner_output_is_the_stock_loaders, make_dataset, refiner  # noqa: F401
 from .test_resume import assert_same_tensors
 from .test_train import (CAPTIONS, checkpoint, clip_outputs, dataset, loaded, pattern_images, probe,  # noqa: F401
                          rates, read_lora, schedule, stock_lora_loader, tiny_sdxl, train, unet_outputs)
@@ -237,11 +237,6 @@ def test_lokr_streamed_over_fp8_with_checkpointing_trains_the_resident_lokr(comf
 def test_generic_path_trains_lokr_in_comfyui_native_names(comfy, refiner, trained_deltas):
     """A model with no family entry (SDXLRefiner built in code): the LoKr file takes ComfyUI's native
     diffusion_model.<path> stems, which LoraLoader maps for every model."""
-    from comfy import model_management
-
-    from .test_generic_family import conditioning as model_conditioning
-
-    model, clip, _ = refiner
     trained_model, _, lora_name, _ = train(comfy, refiner, make_dataset(comfy, 64), rates(comfy, learning_rate=2e-3),
                                            schedule(comfy), steps=2, batch_size=2, target="attention_ff", network="lokr",
                                            rank=2, alpha=1.0, lokr_factor=4, save_precision="fp32",
@@ -250,16 +245,7 @@ def test_generic_path_trains_lokr_in_comfyui_native_names(comfy, refiner, traine
     assert all(stem.startswith("diffusion_model.") for stem in layers)
     assert "diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q" in layers
     stock_model, _, _ = stock_lora_loader(comfy, refiner, lora_name)
-    with torch.inference_mode():
-        latent = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(5))
-        sigma = model.get_model_object("model_sampling").sigma(torch.tensor([500.0]))
-        results = []
-        for patched in (trained_model, stock_model, model):
-            model_management.load_models_gpu([patched], force_full_load=True)
-            results.append(patched.model.apply_model(latent, sigma, **model_conditioning(patched, clip, CAPTIONS[0], latent))
-                           .float().clone())
-    torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-4)
-    assert (results[0] - results[2]).abs().max() > 1e-6
+    assert_refiner_output_is_the_stock_loaders(refiner, trained_model, stock_model)
 
 
 @pytest.mark.parametrize("widgets, learning_rates, message", [
