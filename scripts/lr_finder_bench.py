@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Evidence for the LR Finder: is its suggestion a good rate? (make lr-finder-bench)
 
-On the tiny SD1.5 checkpoint (CPU) and four datasets of different kinds, it runs the LR Finder (with
-refine_runs confirmation runs), then trains a LoRA at every rate of a half-decade grid, at the sweep's
+On the tiny SD1.5 checkpoint (or, with --checkpoint sd3, the tiny SD3 MMDiT; CPU) and four datasets of
+different kinds, it runs the LR Finder (with refine_runs confirmation runs), then trains a LoRA at every rate of a half-decade grid, at the sweep's
 own suggestion and at the refined one, for the same steps with the default cosine schedule, and
 measures each one's final stable validation loss (the same fixed images, noise and timesteps for every
 run: training/run/validation.py). Prints, per dataset, the ranking and, for the plain and the refined
@@ -11,7 +11,7 @@ model's loss / the best grid rate's gain) and the distance from the best rate in
 chart and the numbers as JSON. Not a test: nothing is asserted.
 
 Usage: python3 scripts/setup_env.py run -- scripts/lr_finder_bench.py [--steps 40] [--finder-steps 60]
-       [--refine-runs 3] [--refine-steps 20] [--datasets line] [--rules]
+       [--refine-runs 3] [--refine-steps 20] [--datasets line] [--rules] [--checkpoint sd3]
 """
 from __future__ import annotations
 
@@ -114,6 +114,9 @@ def main() -> int:
                         help="comma-separated, of: sample, flat, blobs, line (line art: the held-out kind)")
     parser.add_argument("--rules", action="store_true",
                         help="also train at the other candidate rules' rates (minimum / 10, minimum / 3, minimum)")
+    parser.add_argument("--checkpoint", choices=("sd15", "sd3"), default="sd15",
+                        help="the tiny random-weight model: sd15 (UNet, epsilon) or sd3 (MMDiT, flow matching: the "
+                             "held-out kind)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the chart and JSON")
     arguments = parser.parse_args()
 
@@ -123,7 +126,11 @@ def main() -> int:
     comfy = boot(find_comfyui_dir(), base, cpu=True)
     out = arguments.out or (base / "output" / "lr_finder_bench")
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = link_checkpoint(ensure_tiny_sd15(), comfy.models_dir / "checkpoints")
+    if arguments.checkpoint == "sd3":
+        from lora_lab_devtools.flow_fixtures import ensure_sd3_checkpoint
+        checkpoint = link_checkpoint(ensure_sd3_checkpoint(), comfy.models_dir / "checkpoints")
+    else:
+        checkpoint = link_checkpoint(ensure_tiny_sd15(), comfy.models_dir / "checkpoints")
     model, clip, vae = comfy.outputs("CheckpointLoaderSimple", ckpt_name=checkpoint)[:3]
     makers = {"sample": ("sample (8 checkers + discs)", ensure_sample_dataset),
               "flat": ("flat colours (4, easy)", lambda: write_flat(base / "input" / "flat")),

@@ -151,18 +151,20 @@ def test_sdxl_example_trains_then_samples_with_the_trained_model(request, object
 
 
 def test_find_lr_then_train_example_sweeps_then_trains_at_the_suggestion(server, object_info):
-    """The saved graph: LR Finder (10 sweep steps here) feeds Train LoRA (3 steps), which trains the UNet
-    at the suggested rate and the text encoder at the ratio UNet/TE Learning Rates gave (1/2)."""
+    """The saved graph: LR Finder (10 sweep steps here, then its 3 confirmation runs of 5 steps) feeds Train
+    LoRA (3 steps), which trains the UNet at the refined rate and the text encoder at the ratio UNet/TE
+    Learning Rates gave (1/2)."""
     checkpoint = tiny_checkpoint(server.models_dir / "checkpoints").name
     workflow = json.loads((EXAMPLES[0].parent / "find_lr_then_train.json").read_text())
     overrides = declared_overrides(checkpoint=checkpoint, dataset_folder=str(ensure_sample_dataset()), steps=3,
                                    **TINY_RUN)
-    overrides["LoRALabLRFinder"] = {"steps": 10, "precision": "fp32"}
+    overrides["LoRALabLRFinder"] = {"steps": 10, "precision": "fp32", "refine_steps": 5}
     prompt = to_api_prompt(workflow, object_info, overrides)
     entry = server.run(prompt, timeout=900)
     titles = {node["_meta"]["title"]: node_id for node_id, node in prompt.items()}
     summary = entry["outputs"][titles["LR Finder"]]["text"][0]
     suggested = float(summary.split("Suggested rate: ", 1)[1].split()[0])
+    assert "(refined: the lowest validation loss of 3 confirmation runs" in summary and "<- chosen" in summary
     lora_name = entry["outputs"][titles["Train LoRA"]]["text"][0]
     log = [json.loads(line) for line in
            (server.output_dir / "lora_lab" / Path(lora_name).stem / "log.jsonl").read_text().splitlines()]

@@ -42,8 +42,11 @@ def test_candidates_span_at_least_half_a_decade_widened_downward():
 
 
 def test_candidates_stay_in_the_sweep_and_off_means_none():
-    rates = refine_candidates(1.2e-6, 2e-6, 4, SETTINGS)         # widening would go below min_lr
-    assert min(rates) == SETTINGS.min_lr and rates == sorted(set(rates)) and max(rates) == 2e-6
+    rates = refine_candidates(1.2e-6, 2e-6, 4, SETTINGS)         # widening would go below min_lr: upward instead
+    assert min(rates) == SETTINGS.min_lr and rates == sorted(set(rates)) and len(rates) == 4
+    assert decades(rates)[-1] - decades(rates)[0] == pytest.approx(REFINE_MIN_SPAN)
+    bottom = refine_candidates(SETTINGS.min_lr, None, 3, SETTINGS)   # a sweep that never fell: still 3 rates
+    assert decades(bottom) == pytest.approx([-6.0, -5.75, -5.5])
     assert refine_candidates(1e-3, 1e-2, 0, SETTINGS) == []
     assert refine_candidates(1e-3, 1e-2, 1, SETTINGS) == []
 

@@ -223,15 +223,19 @@ def refine_candidates(suggestion: float, min_loss_lr: float | None, runs: int, s
     curve's minimum, both included. The steepest descent lies below the best rate of a short run and the
     minimum at its edge (README, "LR Finder": half a decade below where training broke), so the best
     lies between them. When the two are closer than REFINE_MIN_SPAN decades (or there is no minimum),
-    the span is widened downward to REFINE_MIN_SPAN below its top. Clamped to [min_lr, max_lr]; ascending,
-    no duplicates; [] for runs < 2."""
+    the span is widened downward to REFINE_MIN_SPAN below its top, or, where that would pass min_lr,
+    upward from min_lr. Within [min_lr, max_lr]; ascending, no duplicates; [] for runs < 2."""
     if runs < 2:
         return []
     top = max(suggestion, min_loss_lr) if min_loss_lr is not None else suggestion
     high = math.log10(top)
     low = min(math.log10(suggestion), high - REFINE_MIN_SPAN)
+    floor, ceiling = math.log10(settings.min_lr), math.log10(settings.max_lr)
+    if low < floor:                            # at the sweep's bottom: the span moves up instead
+        low, high = floor, min(ceiling, max(high, floor + REFINE_MIN_SPAN))
     rates = [10 ** (low + (high - low) * index / (runs - 1)) for index in range(runs)]
-    rates[-1] = top                            # the ends exactly, not through log10 and back
+    if high == math.log10(top):
+        rates[-1] = top                        # the ends exactly, not through log10 and back
     if low == math.log10(suggestion):
         rates[0] = suggestion
     clamped = [min(settings.max_lr, max(settings.min_lr, rate)) for rate in rates]
