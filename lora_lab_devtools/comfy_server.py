@@ -93,8 +93,7 @@ class ComfyServer(BaseDirectoryFolders):
                    str(self.port), "--base-directory", str(self.base_dir), "--disable-api-nodes", *self.extra_args]
         if not self.with_frontend:
             command += ["--front-end-root", str(self.front_end_root or self.base_dir / "frontend")]
-        environment = dict(os.environ)
-        environment.setdefault("OMP_NUM_THREADS", "1")
+        environment = dict(os.environ)   # torch's own thread count (every core) unless the caller set one
         self.log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(command, cwd=self.comfyui_dir, stdout=self.log_file,
                                         stderr=subprocess.STDOUT, env=environment)

@@ -16,7 +16,8 @@ from .widgets import inputs, output, socket, training_sockets
 
 logger = logging.getLogger("lora_lab")
 
-FINDER_OPTIONAL = ("memory", "vram_budget_gb", "base_weights", "refine_runs", "refine_steps")
+FINDER_OPTIONAL = ("memory", "vram_budget_gb", "base_weights", "refine_runs", "refine_steps", "network",
+                   "lokr_factor", "lokr_decompose_both", "loha_rank", "loha_alpha")
 
 
 class LRFinderNode(io.ComfyNode):

@@ -52,7 +52,7 @@ def job_graph(comfy, checkpoint, folder, **train) -> dict:  # noqa: F811
             **comfy.widget_defaults("LoRALabTrain"), "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
             "dataset": ["10", 0], "learning_rates": ["12", 0], "lr_schedule": ["11", 0],
             "steps": 4, "batch_size": 4, "rank": 4, "alpha": 4.0, "precision": "fp32", "gradient_checkpointing": False,
-            "training_seed": 7, "noise_offset": 0.05, **train}}}
+            "training_seed": 7, "noise_offset": 0.05, "save_precision": "fp32", **train}}}
 
 
 def run_headless(comfy, job: Path, *arguments: str, processes: int = 1, wait: bool = True):
@@ -66,7 +66,10 @@ def run_headless(comfy, job: Path, *arguments: str, processes: int = 1, wait: bo
             port = probe.getsockname()[1]
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                    "--master_addr", "127.0.0.1", "--master_port", str(port), *command[1:]]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # One process: the in-process graph run's thread count, so CPU sums split alike and the LoRA is
+    # bit-identical (a different count changes float summation order); ranks: one thread each (2 cores).
+    threads = torch.get_num_threads() if processes == 1 else 1
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     process = subprocess.Popen(command, cwd=PACK_DIR, env=environment, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     if wait:

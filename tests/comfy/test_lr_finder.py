@@ -172,10 +172,29 @@ def test_refine_picks_the_confirmation_run_with_the_lowest_validation_loss_withi
         assert logged[0]["lr"]["unet"] == pytest.approx(line["lr"]) and logged[-1]["lr"]["unet"] < line["lr"]
     assert len(given_back) >= 3   # host memory given back before each confirmation run
     assert chart.shape[0] == 1 and chart.shape[-1] == 3
-    # The inputs are untouched and nothing is written to models/loras; the same inputs give the same choice.
+    # The inputs are untouched and nothing is written to models/loras.
     assert torch.equal(unet_outputs(model, latent, context), before)
     assert torch.equal(clip_outputs(clip), clip_before)
     assert sorted((comfy.models_dir / "loras").rglob("*.safetensors")) == loras_before
-    again = find(comfy, loaded, dataset, refine_runs=3, refine_steps=5)
-    assert again[1] == suggested and refine_lines(again[3]) == [{**line, "seconds": again_line["seconds"]}
-                                                                for line, again_line in zip(runs, refine_lines(again[3]))]
+
+
+@pytest.mark.parametrize("network", [dict(network="lokr", lokr_factor=4, lokr_decompose_both=True, rank=2, alpha=1.0),
+                                     dict(network="loha", loha_rank=2, loha_alpha=1.0)], ids=["lokr", "loha"])
+def test_the_finder_sweeps_the_network_train_lora_trains(comfy, loaded, dataset, network):
+    """network (and its options) appended to the LR Finder: the sweep trains exactly the layers Train LoRA
+    trains with the same settings (the summary's parameter count equals the file's), not LoRA's."""
+    target = comfy.pack.training.lr.finder.FinderSettings().target
+    _, suggested, _, summary = find(comfy, loaded, dataset, steps=10, target=target, **network)
+    words = {"lokr": "Network: LoKr (factor 4, decompose_both), rank 2, alpha 1",
+             "loha": "Network: LoHa, rank 2, alpha 1"}[network["network"]]
+    line = next(line for line in summary.splitlines() if line.startswith("Network: "))
+    assert line.startswith(words), line
+    swept = int(line.rsplit(", ", 1)[1].split()[0].replace(",", ""))
+    _, _, name, _ = train(comfy, loaded, dataset, rates(comfy, learning_rate=suggested, text_encoder_lr=0.0),
+                          schedule(comfy), steps=1, target=target, lora_name=f"finder_{network['network']}",
+                          **{"rank": 4, "alpha": 4.0, **network})
+    tensors, _ = read_lora(comfy, name)
+    assert any(".lokr_w" in key or ".hada_w" in key for key in tensors)
+    assert swept == sum(tensor.numel() for key, tensor in tensors.items() if not key.endswith(".alpha"))
+    _, _, _, lora_summary = find(comfy, loaded, dataset, steps=10, target=target)
+    assert "Network: LoRA, rank 4, alpha 4" in lora_summary

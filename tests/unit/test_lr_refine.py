@@ -63,7 +63,8 @@ def test_refine_settings_are_appended_and_off_by_default():
     # The node's input order is a public API (saved workflows fill widgets by position): appended only.
     assert list(specs(FinderSettings)) == [
         "min_lr", "max_lr", "steps", "rank", "alpha", "target", "optimizer", "batch_size", "precision",
-        "training_seed", "memory", "vram_budget_gb", "base_weights", "refine_runs", "refine_steps"]
+        "training_seed", "memory", "vram_budget_gb", "base_weights", "refine_runs", "refine_steps", "network",
+        "lokr_factor", "lokr_decompose_both", "loha_rank", "loha_alpha"]
     assert [field.name for field in dataclasses.fields(FinderSettings)] == list(specs(FinderSettings))
     assert FinderSettings().refine_runs == 0
     with pytest.raises(SettingError, match=r"LR Finder: refine_runs = 1 compares nothing"):

@@ -93,6 +93,11 @@ class FinderSettings(NodeSettings):
     refine_steps: int = setting(30, (
         "Optimizer steps of each confirmation run (refine_runs > 0), with the LR Schedule node's default "
         "schedule (cosine, 5% warmup), so each is a short Train LoRA run."), min=5, max=100_000)
+    network: str = setting_like(TrainSettings, "network")               # appended: sweep the network you train
+    lokr_factor: int = setting_like(TrainSettings, "lokr_factor")
+    lokr_decompose_both: bool = setting_like(TrainSettings, "lokr_decompose_both")
+    loha_rank: int = setting_like(TrainSettings, "loha_rank")
+    loha_alpha: float = setting_like(TrainSettings, "loha_alpha")
 
     def __post_init__(self) -> None:
         validate(self, self.TITLE)
@@ -109,7 +114,10 @@ class FinderSettings(NodeSettings):
         return TrainSettings(steps=self.steps if steps is None else steps, batch_size=self.batch_size, rank=self.rank, alpha=self.alpha,
                              target=self.target, optimizer=self.optimizer, precision=self.precision,
                              training_seed=self.training_seed, lora_name=lora_name, memory=self.memory,
-                             vram_budget_gb=self.vram_budget_gb, base_weights=self.base_weights)
+                             vram_budget_gb=self.vram_budget_gb, base_weights=self.base_weights,
+                             network=self.network, lokr_factor=self.lokr_factor,
+                             lokr_decompose_both=self.lokr_decompose_both, loha_rank=self.loha_rank,
+                             loha_alpha=self.loha_alpha)
 
 
 def sweep_line(record: StepRecord, rate: float) -> str:
@@ -149,6 +157,7 @@ class FinderResult:
     learning_rates: LearningRates      # ready for Train LoRA: the suggestion as the base, ratios kept
     curve: list[tuple[float, float]] = field(default_factory=list)   # (lr, smoothed val loss)
     memory: str = ""                   # the memory plan, in words
+    parameters: int = 0                # the swept network's trained parameters
     sweep_lr: float | None = None      # the sweep's own suggestion (suggested_lr before refine)
     refine: list[RefineRun] = field(default_factory=list)   # the confirmation runs, in rate order
     sweep_seconds: float = 0.0
@@ -327,6 +336,7 @@ def sweep(settings: FinderSettings, inputs: RunInputs, access: ModelAccess, outp
         TrainCallbacks(on_step=on_step, check_cancel=callbacks.check_cancel), train,
         validation_shape=(FINDER_IMAGES, FINDER_TIMESTEPS))
     baseline = state["baseline"]
+    parameters = sum(parameter.numel() for lora in run.injected for parameter in lora.parameters())
     points = [(settings.rate(record.step), record.val_loss) for record in records
               if record.val_loss is not None and math.isfinite(record.val_loss)]
     if points:   # the point that tripped a stop rule is past the curve's useful end
@@ -339,7 +349,7 @@ def sweep(settings: FinderSettings, inputs: RunInputs, access: ModelAccess, outp
                           min_loss_lr=min_rate, steepest_lr=steepest, baseline_val_loss=baseline, stopped=stopped,
                           validate_every=every, run_dir=run_dir,
                           learning_rates=scaled_rates(inputs.rates, suggestion / base), curve=curve,
-                          sweep_lr=suggestion, sweep_seconds=time.monotonic() - started)
+                          sweep_lr=suggestion, sweep_seconds=time.monotonic() - started, parameters=parameters)
     del run   # the sweep's LoRA, optimizer and feeder: nothing of it is held past here
     candidates = refine_candidates(suggestion, min_rate, settings.refine_runs, settings)
     if candidates:
@@ -426,6 +436,7 @@ def summary(result: FinderResult, settings: FinderSettings) -> str:
         lines.append(f"{settings.optimizer} steps by d x the swept rate, so this suggests a multiplier of its own d. "
                      "To bound its step, sweep with AdamW and connect suggested_lr to Train LoRA's max_effective_lr.")
     lines += [f"Sweep: {settings.min_lr:g} -> {settings.max_lr:g} over {settings.steps} steps; {result.stopped}.",
+              f"Network: {network_words(settings)}, {result.parameters:,} trained parameters.",
               f"Validation loss (fixed images, noise, timesteps) every {result.validate_every} steps; "
               f"{result.baseline_val_loss:.4f} before training."]
     if result.refine:
@@ -437,6 +448,17 @@ def summary(result: FinderResult, settings: FinderSettings) -> str:
     # The path stays the last line: it is what a reader of the summary opens.
     lines.append(f"Steps: {result.run_dir / 'sweep.jsonl'}")
     return "\n".join(lines)
+
+
+def network_words(settings: FinderSettings) -> str:
+    """The swept network as its settings name it (the rate is for that network: LoKr and LoHa want others)."""
+    if settings.network == "lokr":
+        factor = "as square as each layer allows" if settings.lokr_factor == -1 else settings.lokr_factor
+        both = ", decompose_both" if settings.lokr_decompose_both else ""
+        return f"LoKr (factor {factor}{both}), rank {settings.rank}, alpha {settings.alpha:g}"
+    if settings.network == "loha":
+        return f"LoHa, rank {settings.loha_rank}, alpha {settings.loha_alpha:g}"
+    return f"LoRA, rank {settings.rank}, alpha {settings.alpha:g}"
 
 
 def refine_lines(result: FinderResult, settings: FinderSettings) -> list[str]:
