@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -73,7 +73,7 @@ def progress_reporter(total: int, node_id: str | None, chart: Callable[[list[Ste
 
 
 def sample_previewer(model, vae, access: ModelAccess, prompts: list[SamplePrompt], every_n_steps: int,
-                     total_steps: int, node_id: str | None, start_image=None) -> Callable[[int, Path], None] | None:
+                     total_steps: int, node_id: str | None, start_image=None) -> Callable | None:
     """Every `every_n_steps` steps, draw the sample prompts with the model being trained, save them as
     `<run folder>/samples/stepNNNNN_K.png` and show them as the node's progress preview. A video model's
     clip is saved beside its first frame as an animated `stepNNNNN_K.webp` (at the family's frame rate).
@@ -103,23 +103,24 @@ def sample_previewer(model, vae, access: ModelAccess, prompts: list[SamplePrompt
     sampler = PreviewSampler(objective=access.objective, encode=encode, decode=decode, device=access.device,
                              latent_shape=latent_shape_of(base_model, vae), check_cancel=check_cancel)
 
-    def on_sample(done: int, run_dir: Path) -> None:
+    def on_sample(done: int, run_dir: Path, weights: Callable[[], ContextManager]) -> None:
         if done % every_n_steps:
             return
         folder = run_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
-        for index, sample in enumerate(prompts):
-            image = sampler(sample)
-            picture = image_to_pil(image[0])
-            path = folder / f"step{done:05d}_{index}.png"
-            picture.save(path)
-            if image.shape[0] > 1:   # a clip: every frame, as an animation
-                save_animation([image_to_pil(frame) for frame in image], path.with_suffix(".webp"),
-                               access.entry.preview_fps or DEFAULT_FPS)
-            comfy.utils.ProgressBar(total_steps).update_absolute(done, total_steps, ("JPEG", picture, 512))
-            send_event("lora_lab.train_sample", {"node": node_id, "step": done, "index": index,
-                                                 "prompt": sample.prompt, "path": str(path)})
-            logger.info("LoRA Lab: sample at step %d: %s", done, path)
+        with weights():   # the weights that are saved (a schedule-free optimizer's average)
+            for index, sample in enumerate(prompts):
+                image = sampler(sample)
+                picture = image_to_pil(image[0])
+                path = folder / f"step{done:05d}_{index}.png"
+                picture.save(path)
+                if image.shape[0] > 1:   # a clip: every frame, as an animation
+                    save_animation([image_to_pil(frame) for frame in image], path.with_suffix(".webp"),
+                                   access.entry.preview_fps or DEFAULT_FPS)
+                comfy.utils.ProgressBar(total_steps).update_absolute(done, total_steps, ("JPEG", picture, 512))
+                send_event("lora_lab.train_sample", {"node": node_id, "step": done, "index": index,
+                                                     "prompt": sample.prompt, "path": str(path)})
+                logger.info("LoRA Lab: sample at step %d: %s", done, path)
 
     return on_sample
 

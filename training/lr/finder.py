@@ -14,7 +14,7 @@ minimum / 10) are computed and drawn too.
 
 With refine_runs > 0 the sweep is followed by that many short confirmation runs (refine_steps each,
 the LR Schedule node's default schedule, the sweep's seed and so the same fresh LoRA init and the same
-noise), at rates spread from the suggestion up to the curve's minimum (:func:`refine_candidates`); the
+noise), at rates spread from the suggestion up to the curve's minimum (training/lr/refine.py); the
 rate whose run ends with the lowest stable validation loss (Train LoRA's validation set) becomes the
 suggestion. Each run goes through the same trainer sequence as the sweep; `refine.jsonl` holds them.
 Nothing is written to models/loras; the input models are restored exactly (the sweep goes through the
@@ -40,6 +40,8 @@ from ..run.validation import VALIDATION_IMAGES, VALIDATION_TIMESTEPS
 from ..settings import NodeSettings, SettingError, setting, setting_like, validate
 from .optimizers import OPTIMIZERS
 from .rates import INHERIT, LearningRates
+from .refine import (REFINE_MIN_SPAN, REFINE_SCHEDULE, RefineRun, pick_refined, refine_candidates,  # noqa: F401
+                     refine_lines, refine_runs_rule)
 from .schedules import ScheduleSettings
 
 STOP_FACTOR = 4.0                # the sweep stops once the validation loss passes this x its minimum,
@@ -50,14 +52,6 @@ FORWARDS_PER_TRAINING_IMAGE = 3  # forward + backward ~ 3 forward passes
 FINDER_IMAGES = 2                # the finder's validation set: fewer images and timesteps than
 FINDER_TIMESTEPS = 4             # Train LoRA's, so it can be measured often within the budget
 SMOOTHING_WINDOW = 3             # points in the centred moving average of the validation curve
-REFINE_MIN_SPAN = 0.5            # decades: the confirmation rates span at least this much (up to the minimum)
-REFINE_SCHEDULE = ScheduleSettings()   # the LR Schedule node's defaults (cosine, 5 % warmup): Train LoRA's peak rate
-
-
-def _refine_runs_rule(value: int) -> str | None:
-    if value == 1:
-        return "compares nothing. Use 0 (off) or 2 or more (3: the suggestion, the curve's minimum and one between)."
-    return None
 
 
 @dataclass(frozen=True)
@@ -89,7 +83,7 @@ class FinderSettings(NodeSettings):
         "same fresh LoRA with the same seed, and suggest the rate whose run ends with the lowest stable "
         "validation loss. Costs refine_runs x refine_steps training steps more (the summary says how much "
         "next to the sweep)."), min=0, max=9, hint="(0 = off: the sweep's suggestion; 3 is a good choice)",
-        check=_refine_runs_rule)
+        check=refine_runs_rule)
     refine_steps: int = setting(30, (
         "Optimizer steps of each confirmation run (refine_runs > 0), with the LR Schedule node's default "
         "schedule (cosine, 5% warmup), so each is a short Train LoRA run."), min=5, max=100_000)
@@ -123,25 +117,6 @@ class FinderSettings(NodeSettings):
 def sweep_line(record: StepRecord, rate: float) -> str:
     """A line of sweep.jsonl: the step, the swept rate, the training and the validation loss."""
     return json.dumps({"step": record.step, "lr": rate, "loss": record.loss, "val_loss": record.val_loss})
-
-
-@dataclass
-class RefineRun:
-    """One confirmation run: its rate (the swept part's base rate), its final stable validation loss
-    (inf when it diverged), the steps it trained and how long it took."""
-
-    rate: float
-    val_loss: float
-    steps: int
-    seconds: float
-    stopped: str = ""                  # why it ended early (diverged), else ""
-    chosen: bool = False
-
-    def line(self) -> str:
-        """A line of refine.jsonl."""
-        return json.dumps({"lr": self.rate, "val_loss": self.val_loss if math.isfinite(self.val_loss) else None,
-                           "steps": self.steps, "seconds": round(self.seconds, 3), "stopped": self.stopped,
-                           "chosen": self.chosen})
 
 
 @dataclass
@@ -224,38 +199,6 @@ def suggest(curve: list[tuple[float, float]], settings: FinderSettings) -> tuple
             best_slope, steepest = slope, math.sqrt(rate_a * rate_b)
     suggestion = steepest if steepest is not None else min_rate / 10.0
     return min(settings.max_lr, max(settings.min_lr, suggestion)), min_rate, steepest
-
-
-def refine_candidates(suggestion: float, min_loss_lr: float | None, runs: int, settings: FinderSettings
-                      ) -> list[float]:
-    """The confirmation runs' rates: `runs` rates log-evenly spaced from the suggestion up to the smoothed
-    curve's minimum, both included. The steepest descent lies below the best rate of a short run and the
-    minimum at its edge (README, "LR Finder": half a decade below where training broke), so the best
-    lies between them. When the two are closer than REFINE_MIN_SPAN decades (or there is no minimum),
-    the span is widened downward to REFINE_MIN_SPAN below its top, or, where that would pass min_lr,
-    upward from min_lr. Within [min_lr, max_lr]; ascending, no duplicates; [] for runs < 2."""
-    if runs < 2:
-        return []
-    top = max(suggestion, min_loss_lr) if min_loss_lr is not None else suggestion
-    high = math.log10(top)
-    low = min(math.log10(suggestion), high - REFINE_MIN_SPAN)
-    floor, ceiling = math.log10(settings.min_lr), math.log10(settings.max_lr)
-    if low < floor:                            # at the sweep's bottom: the span moves up instead
-        low, high = floor, min(ceiling, max(high, floor + REFINE_MIN_SPAN))
-    rates = [10 ** (low + (high - low) * index / (runs - 1)) for index in range(runs)]
-    if high == math.log10(top):
-        rates[-1] = top                        # the ends exactly, not through log10 and back
-    if low == math.log10(suggestion):
-        rates[0] = suggestion
-    clamped = [min(settings.max_lr, max(settings.min_lr, rate)) for rate in rates]
-    return sorted(dict.fromkeys(clamped))
-
-
-def pick_refined(runs: list[RefineRun]) -> RefineRun | None:
-    """The run with the lowest final validation loss (a tie goes to the lower rate); None when every run
-    diverged."""
-    finite = [run for run in runs if math.isfinite(run.val_loss)]
-    return min(finite, key=lambda run: (run.val_loss, run.rate)) if finite else None
 
 
 def free_run_dir(root: Path) -> Path:
@@ -459,24 +402,3 @@ def network_words(settings: FinderSettings) -> str:
     if settings.network == "loha":
         return f"LoHa, rank {settings.loha_rank}, alpha {settings.loha_alpha:g}"
     return f"LoRA, rank {settings.rank}, alpha {settings.alpha:g}"
-
-
-def refine_lines(result: FinderResult, settings: FinderSettings) -> list[str]:
-    """The summary's lines on the confirmation runs: each rate and its final validation loss, the cost."""
-    runs = result.refine
-    steps = settings.refine_steps * len(runs)
-    swept = max(1, len(result.records))
-    cost = steps / swept
-    timing = (f", {result.refine_seconds:.0f} s against the sweep's {result.sweep_seconds:.0f} s"
-              if result.sweep_seconds > 0 else "")
-    lines = [f"Refine: {len(runs)} confirmation runs of {settings.refine_steps} steps ({REFINE_SCHEDULE.describe()}, "
-             f"seed {settings.training_seed}, the same fresh LoRA), final validation loss ({VALIDATION_IMAGES} images x "
-             f"{VALIDATION_TIMESTEPS} timesteps):"]
-    for run in runs:
-        outcome = f"{run.val_loss:.4f}" if math.isfinite(run.val_loss) else run.stopped
-        lines.append(f"  {run.rate:.3g}: {outcome}{'  <- chosen' if run.chosen else ''}")
-    if not any(run.chosen for run in runs):
-        lines.append("  every confirmation run diverged: the sweep's suggestion is kept (lower max_lr).")
-    lines.append(f"Refine cost: {len(runs)} x {settings.refine_steps} = {steps} training steps, {cost:.2g}x the "
-                 f"sweep's {swept}{timing}.")
-    return lines

@@ -111,5 +111,7 @@ class TrainCallbacks:
     on_step: Callable[[StepRecord, int], None] | None = None   # (record, total steps)
     check_cancel: Callable[[], None] | None = None
     is_cancel: Callable[[BaseException], bool] = lambda error: False
-    # Preview images: called after every optimizer step with (steps done, run folder), the LoRA in place.
-    on_sample: Callable[[int, Path], None] | None = None
+    # Preview images: called after every optimizer step with (steps done, run folder, weights), the LoRA in
+    # place; `with weights():` around a sample puts the weights that are saved there (a schedule-free
+    # optimizer's average), entered only on the steps that sample.
+    on_sample: Callable[[int, Path, Callable[[], ContextManager]], None] | None = None

@@ -356,9 +356,11 @@ def run_loop(settings: LoopSettings, optimizer: torch.optim.Optimizer, objective
             # The norm is computed even without clipping: a non-finite gradient must never reach the
             # weights (fp16's scaler skips such steps itself), so the LoRA always holds good weights.
             norm = torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm or float("inf"))
-            # One device -> host transfer per step for both checks (each sync stalls the kernel queue).
-            loss_value, norm_value = torch.stack([step_loss, norm.detach().float().to(step_loss.device)]).tolist()
-            sigmas = torch.cat(step_sigmas).float().tolist()   # already computed: the sync above waited for it
+            # One device -> host transfer per step for both checks and the logged sigmas (each sync stalls
+            # the kernel queue).
+            loss_value, norm_value, *sigmas = torch.cat([
+                step_loss.reshape(1), norm.detach().float().to(step_loss.device).reshape(1),
+                torch.cat(step_sigmas).float().to(step_loss.device)]).tolist()
             if not math.isfinite(loss_value):
                 optimizer.zero_grad(set_to_none=True)
                 raise TrainingDiverged(step, loss_value, settings.precision,

@@ -182,8 +182,7 @@ class Run:
             stack.enter_context(trainable_copies(*roots, offload_device=access.offload_device))
         stack.enter_context(patched_forwards(forward_patches))
         unet_paths = unet_target_paths(access.unet, settings.target, access.entry)
-        lycoris.check_network(settings.network, settings.use_dora, plan.rates.lora_plus_ratio)
-        rank, alpha = lycoris.rank_and_alpha(settings)
+        rank, alpha = lycoris.rank_and_alpha(settings)   # the network was checked in check_run
         network = dict(network=settings.network, lokr_factor=settings.lokr_factor,
                        lokr_decompose_both=settings.lokr_decompose_both)
         if plan.part_rates["unet"] > 0:
@@ -267,9 +266,8 @@ class Run:
             self.checkpoint()
         if self.callbacks.on_step is not None:
             self.callbacks.on_step(record, total)
-        if self.callbacks.on_sample is not None:
-            with eval_weights(self.optimizer):   # previews of the weights that are saved
-                self.callbacks.on_sample(done, self.plan.run_dir)
+        if self.callbacks.on_sample is not None:   # previews of the weights that are saved, when it samples
+            self.callbacks.on_sample(done, self.plan.run_dir, lambda: eval_weights(self.optimizer))
 
     def _capture(self, step: int) -> resume.Progress:
         return capture_progress(step, self.feeder, self.generator, self.scaler, self.plan.access.device)
@@ -345,7 +343,7 @@ class Run:
         file's keys no trained layer takes are logged and listed in the run's settings, with the file's hash."""
         settings = self.plan.settings
         tensors = read_lora_file(path)
-        rank, alpha = lycoris.rank_and_alpha(settings)
+        _, alpha = lycoris.rank_and_alpha(settings)
         extra = load_initial_lora(self.injected, self.file_names, tensors, path.name, settings.network,
                                   settings.use_dora, alpha, self.plan.access.dora_norm)
         if extra:
