@@ -28,6 +28,7 @@ from ..network.lora import (InjectedLora, checkpointed_forward, inject_lora, lor
                             trainable_copies)
 from ..network.targets import text_target_paths, unet_blocks, unet_target_paths
 from . import resume
+from .recast import frozen_layers, recast_saved_weights
 from .base_weights import BASE_WEIGHTS, check_base_weights, float8_layers, quantized_weights
 from .checkpoints import capture_progress, restore_run, resume_weights, seeded_global_rng
 from .host import ModelAccess, TrainCallbacks, TrainingResult
@@ -144,6 +145,7 @@ class Run:
         self.streamer: BlockStreamer | None = None
         self.ledger = DeviceLedger()          # base weights on the compute device (resident + streamed copies)
         self.fp8_base = False                 # the diffusion model trained over fp8 weights (as loaded or quantized)
+        self.recaster = None                  # the frozen layers' cast weights made again in backward
 
     # Phase 2 ------------------------------------------------------------------------------------
     def attach(self, stack: contextlib.ExitStack) -> None:
@@ -204,6 +206,8 @@ class Run:
         if self.streamer is not None:
             stack.enter_context(self.streamer.active(
                 parameter for lora in self.injected for parameter in lora.parameters()))
+        # Backward casts frozen weights again rather than keeping each forward's copy (training/run/recast.py).
+        self.recaster = stack.enter_context(recast_saved_weights(frozen_layers(roots, skip=streamed_modules)))
 
     # Phase 3 ------------------------------------------------------------------------------------
     def prepare(self, stack: contextlib.ExitStack) -> None:
