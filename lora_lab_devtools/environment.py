@@ -5,6 +5,9 @@ before anything is installed and imports nothing of the checkout.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import os
 import subprocess
 import sys
@@ -23,6 +26,28 @@ def cache_dir() -> Path:
 def fixtures_dir() -> Path:
     """Where generated fixtures (checkpoints, sample data) are cached; never committed."""
     return cache_dir() / "fixtures"
+
+
+def generated_once(build):
+    """For a function that returns a cached fixture, generating it when missing: `make test` runs test
+    processes side by side, and two that want the same missing fixture would both build it (minutes of
+    CPU for the big ones). The call holds an exclusive lock named after the function and its arguments,
+    so the second waits and then finds the file. (No lock where the platform has no fcntl.)"""
+    @functools.wraps(build)
+    def locked(*args, **kwargs):
+        try:
+            import fcntl
+        except ImportError:
+            return build(*args, **kwargs)
+        described = [getattr(value, "__qualname__", None) or repr(value) for value in (*args, *sorted(kwargs.items()))]
+        key = hashlib.sha256(repr((build.__module__, build.__qualname__, described)).encode()).hexdigest()[:16]
+        locks = fixtures_dir() / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / f"{build.__name__}-{key}.lock", "w") as handle, contextlib.ExitStack() as stack:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            stack.callback(fcntl.flock, handle, fcntl.LOCK_UN)
+            return build(*args, **kwargs)
+    return locked
 
 
 def find_comfyui_dir() -> Path:

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .environment import fixtures_dir
+from .environment import fixtures_dir, generated_once
 from .tiny_checkpoint import _import_comfy, _initialise, write_atomically
 
 FLOW_FIXTURE_VERSION = 1
@@ -211,6 +211,7 @@ def vae_model_from_skeleton(skeleton: dict):
     return vae.first_stage_model.to(device="cpu", dtype=torch.float32)
 
 
+@generated_once
 def ensure_diffusion_model(name: str) -> Path:
     """The diffusion-model-only file (UNETLoader) of a SKELETONS entry (flux_dev, flux_schnell, zimage;
     sd3's diffusion model alone; flux_full / sd35m_full for the GPU benchmark)."""
@@ -228,6 +229,7 @@ def ensure_diffusion_model(name: str) -> Path:
     return _save(target, state, torch.bfloat16)
 
 
+@generated_once
 def ensure_vae16() -> Path:
     import torch
 
@@ -238,6 +240,7 @@ def ensure_vae16() -> Path:
     return _save(target, tiny_taesd16(SEED + 3).state_dict(), torch.float16)
 
 
+@generated_once
 def ensure_vae4() -> Path:
     """A 4-latent-channel TAESD (SD / SDXL / PixArt latent width)."""
     import torch
@@ -326,6 +329,7 @@ def reduced_clip(kind: str, weights: dict | None = None, dtype=None):
     return clip
 
 
+@generated_once
 def ensure_text_encoder(kind: str) -> Path:
     """Seeded weights of the reduced text encoder (the whole cond_stage_model state dict)."""
     import torch
@@ -339,6 +343,7 @@ def ensure_text_encoder(kind: str) -> Path:
     return _save(target, state, torch.float32)
 
 
+@generated_once
 def ensure_flux_text_encoder_files() -> tuple[Path, Path]:
     """(clip_l, t5) files as DualCLIPLoader reads them (each encoder's own keys), split from
     ensure_text_encoder("flux"). The T5 file loads only where ComfyUI builds T5 with the reduced
@@ -358,6 +363,7 @@ def ensure_flux_text_encoder_files() -> tuple[Path, Path]:
     return clip_l, t5
 
 
+@generated_once
 def ensure_sd3_checkpoint() -> Path:
     """SD3 (MMDiT) + full CLIP-L + CLIP-G + 16-channel TAESD, written by ComfyUI's own save_checkpoint."""
     target = fixture_path("tiny_sd3")
@@ -385,6 +391,7 @@ def ensure_sd3_checkpoint() -> Path:
     return target
 
 
+@generated_once
 def ensure_sd3_scaled_fp8_checkpoint() -> Path:
     """The tiny SD3 checkpoint with its MMDiT blocks' Linear weights in ComfyUI's quantized checkpoint
     format (comfy/quant_ops.py, scaled fp8): each such weight in fp8 with its fp32 ``weight_scale``

@@ -56,6 +56,7 @@ import base64
 import json
 from pathlib import Path
 
+from .environment import generated_once
 from .flow_fixtures import (REDUCED_QWEN3, REDUCED_T5, SEED, _save, _zeros, detected_model, fixture_path,
                             vae_model_from_skeleton)
 from .tiny_checkpoint import _import_comfy, _initialise, write_atomically
@@ -174,6 +175,7 @@ def _bfl_state_dict(diffusion_model) -> dict:
     return state
 
 
+@generated_once
 def _ensure_unet(name: str, build) -> Path:
     import torch
 
@@ -288,6 +290,7 @@ def _save_with_tekken(target: Path, tensors: dict, dtype) -> Path:
     return target
 
 
+@generated_once
 def ensure_flux2_text_encoder(variant: str) -> Path:
     """Seeded weights of the reduced Flux.2 text encoder (the whole cond_stage_model state dict; dev's
     also holds the tekken tokenizer as "tekken_model"), for ``reduced_flux2_clip(variant, weights)``."""
@@ -348,6 +351,7 @@ def reduced_chroma_clip(weights: dict | None = None, dtype=None):
     return clip
 
 
+@generated_once
 def ensure_chroma_text_encoder() -> Path:
     """Seeded weights of the reduced Chroma T5 (the whole cond_stage_model state dict)."""
     import torch
@@ -383,6 +387,7 @@ def tiny_flux2_vae():
     return model
 
 
+@generated_once
 def ensure_flux2_vae() -> Path:
     """The Flux.2 VAE file (VAELoader): the quant convs under encoder. / decoder., as ComfyUI expects them in
     Flux.2 VAE files (it renames them on load), and no batch-norm step count."""

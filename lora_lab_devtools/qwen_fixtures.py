@@ -40,6 +40,7 @@ import functools
 import math
 from pathlib import Path
 
+from .environment import generated_once
 from .flow_fixtures import SEED, _save, _zeros, detected_model, example_files, fixture_path
 from .tiny_checkpoint import _import_comfy, _initialise
 
@@ -78,6 +79,7 @@ def build_qwen_image_model(dtype=None):
     return config, base_model
 
 
+@generated_once
 def ensure_qwen_image_unet() -> Path:
     """The diffusion-model-only file (UNETLoader) of the one-block Qwen-Image, in bf16."""
     import torch
@@ -189,6 +191,7 @@ def _initialise_text_encoder(model, generator) -> None:
             rows.copy_(torch.randn(rows.shape, generator=generator) / math.sqrt(table.shape[1]))
 
 
+@generated_once
 def ensure_qwen_image_text_encoder() -> Path:
     """Seeded weights of the reduced text encoder (the whole cond_stage_model state dict), in bf16:
     the vocabulary table at width 3584 is 1.1 GB even so."""
@@ -231,6 +234,7 @@ def initialise_wan_norms(model, generator) -> None:
                     module.bias.zero_()
 
 
+@generated_once
 def ensure_wan21_vae() -> Path:
     """The tiny Wan 2.1 VAE file (VAELoader; comfy.sd.VAE detects it by its keys)."""
     import torch
@@ -241,6 +245,7 @@ def ensure_wan21_vae() -> Path:
     return _save(target, tiny_wan21_vae(SEED + 13).state_dict(), torch.float32)
 
 
+@generated_once
 def ensure_qwen_image_clip_file() -> Path:
     """The reduced text encoder as a text-encoder file (the Qwen2.5-VL's own keys: model.*, visual.*, lm_head),
     as CLIPLoader (type qwen_image) reads qwen_2.5_vl_7b.safetensors. The stock loader builds the reduced

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .environment import fixtures_dir
+from .environment import fixtures_dir, generated_once
 
 DATASET_VERSION = 2
 DATASET_NAME = f"lora_lab_sample_dataset_v{DATASET_VERSION}"
@@ -120,6 +120,7 @@ def sample_items() -> list[tuple[str, Image.Image, str]]:
     return items
 
 
+@generated_once
 def ensure_sample_dataset(folder: Path | str | None = None) -> Path:
     """Return the sample dataset folder, writing it (into a temporary folder, then renamed) when missing."""
     target = Path(folder) if folder is not None else fixtures_dir() / DATASET_NAME

@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .environment import REPO_ROOT, SETUP_SCRIPT, fixtures_dir
+from .environment import REPO_ROOT, SETUP_SCRIPT, fixtures_dir, generated_once
 
 FIXTURE_VERSION = 1
 FIXTURE_NAME = f"lora_lab_tiny_sd15_v{FIXTURE_VERSION}.safetensors"
@@ -151,6 +151,7 @@ def build_tiny_sd15_state_dict(unet_config: dict | None = None):
     return {key: value.detach().to(torch.float16).contiguous() for key, value in state_dict.items()}
 
 
+@generated_once
 def ensure_tiny_sd15(path: Path | str | None = None, unet_config: dict | None = None,
                      fixture_name: str = FIXTURE_NAME) -> Path:
     """Return the tiny SD1.5 checkpoint, generating it (atomically) when it is not there yet."""
@@ -214,6 +215,7 @@ def ensure_full_sdxl(path: Path | str | None = None) -> Path:
     return ensure_sdxl_family(path, "SDXL", FULL_SDXL_UNET, FULL_SDXL_FIXTURE_NAME, GENERATOR_SEED + 2)
 
 
+@generated_once
 def ensure_sdxl_family(path: Path | str | None, config_name: str, unet_config: dict, fixture_name: str,
                        seed: int) -> Path:
     """Build and save an SDXL-family checkpoint (`config_name` in comfy.supported_models) once."""

@@ -70,6 +70,7 @@ import functools
 import struct
 from pathlib import Path
 
+from .environment import generated_once
 from .flow_fixtures import SEED, _save, _zeros, detected_model, example_files, fixture_path, vae_model_from_skeleton
 from .qwen_fixtures import ensure_wan21_vae, initialise_wan_norms
 from .tiny_checkpoint import _import_comfy, _initialise, write_atomically
@@ -152,6 +153,7 @@ def build_wan_model(variant: str, dtype=None, expert: str | None = None):
     return config, base_model
 
 
+@generated_once
 def wan_model_file(variant: str, expert: str | None = None) -> Path:
     """The diffusion-model-only file (UNETLoader) of a :data:`WAN_VARIANTS` entry, in fp16."""
     import torch
@@ -294,6 +296,7 @@ def _initialise_umt5(model, generator) -> None:
                 module.weight.copy_(1.0 + 0.02 * torch.randn(module.weight.shape, generator=generator))
 
 
+@generated_once
 def umt5_file() -> Path:
     """The reduced UMT5-XXL as a Wan text-encoder file (the encoder's own keys: shared.weight, encoder.*; the
     tokenizer as "spiece_model"; the detection tensor), in bf16, as CLIPLoader (type wan) reads
@@ -354,6 +357,7 @@ def tiny_wan22_vae():
     return model
 
 
+@generated_once
 def wan22_vae_file() -> Path:
     """The Wan 2.2 VAE file (VAELoader), real-size (0.70 B parameters) in fp16: 1.4 GB."""
     import torch

@@ -57,3 +57,29 @@ def test_runtime_requirements_never_include_torch():
     assert {"peft", "safetensors", "matplotlib"} <= set(names)
     comfy = project["tool"]["comfy"]
     assert comfy["PublisherId"] and comfy["DisplayName"] == "LoRA Lab" and (REPO_ROOT / comfy["Icon"]).exists()
+
+
+def test_a_missing_fixture_is_built_once_by_processes_that_want_it_at_once(tmp_path):
+    """`make test` runs test processes side by side: two that want the same missing fixture wait for one
+    build (lora_lab_devtools.environment.generated_once), a different fixture is not held up."""
+    script = tmp_path / "build.py"
+    script.write_text(
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from lora_lab_devtools.environment import generated_once\n"
+        "@generated_once\n"
+        "def ensure(name):\n"
+        "    target = Path(sys.argv[1]) / name\n"
+        "    if target.is_file():\n"
+        "        return target\n"
+        "    with open(Path(sys.argv[1]) / 'builds.log', 'a') as log:\n"
+        "        log.write(name + '\\n')\n"
+        "    time.sleep(1.0)\n"
+        "    target.write_text('built')\n"
+        "    return target\n"
+        "print(ensure(sys.argv[2]).read_text())\n")
+    environment = {**os.environ, "LORA_LAB_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO_ROOT)}
+    processes = [subprocess.Popen(["python3", str(script), str(tmp_path), name], env=environment, text=True,
+                                  stdout=subprocess.PIPE) for name in ("a", "a", "a", "b")]
+    assert [process.communicate(timeout=60)[0].strip() for process in processes] == ["built"] * 4
+    assert sorted((tmp_path / "builds.log").read_text().split()) == ["a", "b"]
