@@ -80,6 +80,26 @@ def test_every_cpu_optimizer_trains_the_toy_lora(name):
     assert losses[-1] < 0.995 * losses[0], (losses[0], losses[-1])
 
 
+@pytest.mark.parametrize("name", list(CPU_RATES))
+def test_the_memory_plan_counts_each_optimizers_state_as_it_is(name):
+    """OptimizerSpec.state_bytes (the memory plan's bytes of optimizer state per trained value) against the
+    state the optimizer really keeps (its per-value tensors) after two steps of LoRA-shaped tensors (rank 16 of a 3072-wide layer,
+    and a DoRA-magnitude-like vector): at most the spec, and within a byte of it."""
+    if not installed(name):
+        pytest.skip(f"{optimizers.OPTIMIZERS[name].package} is not installed")
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in ((16, 3072), (3072, 16), (3072,))]
+    optimizer = optimizers.OPTIMIZERS[name].build([{"params": tensors, "lr": 1e-4}], 0.01)
+    for _ in range(2):
+        for tensor in tensors:
+            tensor.grad = torch.randn(tensor.shape, generator=generator)
+        optimizer.step()
+    kept = sum(value.numel() * value.element_size() for state in optimizer.state.values()
+               for value in state.values() if torch.is_tensor(value) and value.numel() > 1)   # not step counters
+    per_value = kept / sum(tensor.numel() for tensor in tensors)
+    assert optimizers.OPTIMIZERS[name].state_bytes - 1.0 <= per_value <= optimizers.OPTIMIZERS[name].state_bytes, per_value
+
+
 @pytest.mark.parametrize("name", ["AdamW", "SGD", "AdamWScheduleFree", "CAME", "Lion"])
 def test_optimizers_that_step_at_the_set_rate_have_no_effective_rate(name):
     if not installed(name):

@@ -104,3 +104,26 @@ def test_plan_modes_and_the_refusal():
         plan_memory("stream", "cuda:0", 200, 50, blocks, 10, 20)
     assert MEMORY_MODES[0] == "auto"
     assert "blocks stream from host memory" in auto.summary()
+
+
+@pytest.mark.parametrize("network, optimizer", [("lora", "AdamW"), ("loha", "Prodigy"), ("lokr", "AdamW"),
+                                                ("lora-dora", "SGD")])
+def test_the_plans_training_state_is_the_networks_trained_values_with_the_optimizers_state(network, optimizer):
+    """The plan sizes the training state from the adapter the run injects (counted on meta-device layers of
+    the same shapes), so LoHa's two pairs and LoKr's small factors count as they train, and from the
+    optimizer's own state per value; checked against the network injected for real."""
+    from types import SimpleNamespace
+
+    from lora_lab.training.lr.optimizers import OPTIMIZERS
+    from lora_lab.training.run.memory_plan import training_state_bytes
+
+    name, dora = network.split("-")[0], network.endswith("dora")
+    settings = SimpleNamespace(network=name, rank=4, alpha=4.0, loha_rank=3, loha_alpha=3.0, use_dora=dora,
+                               lokr_factor=-1, lokr_decompose_both=False, optimizer=optimizer)
+    net = Net(width=24)
+    paths = ["embed", "head"] + [f"blocks.{index}.{name}" for index in range(5) for name in ("fc1", "fc2")]
+    estimate = training_state_bytes([net.get_submodule(path) for path in paths], settings)
+    lora = inject_lora(net, "unet", paths, 3 if name == "loha" else 4, 4.0, use_dora=dora, network=name)
+    values = sum(parameter.numel() for parameter in lora.parameters())
+    lora.remove()
+    assert estimate == values * (8 + OPTIMIZERS[optimizer].state_bytes)

@@ -66,6 +66,7 @@ class OptimizerSpec:
     build: Callable[[list[dict], float], torch.optim.Optimizer]
     adaptive: bool = False      # sets its own step size (D-adaptation's d x lr): the cap applies, the chart shows it
     schedule_free: bool = False   # evaluates and saves its averaged weights (optimizer.eval()); wants a flat rate
+    state_bytes: float = 8.0    # its state per trained value (the memory plan): AdamW's two fp32 moments
 
     @property
     def package(self) -> str:
@@ -145,18 +146,20 @@ def _adafactor(groups, weight_decay):
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "AdamW": OptimizerSpec("torch", "", False, _adamw),
-    "AdamW8bit": OptimizerSpec("bitsandbytes", "pip install bitsandbytes", True, _adamw8bit),
-    "Lion8bit": OptimizerSpec("bitsandbytes", "pip install bitsandbytes", True, _lion8bit),
-    "Prodigy": OptimizerSpec("prodigyopt", "pip install prodigyopt", False, _prodigy, adaptive=True),
-    "Adafactor": OptimizerSpec("transformers", "pip install transformers", False, _adafactor),
-    "SGD": OptimizerSpec("torch", "", False, _sgd),
+    "AdamW8bit": OptimizerSpec("bitsandbytes", "pip install bitsandbytes", True, _adamw8bit, state_bytes=2.0),
+    "Lion8bit": OptimizerSpec("bitsandbytes", "pip install bitsandbytes", True, _lion8bit, state_bytes=1.0),
+    "Prodigy": OptimizerSpec("prodigyopt", "pip install prodigyopt", False, _prodigy, adaptive=True,
+                             state_bytes=16.0),
+    "Adafactor": OptimizerSpec("transformers", "pip install transformers", False, _adafactor, state_bytes=0.5),
+    "SGD": OptimizerSpec("torch", "", False, _sgd, state_bytes=4.0),
     # Appended (the order is the node's combo order, which saved workflows rely on).
     "AdamWScheduleFree": OptimizerSpec("schedulefree", "pip install schedulefree", False, _adamw_schedule_free,
                                        schedule_free=True),
     "ProdigyPlusScheduleFree": OptimizerSpec("prodigyplus", "pip install prodigy-plus-schedule-free", False,
-                                             _prodigy_plus_schedule_free, adaptive=True, schedule_free=True),
-    "CAME": OptimizerSpec("came_pytorch", "pip install came-pytorch", False, _came),
-    "Lion": OptimizerSpec("lion_pytorch", "pip install lion-pytorch", False, _lion),
+                                             _prodigy_plus_schedule_free, adaptive=True, schedule_free=True,
+                                             state_bytes=5.0),
+    "CAME": OptimizerSpec("came_pytorch", "pip install came-pytorch", False, _came, state_bytes=5.0),
+    "Lion": OptimizerSpec("lion_pytorch", "pip install lion-pytorch", False, _lion, state_bytes=4.0),
 }
 
 

@@ -9,17 +9,20 @@ compute device, which blocks stream from host memory, and the estimated peak.
 
 The budget is ``vram_budget_gb`` (0 = what is free on the device after ComfyUI unloaded what it
 could). The estimate counts the resident base weights, the streamed weights on the device at once
-(the block running and the one prefetched), the LoRA
-training state (weights, gradients and two optimizer moments, fp32) and the host's working reserve for
+(the block running and the one prefetched), the
+training state (the network's trained tensors and their gradients in fp32, counted for the run's
+network, and the optimizer's state at its own bytes per value) and the host's working reserve for
 activations.
 """
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
 
+from ..lr.optimizers import OPTIMIZERS
+from ..network.lycoris import rank_and_alpha
 from ..network.targets import text_target_paths, unet_target_paths
 from .base_weights import BASE_WEIGHTS, bytes_saved
 from .streaming import frozen_bytes
@@ -27,7 +30,6 @@ from .streaming import frozen_bytes
 MEMORY_MODES = ("auto", "resident", "stream")
 GIB = 1024 ** 3
 HEADROOM = 0.10            # auto stays resident only with 10 % of the budget to spare
-TRAINING_STATE_COPIES = 4  # LoRA weights, their gradients, AdamW's two moments (fp32 each)
 
 
 def gib(size: int) -> str:
@@ -158,15 +160,46 @@ def does_not_fit(plan: MemoryPlan) -> str:
     return f"Train LoRA: the model does not fit on {plan.device} for training (memory = {plan.requested}): {numbers}. {fix}"
 
 
-def training_state_bytes(modules: list[torch.nn.Module], rank: int, dora: bool) -> int:
-    """LoRA A and B (and DoRA's magnitude) for each targeted layer, fp32, times weights, gradients and
-    the optimizer's two moments."""
-    parameters = 0
-    for module in modules:
-        shape = module.weight.shape
-        fan_in = math.prod(shape[1:])
-        parameters += rank * (fan_in + shape[0]) + (shape[0] if dora else 0)
-    return parameters * 4 * TRAINING_STATE_COPIES
+def training_state_bytes(modules: list[torch.nn.Module], settings) -> int:
+    """The trained tensors of the run's network on these layers (fp32), their gradients (fp32) and the
+    run's optimizer state (OptimizerSpec.state_bytes per trained value)."""
+    network = (getattr(settings, "network", "lora"), *rank_and_alpha(settings), bool(settings.use_dora),
+               int(getattr(settings, "lokr_factor", -1)), bool(getattr(settings, "lokr_decompose_both", False)))
+    parameters = sum(adapter_parameters(layer_shape(module), network) for module in modules)
+    spec = OPTIMIZERS.get(getattr(settings, "optimizer", "AdamW"), OPTIMIZERS["AdamW"])
+    return int(parameters * (4 + 4 + spec.state_bytes))
+
+
+def layer_shape(module: torch.nn.Module) -> tuple:
+    """(kind, out, in, kernel, groups) of a Linear/Conv layer, from its weight (a quantized weight gives its
+    logical shape)."""
+    shape = tuple(module.weight.shape)
+    kind = "linear" if isinstance(module, torch.nn.Linear) else next(
+        conv.__name__ for conv in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d) if isinstance(module, conv))
+    return kind, shape[0], shape[1], shape[2:], getattr(module, "groups", 1)
+
+
+@functools.lru_cache(maxsize=512)
+def adapter_parameters(shape: tuple, network: tuple) -> int:
+    """Trainable values the network (name, rank, alpha, dora, lokr_factor, lokr_decompose_both) gives one layer of
+    `shape`: counted on a layer of that shape on the meta device with the very adapter the run injects
+    (nothing is allocated), so LoKr's factorization and LoHa's two pairs count as they train."""
+    from ..network.lora import inject_lora
+
+    kind, out_features, in_features, kernel, groups = shape
+    name, rank, alpha, dora, factor, decompose_both = network
+    root = torch.nn.Module()
+    if kind == "linear":
+        root.layer = torch.nn.Linear(in_features, out_features, bias=False, device="meta")
+    else:
+        root.layer = getattr(torch.nn, kind)(in_features * groups, out_features, kernel, groups=groups, bias=False,
+                                             device="meta")
+    injected = inject_lora(root, "unet", ["layer"], rank, alpha, dora, network=name, lokr_factor=factor,
+                           lokr_decompose_both=decompose_both)
+    try:
+        return sum(parameter.numel() for parameter in injected.parameters())
+    finally:
+        injected.remove()
 
 
 def plan_for_run(settings, access, trained_text: list[str]) -> MemoryPlan:
@@ -183,7 +216,7 @@ def plan_for_run(settings, access, trained_text: list[str]) -> MemoryPlan:
     for part in trained_text:
         encoder = access.text_encoders[part]
         targets += [encoder.get_submodule(path) for path in text_target_paths(encoder, settings.target)]
-    training = training_state_bytes(targets, settings.rank, settings.use_dora)
+    training = training_state_bytes(targets, settings)
     free, reserve = (access.device_memory(fixed + sum(block_sizes) + training)
                      if access.device_memory is not None else (0, 0))
     budget = int(settings.vram_budget_gb * GIB) if settings.vram_budget_gb > 0 else free
