@@ -38,3 +38,15 @@ def test_originals_return_when_training_fails():
     except RuntimeError:
         pass
     assert model[0].weight is first
+
+
+def test_a_tensor_that_stays_on_its_device_is_not_copied():
+    """On the run's own device (a CPU run, or a model already where it trains) the normal tensors are views of
+    the originals' memory: the model is not held twice."""
+    model = inference_model()
+    pointers = {name: tensor.data_ptr() for name, tensor in model.state_dict().items()}
+    with trainable_copies(model):
+        inside = {name: tensor for name, tensor in model.state_dict(keep_vars=True).items()}
+        assert all(not tensor.is_inference() and tensor.data_ptr() == pointers[name] for name, tensor in inside.items())
+    with trainable_copies(model, offload_device=torch.device("cpu")):    # already on the offload device
+        assert all(tensor.data_ptr() == pointers[name] for name, tensor in model.state_dict().items())

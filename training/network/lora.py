@@ -205,14 +205,30 @@ def _float8_bases_read_as_float32() -> Iterator[None]:
         BaseTunerLayer._get_base_layer_device_and_dtype = device_and_dtype
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _normal_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal (not inference-mode) tensor on `tensor`'s memory; a clone for a tensor subclass (a quantized
+    weight), whose storage is not its data."""
+    if type(tensor) not in _PLAIN_TENSORS:
+        return tensor.detach().clone()
+    view = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    view.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+    return view
+
+
 @contextlib.contextmanager
 def trainable_copies(*roots: torch.nn.Module, offload_device: torch.device | None = None,
                      device: torch.device | None = None, streamed: frozenset[int] = frozenset()) -> Iterator[None]:
-    """Swap inference-mode parameters/buffers for normal clones while training; restore the originals.
+    """Swap inference-mode parameters/buffers for normal tensors while training; restore the originals.
 
     Tensors created under ``torch.inference_mode()`` (everything ComfyUI's loaders produce) cannot
-    be saved for backward. The clones are frozen (requires_grad False); the original objects are
-    put back in ``finally``, so the user's model keeps its exact tensors.
+    be saved for backward. A tensor that stays on its device gets a normal tensor over the same memory
+    (nothing copied: the run never writes to frozen weights, and the tests check the user's model bit for
+    bit afterwards); one that moves, or whose original goes to the offload device, gets a copy. They are
+    frozen (requires_grad False); the original objects are put back in ``finally``, so the user's model
+    keeps its exact tensors.
 
     offload_device: where the originals wait meanwhile (ComfyUI's offload device, the CPU), so a GPU
     holds one copy of the frozen weights, not two; their storage returns to its device on restore,
@@ -234,7 +250,12 @@ def trainable_copies(*roots: torch.nn.Module, offload_device: torch.device | Non
                             moving = tensor is not None and device is not None and tensor.device != device
                             if tensor is None or not (tensor.is_inference() or moving):
                                 continue
-                            copy = tensor.detach().to(device, copy=True) if moving else tensor.detach().clone()
+                            if moving:
+                                copy = tensor.detach().to(device, copy=True)
+                            elif offload_device is None or tensor.device == offload_device:
+                                copy = _normal_view(tensor)   # stays where it is: no second copy
+                            else:
+                                copy = tensor.detach().clone()
                             if isinstance(tensor, torch.nn.Parameter):
                                 copy = torch.nn.Parameter(copy, requires_grad=False)
                             swapped.append((store, name, tensor, tensor.device))
