@@ -113,7 +113,7 @@ def test_declared_overrides_change_only_the_declared_inputs(object_info):
     workflow = json.loads((EXAMPLES[0].parent / "sd15_train_lora.json").read_text())
     saved = to_api_prompt(workflow, object_info)
     overridden = to_api_prompt(workflow, object_info, declared_overrides(
-        checkpoint="tiny.safetensors", dataset_folder="/data", steps=3, **TINY_RUN))
+        checkpoint="tiny.safetensors", dataset_folder="/data", steps=3, sampler_steps=3, **TINY_RUN))
     changed = {(saved[node_id]["class_type"], name) for node_id in saved for name in saved[node_id]["inputs"]
                if saved[node_id]["inputs"][name] != overridden[node_id]["inputs"][name]}
     assert changed == {pair for pairs in DEMO_OVERRIDES.values() for pair in pairs}
@@ -157,7 +157,7 @@ def test_find_lr_then_train_example_sweeps_then_trains_at_the_suggestion(server,
     checkpoint = tiny_checkpoint(server.models_dir / "checkpoints").name
     workflow = json.loads((EXAMPLES[0].parent / "find_lr_then_train.json").read_text())
     overrides = declared_overrides(checkpoint=checkpoint, dataset_folder=str(ensure_sample_dataset()), steps=3,
-                                   **TINY_RUN)
+                                   sampler_steps=3, **TINY_RUN)
     overrides["LoRALabLRFinder"] = {"steps": 10, "precision": "fp32", "refine_steps": 5}
     prompt = to_api_prompt(workflow, object_info, overrides)
     entry = server.run(prompt, timeout=900)
@@ -324,13 +324,13 @@ def run_dit_example(comfyui_dir, tmp_path, object_info, name: str, loaders: dict
 
 def run_training_example(server, object_info, name):
     """The example as `make demo` runs it (a generated checkpoint of that family, sample data, 3 steps at
-    64 px, fp32): train, then KSampler with the returned MODEL/CLIP. SDXL: a Segmind-Vega-shaped
+    64 px, fp32): train, then KSampler (3 steps) with the returned MODEL/CLIP. SDXL: a Segmind-Vega-shaped
     checkpoint that the stock loader detects as SDXL-family, both text encoders training."""
     options = ("--vega",) if name == "sdxl_train_lora" else ()
     checkpoint = tiny_checkpoint(server.models_dir / "checkpoints", *options).name
     workflow = json.loads((EXAMPLES[0].parent / f"{name}.json").read_text())
     prompt = to_api_prompt(workflow, object_info, declared_overrides(
-        checkpoint=checkpoint, dataset_folder=str(ensure_sample_dataset()), steps=3, **TINY_RUN))
+        checkpoint=checkpoint, dataset_folder=str(ensure_sample_dataset()), steps=3, sampler_steps=3, **TINY_RUN))
     entry = server.run(prompt, timeout=900)
     titles = {node["_meta"]["title"]: node_id for node_id, node in prompt.items()}
     train_id = titles["Train LoRA"]
