@@ -14,7 +14,8 @@ keeps two cores about 70 % busy (a test runs 1.36x faster on 2 threads than on 1
 into pytest runs that go side by side, each with one thread per core it gets: the set-up of each
 ComfyUI, the server tiers (tests/e2e, tests/browser: each its own process with its own servers) and
 the in-process tier (tests/comfy, tests/unit) in shards of whole files, balanced by the seconds each
-file took (tests/durations.json; `--record-durations` rewrites it from a run). The longest runs start
+file took (tests/durations.json, the compat subset's as "compat:<file>"; `--record-durations` updates it
+from a run). The longest runs start
 first; a ComfyUI's runs wait for its set-up. LORA_LAB_TEST_JOBS sets how many run at once (default:
 the cores, at most one per 8 GiB of memory). Each run's output is printed whole when it ends.
 
@@ -120,17 +121,24 @@ def runs_for(version: str | None, arguments: list[str], subset: bool) -> list[Ru
     if selects_tests(arguments):
         return [Run(version, [*selection, *arguments], "selected tests", cost=1.0)]
     seconds = durations()
+    # The compat subset's seconds are recorded under "compat:<file>"; a file without one counts a quarter.
+    cost = (lambda file: seconds.get(f"{COMPAT_MARK}:{file}", 0.25 * seconds.get(file, UNKNOWN_FILE_SECONDS))) \
+        if subset else (lambda file: seconds.get(file, UNKNOWN_FILE_SECONDS))
     planned = [Run(version, [*selection, *arguments, tier], "server tiers",
-                   cost=sum(value for file, value in seconds.items() if file.startswith(tier + "/")) * (0.3 if subset else 1))
+                   cost=sum(cost(file) for file in server_files(tier, seconds)))
                for tier in SERVER_TIERS]
     files = in_process_files()
     if subset:   # the compat subset is a few files' worth: one run
         planned.append(Run(version, [*selection, *arguments, *files], "in-process tier",
-                           cost=0.25 * sum(seconds.get(file, UNKNOWN_FILE_SECONDS) for file in files)))
+                           cost=sum(cost(file) for file in files)))
     else:
         planned += [Run(version, [*arguments, *group], "in-process tier", cost=total)
                     for group, total in shards(files, seconds)]
     return planned
+
+
+def server_files(tier: str, seconds: dict[str, float]) -> list[str]:
+    return [file for file in seconds if file.startswith(tier + "/")]
 
 
 def usable_comfyuis() -> tuple[list[str], dict[str, str]]:
@@ -332,13 +340,15 @@ class Pool:
 
 
 def record_durations(runs: list[Run]) -> None:
-    """tests/durations.json from this invocation's whole-suite runs (files of the in-process and server tiers)."""
+    """tests/durations.json from this invocation's runs: seconds per file (the compat subset's under
+    "compat:<file>")."""
     seconds = durations()
     for run in runs:
-        if COMPAT_MARK not in run.arguments and run.junit is not None:
-            seconds.update({file: round(value, 1) for file, value in file_seconds(run.junit).items()})
+        if run.junit is not None:
+            prefix = f"{COMPAT_MARK}:" if COMPAT_MARK in run.arguments else ""
+            seconds.update({prefix + file: round(value, 1) for file, value in file_seconds(run.junit).items()})
     DURATIONS.write_text(json.dumps(dict(sorted(seconds.items())), indent=1) + "\n")
-    print(f"wrote {DURATIONS.relative_to(REPO_ROOT)} ({len(seconds)} files)", flush=True)
+    print(f"wrote {DURATIONS.relative_to(REPO_ROOT)} ({len(seconds)} entries)", flush=True)
 
 
 def main(argv: list[str]) -> int:

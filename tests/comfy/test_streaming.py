@@ -41,6 +41,7 @@ def no_loader_clone_left(model) -> bool:
                 if entry.model is not model and entry.model.is_clone(model)]
 
 
+@pytest.mark.compat   # streaming on either ComfyUI (the other families: the full suite)
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_sd15_streamed_under_a_budget_trains_the_resident_lora(comfy, loaded, dataset, use_dora):
     """UNet streamed (the text encoder trained beside it, resident), auto under its weights plus 60 % of
@@ -65,6 +66,7 @@ def test_sd15_streamed_under_a_budget_trains_the_resident_lora(comfy, loaded, da
     assert no_loader_clone_left(loaded[0])
 
 
+@pytest.mark.compat
 def test_streamed_base_bytes_stay_in_the_budget_and_resident_is_refused_with_the_numbers(comfy, loaded, dataset):
     """The device ledger (counted where the copies are made and where their storage is freed) never
     holds more base weights than the plan allows; resident under the same budget is refused."""
@@ -120,6 +122,7 @@ def test_flow_dit_on_an_fp8_base_streamed_trains_the_resident_lora(comfy, datase
         release_all_models()
 
 
+@pytest.mark.compat
 def test_cancel_mid_stream_restores_models_and_unloads_the_loader(comfy, loaded, dataset, probe):
     import comfy.model_management as model_management
 

@@ -68,8 +68,9 @@ class WeightRecaster:
             self.running.pop()
 
     def pack(self, tensor: torch.Tensor):
-        if not self.running or tensor.requires_grad or not tensor.is_floating_point():
-            return tensor
+        if (not self.running or type(tensor) is not torch.Tensor or tensor.requires_grad
+                or not tensor.is_floating_point()):
+            return tensor    # a cast copy is a plain tensor (a subclass, e.g. a quantized weight, is kept as is)
         layer = self.running[-1]
         weight = layer.weight
         if tensor.dtype == weight.dtype and tensor.device == weight.device:
