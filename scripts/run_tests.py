@@ -35,9 +35,11 @@ Environment: LORA_LAB_TEST_COMFYUIS="0.3.75 0.33.0" picks the versions (default:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -280,6 +282,19 @@ class Pool:
         pending: list[tuple[str, object]] = [("set-up", version) for version in versions]
         pending += [("pytest", run) for run in sorted(runs, key=lambda run: -run.cost)]
         running: dict[subprocess.Popen, tuple[str, object, float, Path]] = {}
+        try:
+            self._loop(pending, running)
+        finally:   # interrupted (Ctrl-C, a CI cancel): no run is left behind, nor what it started
+            for process in running:
+                with contextlib.suppress(ProcessLookupError):
+                    if hasattr(os, "killpg"):
+                        os.killpg(process.pid, signal.SIGTERM)   # its own session: the whole group
+                    else:
+                        process.terminate()
+            for process in running:
+                process.wait()
+
+    def _loop(self, pending: list, running: dict) -> None:
         index = 0
         while pending or running:
             while len(running) < self.jobs:
@@ -307,7 +322,7 @@ class Pool:
                     print(f"----- started: pytest on {name(what.version)}: {what.label}", flush=True)
                 with open(log, "w") as handle:
                     process = subprocess.Popen(command, env=environment, cwd=REPO_ROOT, stdout=handle,
-                                               stderr=subprocess.STDOUT)
+                                               stderr=subprocess.STDOUT, start_new_session=True)
                 running[process] = (kind, what, time.monotonic(), log)
             time.sleep(0.5)
             for process in [process for process in running if process.poll() is not None]:
