@@ -83,3 +83,32 @@ def test_a_missing_fixture_is_built_once_by_processes_that_want_it_at_once(tmp_p
                                   stdout=subprocess.PIPE) for name in ("a", "a", "a", "b")]
     assert [process.communicate(timeout=60)[0].strip() for process in processes] == ["built"] * 4
     assert sorted((tmp_path / "builds.log").read_text().split()) == ["a", "b"]
+
+
+def test_make_test_cuts_the_in_process_tier_into_balanced_shards_of_whole_files():
+    """scripts/run_tests.py: every file in exactly one shard, each shard in collection order, the heaviest
+    shard within the largest file of the lightest; the server tiers are never sharded."""
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        spec = importlib.util.spec_from_file_location("run_tests", REPO_ROOT / "scripts" / "run_tests.py")
+        run_tests = sys.modules["run_tests"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(run_tests)
+    finally:
+        sys.path.remove(str(REPO_ROOT / "scripts"))
+        sys.modules.pop("run_tests", None)
+    files = run_tests.in_process_files()
+    assert files and not any(file.startswith(("tests/e2e/", "tests/browser/")) for file in files)
+    assert files.index("tests/comfy/test_train.py") < files.index("tests/unit/test_dataset.py")
+    seconds = {file: float(10 + 37 * index % 200) for index, file in enumerate(files)}
+    groups = run_tests.shards(files, seconds)
+    assert sorted(file for group, _ in groups for file in group) == sorted(files)
+    assert all(group == sorted(group) for group, _ in groups)
+    totals = [total for _, total in groups]
+    assert len(groups) == -(-sum(seconds.values()) // run_tests.SHARD_SECONDS)
+    assert max(totals) - min(totals) <= max(seconds.values())
+    planned = run_tests.runs_for("0.33.0", [], subset=False)
+    assert [run.arguments for run in planned[:2]] == [["tests/e2e"], ["tests/browser"]]
+    assert all(run.tier == "in-process tier" for run in planned[2:])
