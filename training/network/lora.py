@@ -205,13 +205,10 @@ def _float8_bases_read_as_float32() -> Iterator[None]:
         BaseTunerLayer._get_base_layer_device_and_dtype = device_and_dtype
 
 
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
 def _normal_view(tensor: torch.Tensor) -> torch.Tensor:
     """A normal (not inference-mode) tensor on `tensor`'s memory; a clone for a tensor subclass (a quantized
     weight), whose storage is not its data."""
-    if type(tensor) not in _PLAIN_TENSORS:
+    if type(tensor) not in _PLAIN:
         return tensor.detach().clone()
     view = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
     view.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())

@@ -163,11 +163,10 @@ def does_not_fit(plan: MemoryPlan) -> str:
 def training_state_bytes(modules: list[torch.nn.Module], settings) -> int:
     """The trained tensors of the run's network on these layers (fp32), their gradients (fp32) and the
     run's optimizer state (OptimizerSpec.state_bytes per trained value)."""
-    network = (getattr(settings, "network", "lora"), *rank_and_alpha(settings), bool(settings.use_dora),
-               int(getattr(settings, "lokr_factor", -1)), bool(getattr(settings, "lokr_decompose_both", False)))
+    network = (settings.network, *rank_and_alpha(settings), settings.use_dora, settings.lokr_factor,
+               settings.lokr_decompose_both)
     parameters = sum(adapter_parameters(layer_shape(module), network) for module in modules)
-    spec = OPTIMIZERS.get(getattr(settings, "optimizer", "AdamW"), OPTIMIZERS["AdamW"])
-    return int(parameters * (4 + 4 + spec.state_bytes))
+    return int(parameters * (4 + 4 + OPTIMIZERS[settings.optimizer].state_bytes))
 
 
 def layer_shape(module: torch.nn.Module) -> tuple:

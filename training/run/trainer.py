@@ -145,7 +145,6 @@ class Run:
         self.streamer: BlockStreamer | None = None
         self.ledger = DeviceLedger()          # base weights on the compute device (resident + streamed copies)
         self.fp8_base = False                 # the diffusion model trained over fp8 weights (as loaded or quantized)
-        self.recaster = None                  # the frozen layers' cast weights made again in backward
 
     # Phase 2 ------------------------------------------------------------------------------------
     def attach(self, stack: contextlib.ExitStack) -> None:
@@ -207,7 +206,7 @@ class Run:
             stack.enter_context(self.streamer.active(
                 parameter for lora in self.injected for parameter in lora.parameters()))
         # Backward casts frozen weights again rather than keeping each forward's copy (training/run/recast.py).
-        self.recaster = stack.enter_context(recast_saved_weights(frozen_layers(roots, skip=streamed_modules)))
+        stack.enter_context(recast_saved_weights(frozen_layers(roots, skip=streamed_modules)))
 
     # Phase 3 ------------------------------------------------------------------------------------
     def prepare(self, stack: contextlib.ExitStack) -> None:
